@@ -1,0 +1,313 @@
+"""Train a DeepLab model for semantic segmentation.
+
+    python train_deeplab.py                                   # demo data, MobileNetV3 DeepLabV3, CPU-friendly
+    python train_deeplab.py --data ROOT --arch deeplabv2_resnet101 --lr 1e-4 --loss ce:0.5,lovasz:0.5
+
+Writes OUT/best.pth, OUT/last.pth and OUT/log.csv (one row per epoch).
+"""
+
+import argparse
+import csv
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import (
+    DatasetError,
+    SegmentationDataset,
+    TransformConfig,
+    add_data_args,
+    build_dataset,
+    collate,
+    hw_pair,
+)
+from evaluate import ConfusionMatrix, autocast, evaluate, format_iou
+from losses import LossSpecError, build_loss
+from models import ARCHS, ModelError, build_model, default_head_lr_mult, load_init, param_groups
+
+
+def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0) -> float:
+    """(1 - it / max_iters)^power, ramped up linearly over the first `warmup_steps` iterations."""
+    factor = (1 - min(it, max_iters) / max_iters) ** power
+    if it < warmup_steps:
+        factor *= (it + 1) / warmup_steps
+    return factor
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision runs on CUDA only; bf16 falls back to fp16 on GPUs without it."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    amp_dtype: torch.dtype | None,
+    desc: str,
+) -> dict:
+    """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
+    metrics accumulate on the device, so the step never waits for the host."""
+    model.train()
+    cm = ConfusionMatrix(num_classes)
+    loss_sum, images = torch.zeros((), device=device), 0
+    channels_last = device.type == "cuda"
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for step, (image, target) in enumerate(bar):
+        image = image.to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(image)
+        loss = criterion(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * image.shape[0]
+        images += image.shape[0]
+        cm.update(logits.detach().argmax(1), target)
+        if step % 20 == 0:  # reading the loss syncs with the device, so only now and then
+            bar.set_postfix(loss=f"{float(loss_sum) / images:.4f}")
+    return {"loss": float(loss_sum) / max(images, 1), **cm.compute()}
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """args as plain Python values, so a checkpoint loads with torch.load(weights_only=True)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def csv_header(num_classes: int) -> list[str]:
+    return (
+        ["epoch", "lr", "train_loss", "val_loss", "train_mIoU", "val_mIoU", "pixel_acc"]
+        + [f"class_{c}_train" for c in range(num_classes)]
+        + [f"class_{c}_val" for c in range(num_classes)]
+        + ["Runtime"]
+    )
+
+
+def build_loaders(args: argparse.Namespace) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
+    size, crop = hw_pair(args.size), hw_pair(args.crop, "--crop")
+    scale = tuple(args.scale) if args.scale else None
+    train_tf = TransformConfig(size=size, scale=scale, crop=crop, augment=args.augment, train=True)
+    build = lambda split, tf: build_dataset(  # noqa: E731
+        args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed
+    )
+    train_set, val_set = (
+        build(args.train_split, train_tf),
+        build(args.val_split, TransformConfig(size=size, train=False)),
+    )
+    if args.arch.startswith("deeplabv3") and min(args.batch_size, len(train_set)) < 2:
+        raise ModelError(
+            "DeepLabV3 needs --batch-size 2 or more (its ASPP pooling branch has BatchNorm over the batch)"
+        )
+    pin = args.device.startswith("cuda")
+    common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= args.batch_size,  # a last batch of one breaks BatchNorm
+        generator=torch.Generator().manual_seed(args.seed),
+        **common,
+    )
+    return train_set, train_loader, DataLoader(val_set, batch_size=args.batch_size, **common)
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        train(args)
+    except (DatasetError, ModelError, LossSpecError) as e:
+        sys.exit(f"error: {e}")
+
+
+def train(args: argparse.Namespace) -> float:
+    """The whole run; returns the best validation mIoU."""
+    print(args)
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
+        torch.set_flush_denormal(True)
+    out = args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "log.csv").exists():
+        raise DatasetError(f"--out {out} already holds a run (log.csv); choose another --out")
+    train_set, train_loader, val_loader = build_loaders(args)
+    class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
+    pretrained = args.pretrained if args.pretrained is not None else (args.data is not None and args.init is None)
+    model = build_model(args.arch, num_classes, pretrained_backbone=pretrained)
+    if args.init:
+        print(load_init(model, args.init))
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_loss(args.loss, num_classes).to(device)
+
+    head_lr_mult = args.head_lr_mult if args.head_lr_mult is not None else default_head_lr_mult(args.arch)
+    groups = param_groups(model, args.lr, head_lr_mult)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    max_iters = args.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: poly_lr_factor(it, max_iters, args.poly_power, args.warmup_steps)
+    )
+    amp_dtype = amp_dtype_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    print(
+        f"Using device: {device} ({amp_dtype or 'float32'}) | arch {args.arch} | pretrained backbone {pretrained} | "
+        f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | out {out}"
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.csv", "w", newline="") as f:
+        csv.writer(f).writerow(csv_header(num_classes))
+    best_miou, since_best = -math.inf, 0
+    for epoch in range(1, args.epochs + 1):
+        start = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_m = train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            train_loader,
+            device,
+            num_classes,
+            amp_dtype,
+            f"Epoch {epoch}/{args.epochs}",
+        )
+        val_m = evaluate(model, val_loader, criterion, device, num_classes, amp_dtype)
+        runtime = time.time() - start
+        print(
+            f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
+            f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
+        )
+        print(f"  Per-class IoU: {format_iou(class_names, val_m['iou'])}")
+        with open(out / "log.csv", "a", newline="") as f:
+            csv.writer(f).writerow(
+                [
+                    epoch,
+                    f"{lr:.6g}",
+                    f"{train_m['loss']:.6f}",
+                    f"{val_m['loss']:.6f}",
+                    f"{train_m['miou']:.6f}",
+                    f"{val_m['miou']:.6f}",
+                    f"{val_m['pixel_acc']:.6f}",
+                ]
+                + [f"{v:.6f}" for v in train_m["iou"] + val_m["iou"]]
+                + [f"{runtime:.2f}"]
+            )
+        improved = val_m["miou"] > best_miou
+        if improved:
+            best_miou, since_best = val_m["miou"], 0
+        else:
+            since_best += 1
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "args": plain_args(args),
+            "class_names": class_names,
+            "num_classes": num_classes,
+            "best_miou": best_miou,
+            "epochs_since_best": since_best,
+        }
+        save_atomic(checkpoint, out / "last.pth")
+        if improved:
+            save_atomic(checkpoint, out / "best.pth")
+            print(f"Saved best model: {best_miou:.4f} -> {out / 'best.pth'}")
+        else:
+            print(f"No improvement for {since_best} epoch(s)")
+            if args.patience and since_best >= args.patience:
+                print("Early stopping triggered.")
+                break
+    print(f"Best validation mIoU: {best_miou:.4f}")
+    return best_miou
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train DeepLab for semantic segmentation", add_help=add_help)
+    add_data_args(parser)
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--val-split", default="val")
+    parser.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
+    parser.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ImageNet backbone weights (default: on with --data, off for the demo and with --init)",
+    )
+    parser.add_argument(
+        "--init", type=Path, default=None, help="initial weights file (e.g. DeepLab_resnet_pretrained_imagenet.pth)"
+    )
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=None, metavar="H W", help="resize to H W (default: keep)"
+    )
+    parser.add_argument(
+        "--crop", type=int, nargs="+", default=None, metavar="H W", help="random crop (one value: square)"
+    )
+    parser.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
+    parser.add_argument("--augment", action="store_true", help="colour jitter")
+    parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    parser.add_argument("--lr", type=float, default=0.01, help="base (backbone) learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
+    parser.add_argument(
+        "--head-lr-mult", type=float, default=None, help="head lr multiplier (default: 10 for DeepLabV2, else 1)"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=5, help="early stopping after this many epochs without gain (0: off)"
+    )
+    parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
