@@ -20,7 +20,6 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import Cityscapes
-from torchvision.io import ImageReadMode, decode_image
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -163,9 +162,11 @@ def read_mask(path: Path) -> np.ndarray:
 def read_image(path: Path) -> torch.Tensor:
     """uint8 RGB tensor [3, H, W]."""
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except (OSError, RuntimeError, ValueError) as e:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -230,37 +231,28 @@ class SegmentationDataset(Dataset):
     fails before training starts and names the file."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], class_map: ClassMap, transform: TransformConfig):
-        if not pairs:
-            raise DatasetError("the split holds no images")
         for image, mask in pairs:
-            if image_size(image) != image_size(mask):
-                raise DatasetError(
-                    f"mask {mask} is {image_size(mask)[0]}x{image_size(mask)[1]} but image {image} is "
-                    f"{image_size(image)[0]}x{image_size(image)[1]}"
-                )
+            (iw, ih), (mw, mh) = image_size(image), image_size(mask)
+            if (iw, ih) != (mw, mh):
+                raise DatasetError(f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}")
         self.pairs, self.class_map, self.transform = pairs, class_map, transform
         self.reported_unknown = False
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def load(self, index: int) -> tuple[torch.Tensor, np.ndarray, int]:
-        """uint8 image [3, H, W], class-index mask [H, W] and its count of unknown raw values."""
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
         mask, unknown = self.class_map.apply(read_mask(mask_path))
-        return read_image(image_path), mask, unknown
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask, unknown = self.load(index)
         if unknown and not self.reported_unknown:
             # once per dataset (and DataLoader worker), not per pixel: `--stats` gives the exact count
             self.reported_unknown = True
             print(
-                f"warning: {unknown} pixels of {self.pairs[index][1]} have mask values outside the class map; "
+                f"warning: {unknown} pixels of {mask_path} have mask values outside the class map; "
                 "they are ignored (255). `python dataset.py --stats` counts them over the split.",
                 file=sys.stderr,
             )
-        return transform_pair(image, torch.from_numpy(mask), self.transform)
+        return transform_pair(read_image(image_path), torch.from_numpy(mask), self.transform)
 
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,12 +384,10 @@ def build_dataset(
         raise DatasetError(
             f"--num-classes {num_classes} does not match layout {layout} ({class_map.num_classes} classes)"
         )
-    try:
-        return SegmentationDataset(list_pairs(data, layout, split), class_map, transform)
-    except DatasetError as e:
-        if str(e) == "the split holds no images":
-            raise DatasetError(f"split {split!r} of {data} holds no images") from None
-        raise
+    pairs = list_pairs(data, layout, split)
+    if not pairs:
+        raise DatasetError(f"split {split!r} of {data} holds no images")
+    return SegmentationDataset(pairs, class_map, transform)
 
 
 def class_pixel_counts(dataset: SegmentationDataset) -> tuple[np.ndarray, int, int]:

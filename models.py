@@ -149,6 +149,14 @@ def default_head_lr_mult(arch: str) -> float:
     return 10.0 if arch == "deeplabv2_resnet101" else 1.0
 
 
+def default_lr(arch: str, from_scratch: bool) -> float:
+    """Base SGD learning rate: DeepLabV2's paper value (its head gets 10x), 0.01 to fine-tune DeepLabV3 from
+    ImageNet weights, and 0.05 from scratch, where randomly initialised layers need larger steps."""
+    if arch == "deeplabv2_resnet101":
+        return 2.5e-4
+    return 0.05 if from_scratch else 0.01
+
+
 def param_groups(model: SegmentationModel, lr: float, head_lr_mult: float) -> list[dict]:
     """Optimizer groups: backbone at `lr`, head at `lr * head_lr_mult`; frozen parameters are left out."""
     groups = [

@@ -32,7 +32,7 @@ from dataset import (
 )
 from evaluate import ConfusionMatrix, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
-from models import ARCHS, ModelError, build_model, default_head_lr_mult, load_init, param_groups
+from models import ARCHS, ModelError, build_model, default_head_lr_mult, default_lr, load_init, param_groups
 
 
 def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0) -> float:
@@ -147,6 +147,16 @@ def build_loaders(args: argparse.Namespace) -> tuple[SegmentationDataset, DataLo
     return train_set, train_loader, DataLoader(val_set, batch_size=args.batch_size, **common)
 
 
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on other flags, so the printed args and the checkpoint show real values."""
+    if args.pretrained is None:  # the demo and --init runs must not download anything
+        args.pretrained = args.data is not None and args.init is None
+    if args.head_lr_mult is None:
+        args.head_lr_mult = default_head_lr_mult(args.arch)
+    if args.lr is None:
+        args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None)
+
+
 def main(args: argparse.Namespace) -> None:
     try:
         train(args)
@@ -156,6 +166,7 @@ def main(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> float:
     """The whole run; returns the best validation mIoU."""
+    resolve_defaults(args)
     print(args)
     seed_everything(args.seed)
     device = torch.device(args.device)
@@ -168,8 +179,7 @@ def train(args: argparse.Namespace) -> float:
         raise DatasetError(f"--out {out} already holds a run (log.csv); choose another --out")
     train_set, train_loader, val_loader = build_loaders(args)
     class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
-    pretrained = args.pretrained if args.pretrained is not None else (args.data is not None and args.init is None)
-    model = build_model(args.arch, num_classes, pretrained_backbone=pretrained)
+    model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
     if args.init:
         print(load_init(model, args.init))
     model.to(device)
@@ -177,8 +187,7 @@ def train(args: argparse.Namespace) -> float:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_loss(args.loss, num_classes).to(device)
 
-    head_lr_mult = args.head_lr_mult if args.head_lr_mult is not None else default_head_lr_mult(args.arch)
-    groups = param_groups(model, args.lr, head_lr_mult)
+    groups = param_groups(model, args.lr, args.head_lr_mult)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
@@ -190,7 +199,7 @@ def train(args: argparse.Namespace) -> float:
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     print(
-        f"Using device: {device} ({amp_dtype or 'float32'}) | arch {args.arch} | pretrained backbone {pretrained} | "
+        f"Using device: {device} ({amp_dtype or 'float32'}) | arch {args.arch} | pretrained {args.pretrained} | "
         f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | out {out}"
     )
 
@@ -291,7 +300,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--augment", action="store_true", help="colour jitter")
     parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    parser.add_argument("--lr", type=float, default=0.01, help="base (backbone) learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="base (backbone) lr (default: 2.5e-4 DeepLabV2, 0.01, 0.05 from scratch)"
+    )
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
