@@ -157,13 +157,6 @@ def resolve_defaults(args: argparse.Namespace) -> None:
         args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None)
 
 
-def main(args: argparse.Namespace) -> None:
-    try:
-        train(args)
-    except (DatasetError, ModelError, LossSpecError) as e:
-        sys.exit(f"error: {e}")
-
-
 def train(args: argparse.Namespace) -> float:
     """The whole run; returns the best validation mIoU."""
     resolve_defaults(args)
@@ -175,17 +168,17 @@ def train(args: argparse.Namespace) -> float:
     else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
         torch.set_flush_denormal(True)
     out = args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "log.csv").exists():
-        raise DatasetError(f"--out {out} already holds a run (log.csv); choose another --out")
+    if (out / "log.csv").exists():  # never overwrite a user's run
+        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out")
     train_set, train_loader, val_loader = build_loaders(args)
     class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
+    criterion = build_loss(args.loss, num_classes).to(device)
     model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
     if args.init:
         print(load_init(model, args.init))
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    criterion = build_loss(args.loss, num_classes).to(device)
 
     groups = param_groups(model, args.lr, args.head_lr_mult)
     if args.optimizer == "sgd":
@@ -229,20 +222,10 @@ def train(args: argparse.Namespace) -> float:
             f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
         )
         print(f"  Per-class IoU: {format_iou(class_names, val_m['iou'])}")
+        metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
         with open(out / "log.csv", "a", newline="") as f:
-            csv.writer(f).writerow(
-                [
-                    epoch,
-                    f"{lr:.6g}",
-                    f"{train_m['loss']:.6f}",
-                    f"{val_m['loss']:.6f}",
-                    f"{train_m['miou']:.6f}",
-                    f"{val_m['miou']:.6f}",
-                    f"{val_m['pixel_acc']:.6f}",
-                ]
-                + [f"{v:.6f}" for v in train_m["iou"] + val_m["iou"]]
-                + [f"{runtime:.2f}"]
-            )
+            row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
+            csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}"])
         improved = val_m["miou"] > best_miou
         if improved:
             best_miou, since_best = val_m["miou"], 0
@@ -271,6 +254,13 @@ def train(args: argparse.Namespace) -> float:
                 break
     print(f"Best validation mIoU: {best_miou:.4f}")
     return best_miou
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        train(args)
+    except (DatasetError, ModelError, LossSpecError) as e:
+        sys.exit(f"error: {e}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
