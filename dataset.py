@@ -403,6 +403,9 @@ def class_pixel_counts(dataset: SegmentationDataset) -> tuple[np.ndarray, int, i
     return counts[:-1], int(counts[-1]), unknown_total
 
 
+CLASS_WEIGHT_RULE = "median frequency balancing, median(freq) / freq, clipped to [0.1, 10]; absent classes 0"
+
+
 def class_weights(counts: np.ndarray, clip: tuple[float, float] = (0.1, 10.0)) -> np.ndarray:
     """Median frequency balancing (Eigen & Fergus 2015): w_c = median(f) / f_c over the classes present,
     clipped to `clip` so a rare class cannot dominate the loss; absent classes get weight 0."""
@@ -422,7 +425,7 @@ def print_stats(dataset: SegmentationDataset) -> None:
     for i, name in enumerate(dataset.class_map.names):
         print(f"{i:>5}  {name:<20} {counts[i]:>14d} {counts[i] / total:>10.6f} {weights[i]:>8.4f}")
     print(f"ignored pixels: {ignored} ({unknown} with values outside the class map)")
-    print("weights: median frequency balancing, median(freq) / freq, clipped to [0.1, 10]; absent classes 0")
+    print(f"weights: {CLASS_WEIGHT_RULE}")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

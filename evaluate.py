@@ -5,11 +5,15 @@ python evaluate.py --checkpoint runs/x/best.pth [--data ROOT] [--split val]
 
 import argparse
 import contextlib
+import csv
+import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -89,7 +93,171 @@ def format_iou(names: list[str], iou: list[float]) -> str:
     return " | ".join(f"{name} {'n/a' if math.isnan(v) else f'{v:.4f}'}" for name, v in zip(names, iou))
 
 
+def read_run(run_dir: Path) -> dict:
+    """A run folder's log.csv as columns of floats (NaN where a cell is empty), plus run.json when present."""
+    log = run_dir / "log.csv"
+    try:
+        with open(log, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DatasetError(f"cannot read {log}: {e.strerror}") from None
+    if not rows:
+        raise DatasetError(f"{log} holds no epochs")
+    columns = {name: np.array([float(r[name]) if r.get(name) else math.nan for r in rows]) for name in rows[0]}
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    return {"name": run_dir.name, "columns": columns, "meta": meta}
+
+
+def class_names_of(run: dict) -> list[str]:
+    n = sum(1 for c in run["columns"] if c.startswith("class_") and c.endswith("_val"))
+    return run["meta"].get("class_names") or [f"class_{c}" for c in range(n)]
+
+
+def best_epoch_row(run: dict) -> int | None:
+    miou = run["columns"].get("val_mIoU")
+    return None if miou is None or np.isnan(miou).all() else int(np.nanargmax(miou))
+
+
+def _value(run: dict, column: str, row: int | None) -> float:
+    """One cell of a run's log, NaN where the column or the row is missing."""
+    values = run["columns"].get(column)
+    return math.nan if values is None or row is None else float(values[row])
+
+
+def summary_markdown(runs: list[dict]) -> str:
+    """One row per run: best val mIoU and its epoch, final mIoUs, pixel acc and per-class val IoU at the best
+    epoch, run time and trainable parameters."""
+    names = class_names_of(runs[0])
+    header = ["run", "best val mIoU", "best epoch", "final train mIoU", "final val mIoU", "pixel acc"]
+    header += ["total time (s)", "mean epoch time (s)", "trainable params", *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        best = best_epoch_row(run)
+        runtime = run["columns"].get("Runtime", np.array([math.nan]))
+        cells = [
+            run["name"],
+            f"{_value(run, 'val_mIoU', best):.4f}",
+            f"{_value(run, 'epoch', best):.0f}",
+            f"{_value(run, 'train_mIoU', -1):.4f}",
+            f"{_value(run, 'val_mIoU', -1):.4f}",
+            f"{_value(run, 'pixel_acc', best):.4f}",
+            f"{runtime.sum():.1f}",
+            f"{runtime.mean():.1f}",
+            str(run["meta"].get("trainable_params", "n/a")),
+            *(f"{_value(run, f'class_{c}_val', best):.4f}" for c in range(len(names))),
+        ]
+        lines.append("| " + " | ".join(cells).replace("nan", "n/a") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _curves(ax, runs: list[dict], column: str, title: str, ylabel: str) -> None:
+    """Every run's `column` against its epochs; runs lacking the column are named in the title."""
+    missing = [run["name"] for run in runs if column not in run["columns"]]
+    for run in runs:
+        if column in run["columns"]:
+            ax.plot(run["columns"]["epoch"], run["columns"][column], marker=".", label=run["name"])
+    if len(missing) == len(runs):
+        ax.text(0.5, 0.5, f"no run has a {column} column", ha="center", va="center", transform=ax.transAxes)
+    elif missing:
+        title += f" (no {column} in: {', '.join(missing)})"
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=8)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(True, linestyle="--", alpha=0.5)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
+    """Write summary.md and the comparison plots of several runs into `report`; return the files written."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    report.mkdir(parents=True, exist_ok=True)
+    written = [report / "summary.md"]
+    written[0].write_text(summary_markdown(runs))
+
+    def figure(name: str, rows: int = 1, cols: int = 1, size: tuple[float, float] = (8, 5)):
+        fig = Figure(figsize=size)
+        written.append(report / name)
+        return fig, fig.subplots(rows, cols, squeeze=False)
+
+    fig, ax = figure("lr_schedule.png")
+    _curves(ax[0, 0], runs, "lr", "Learning rate at the start of each epoch", "lr")
+    _save(fig, written[-1])
+
+    cols = min(len(runs), 3)
+    fig, axes = figure(
+        "loss_per_run.png", math.ceil(len(runs) / cols), cols, (5 * cols, 3.5 * math.ceil(len(runs) / cols))
+    )
+    for ax, run in zip(axes.flat, runs):
+        for column in ("train_loss", "val_loss"):
+            if column in run["columns"]:
+                ax.plot(run["columns"]["epoch"], run["columns"][column], marker=".", label=column)
+        ax.set(title=run["name"], xlabel="epoch", ylabel="loss")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(runs) :]:
+        ax.axis("off")
+    _save(fig, written[-1])
+
+    for name, pair, ylabel in (
+        ("loss_all.png", ("train_loss", "val_loss"), "loss"),
+        ("miou.png", ("train_mIoU", "val_mIoU"), "mIoU"),
+    ):
+        fig, axes = figure(name, 1, 2, (14, 5))
+        for ax, column in zip(axes.flat, pair):
+            _curves(ax, runs, column, column, ylabel)
+        _save(fig, written[-1])
+
+    fig, ax = figure("per_class_iou.png", size=(max(8, 1.2 * len(class_names_of(runs[0]))), 5))
+    ax = ax[0, 0]
+    names = class_names_of(runs[0])
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        values = [_value(run, f"class_{c}_val", best_epoch_row(run)) for c in range(len(names))]
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=run["name"])
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
+    ax.set(title="Per-class val IoU at each run's best epoch", ylabel="IoU")
+    ax.legend(fontsize=8)
+    _save(fig, written[-1])
+
+    totals = [run["columns"].get("Runtime", np.array([math.nan])) for run in runs]
+    labels = [run["name"] for run in runs]
+    fig, axes = figure("time.png", 1, 2, (14, 5))
+    axes[0, 0].bar(labels, [t.sum() for t in totals], color="tab:blue")
+    axes[0, 0].set(title="Total training + validation time", ylabel="seconds")
+    axes[0, 1].bar(labels, [t.mean() for t in totals], color="tab:red")
+    axes[0, 1].set(title="Mean time per epoch", ylabel="seconds")
+    for ax in axes.flat:
+        ax.tick_params(axis="x", labelrotation=30)
+        if any(np.isnan(t).all() for t in totals):
+            ax.set_title(ax.get_title() + " (runs without Runtime show no bar)")
+    _save(fig, written[-1])
+
+    fig, ax = figure("tradeoff.png")
+    ax = ax[0, 0]
+    for run, total in zip(runs, totals):
+        point = (total.sum(), _value(run, "val_mIoU", best_epoch_row(run)))
+        ax.scatter(*point, s=60)
+        ax.annotate(run["name"], point, fontsize=8)
+    ax.set(title="Time vs best val mIoU", xlabel="total time (s)", ylabel="best val mIoU")
+    ax.grid(True, linestyle="--", alpha=0.5)
+    _save(fig, written[-1])
+    return written
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.compare:
+        try:
+            files = compare_runs(args.compare, args.report)
+        except DatasetError as e:
+            sys.exit(f"error: {e}")
+        print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
+        return
+    if args.checkpoint is None:
+        sys.exit("error: give --checkpoint to evaluate a model, or --compare RUN... --report DIR to compare runs")
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         run = checkpoint["args"]
@@ -121,7 +289,9 @@ def main(args: argparse.Namespace) -> None:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a DeepLab checkpoint", add_help=add_help)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="best.pth or last.pth of a run")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of a run")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
+    parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
     add_data_args(parser)
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="resize to H W (default: as trained)")

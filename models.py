@@ -16,6 +16,12 @@ from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deepla
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 ARCHS = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv2_resnet101")
+OUTPUT_STRIDE = {
+    "deeplabv3_mobilenet_v3_large": 16,
+    "deeplabv3_resnet50": 8,
+    "deeplabv3_resnet101": 8,
+    "deeplabv2_resnet101": 8,
+}
 
 
 class ModelError(Exception):
@@ -28,11 +34,15 @@ class SegmentationModel(nn.Module):
         self.backbone = backbone
         self.classifier = classifier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
+        """Logits at the input resolution, or at the feature resolution (1 / output stride) with upsample=False."""
         features = self.backbone(x)
         if isinstance(features, dict):  # torchvision's IntermediateLayerGetter
             features = features["out"]
-        return F.interpolate(self.classifier(features), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.classifier(features)
+        if not upsample:
+            return logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class Bottleneck(nn.Module):
@@ -157,10 +167,14 @@ def default_lr(arch: str, from_scratch: bool) -> float:
     return 0.05 if from_scratch else 0.01
 
 
-def param_groups(model: SegmentationModel, lr: float, head_lr_mult: float) -> list[dict]:
-    """Optimizer groups: backbone at `lr`, head at `lr * head_lr_mult`; frozen parameters are left out."""
+def param_groups(
+    model: SegmentationModel, lr: float, head_lr_mult: float, backbone_lr: float | None = None
+) -> list[dict]:
+    """Optimizer groups: backbone at `backbone_lr` (default `lr`), head at `lr * head_lr_mult`; frozen
+    parameters are left out."""
+    backbone_lr = lr if backbone_lr is None else backbone_lr
     groups = [
-        {"name": "backbone", "params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr},
+        {"name": "backbone", "params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr},
         {
             "name": "head",
             "params": [p for p in model.classifier.parameters() if p.requires_grad],
@@ -168,6 +182,24 @@ def param_groups(model: SegmentationModel, lr: float, head_lr_mult: float) -> li
         },
     ]
     return [g for g in groups if g["params"]]
+
+
+def freeze_backbone(model: SegmentationModel) -> None:
+    """Stop training the backbone: no gradients (so SGD and AdamW skip it, momentum and weight decay included)
+    and, through `set_train_mode`, its BatchNorm statistics stay as they are."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+
+
+def backbone_frozen(model: SegmentationModel) -> bool:
+    return not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def set_train_mode(model: SegmentationModel) -> None:
+    """model.train(), except that a frozen backbone stays in eval mode, so its BatchNorm running stats are kept."""
+    model.train()
+    if backbone_frozen(model):
+        model.backbone.eval()
 
 
 def _init_key(key: str) -> str:

@@ -8,6 +8,7 @@ Writes OUT/best.pth, OUT/last.pth and OUT/log.csv (one row per epoch).
 
 import argparse
 import csv
+import json
 import math
 import os
 import random
@@ -17,22 +18,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import (
+    CLASS_WEIGHT_RULE,
     DatasetError,
     SegmentationDataset,
     TransformConfig,
     add_data_args,
     build_dataset,
+    class_pixel_counts,
+    class_weights,
     collate,
     hw_pair,
 )
 from evaluate import ConfusionMatrix, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
-from models import ARCHS, ModelError, build_model, default_head_lr_mult, default_lr, load_init, param_groups
+from models import (
+    ARCHS,
+    OUTPUT_STRIDE,
+    ModelError,
+    build_model,
+    count_params,
+    default_head_lr_mult,
+    default_lr,
+    freeze_backbone,
+    load_init,
+    param_groups,
+    set_train_mode,
+)
 
 
 def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0) -> float:
@@ -69,10 +86,12 @@ def train_one_epoch(
     num_classes: int,
     amp_dtype: torch.dtype | None,
     desc: str,
+    loss_at_feature_resolution: bool = False,
 ) -> dict:
     """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
-    metrics accumulate on the device, so the step never waits for the host."""
-    model.train()
+    metrics accumulate on the device, so the step never waits for the host. With loss_at_feature_resolution
+    (DeepLabV2's recipe) the logits stay at 1/output-stride and the target is downsampled to them (nearest)."""
+    set_train_mode(model)
     cm = ConfusionMatrix(num_classes)
     loss_sum, images = torch.zeros((), device=device), 0
     channels_last = device.type == "cuda"
@@ -83,7 +102,9 @@ def train_one_epoch(
             image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(image)
+            logits = model(image, upsample=not loss_at_feature_resolution)
+        if loss_at_feature_resolution:
+            target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
         loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -108,6 +129,13 @@ def save_atomic(obj: dict, path: Path) -> None:
 def plain_args(args: argparse.Namespace) -> dict:
     """args as plain Python values, so a checkpoint loads with torch.load(weights_only=True)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], model: nn.Module) -> None:
+    """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
+    trainable, total = count_params(model)
+    info = {"class_names": class_names, "trainable_params": trainable, "total_params": total, "args": plain_args(args)}
+    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def csv_header(num_classes: int) -> list[str]:
@@ -147,19 +175,76 @@ def build_loaders(args: argparse.Namespace) -> tuple[SegmentationDataset, DataLo
     return train_set, train_loader, DataLoader(val_set, batch_size=args.batch_size, **common)
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
+def _epoch_and_value(part: str, flag: str) -> tuple[int, str]:
+    epoch, _, value = part.strip().partition(":")
+    if not epoch.isdigit() or not value:
+        raise LossSpecError(f"invalid {flag} {part!r}: expected EPOCH:VALUE, e.g. {flag} 28:1.2")
+    return int(epoch), value
+
+
+def parse_power_changes(spec: str | None) -> dict[int, float]:
+    """--poly-power-at `28:1.2,46:2.0` -> {28: 1.2, 46: 2.0}: the poly power from each epoch on."""
+    changes = {}
+    for part in spec.split(",") if spec else []:
+        epoch, value = _epoch_and_value(part, "--poly-power-at")
+        try:
+            changes[epoch] = float(value)
+        except ValueError:
+            raise LossSpecError(f"invalid --poly-power-at {part!r}: {value!r} is not a number") from None
+    return changes
+
+
+def parse_loss_changes(items: list[str] | None) -> dict[int, str]:
+    """--loss-at `46:ce:0.5,lovasz:0.5` (repeatable) -> {46: 'ce:0.5,lovasz:0.5'}: the loss from that epoch on."""
+    return dict(_epoch_and_value(item, "--loss-at") for item in items or [])
+
+
+def value_at(changes: dict, epoch: int, default: object) -> object:
+    """The value in force at `epoch`: the last change made at or before it."""
+    started = [e for e in changes if e <= epoch]
+    return changes[max(started)] if started else default
+
+
+def load_class_weights(args: argparse.Namespace, train_set: SegmentationDataset) -> torch.Tensor | None:
+    """--class-weights: none, auto (median frequency balancing over the training split), or a file of numbers."""
+    if args.class_weights in (None, "none"):
+        return None
+    if args.class_weights == "auto":
+        weights = class_weights(class_pixel_counts(train_set)[0])
+        print(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
+    else:
+        path = Path(args.class_weights)
+        try:
+            weights = [float(v) for v in path.read_text().replace(",", " ").split()]
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"--class-weights file {path} cannot be read as numbers ({e})") from None
+        if len(weights) != train_set.class_map.num_classes:
+            raise DatasetError(
+                f"--class-weights file {path} has {len(weights)} numbers for {train_set.class_map.num_classes} classes"
+            )
+        print(f"class weights (from {path}):")
+    print("  " + " | ".join(f"{n} {w:.4f}" for n, w in zip(train_set.class_map.names, weights)))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -> None:
     """Fill in the defaults that depend on other flags, so the printed args and the checkpoint show real values."""
-    if args.pretrained is None:  # the demo and --init runs must not download anything
-        args.pretrained = args.data is not None and args.init is None
+    if args.pretrained is None:  # the demo, --init and fine-tuning runs must not download anything
+        args.pretrained = args.data is not None and args.init is None and checkpoint is None
     if args.head_lr_mult is None:
         args.head_lr_mult = default_head_lr_mult(args.arch)
     if args.lr is None:
-        args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None)
+        args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None and checkpoint is None)
+    if args.downsample_gt is not None and args.downsample_gt != OUTPUT_STRIDE[args.arch]:
+        raise ModelError(
+            f"--downsample-gt {args.downsample_gt} does not match the output stride of {args.arch} "
+            f"({OUTPUT_STRIDE[args.arch]}): the loss is computed at the logits' own resolution"
+        )
 
 
-def train(args: argparse.Namespace) -> float:
-    """The whole run; returns the best validation mIoU."""
-    resolve_defaults(args)
+def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
+    """The whole run, from scratch or (fine-tuning) from a checkpoint's model; returns the best val mIoU."""
+    resolve_defaults(args, checkpoint)
     print(args)
     seed_everything(args.seed)
     device = torch.device(args.device)
@@ -170,37 +255,65 @@ def train(args: argparse.Namespace) -> float:
     out = args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "log.csv").exists():  # never overwrite a user's run
         sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out")
+    power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
     train_set, train_loader, val_loader = build_loaders(args)
     class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
-    criterion = build_loss(args.loss, num_classes).to(device)
+    weights = load_class_weights(args, train_set)
+    make_loss = lambda spec: build_loss(spec, num_classes, class_weights=weights).to(device)  # noqa: E731
+    criterion = make_loss(args.loss)
+    for spec in loss_changes.values():  # a typo in a later phase's loss fails now, not hours into the run
+        make_loss(spec)
+
     model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
+    if checkpoint is not None:
+        if checkpoint["num_classes"] != num_classes:
+            raise ModelError(f"--checkpoint has {checkpoint['num_classes']} classes but the data has {num_classes}")
+        model.load_state_dict(checkpoint["model"])
+        print(
+            f"Loaded checkpoint (epoch {checkpoint.get('epoch')}, val mIoU {checkpoint.get('best_miou', math.nan):.4f})"
+        )
     if args.init:
         print(load_init(model, args.init))
+    if args.freeze_backbone:
+        freeze_backbone(model)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    groups = param_groups(model, args.lr, args.head_lr_mult)
+    groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    max_iters = args.epochs * len(train_loader)
+    iters_per_epoch = len(train_loader)
+    max_iters = args.epochs * iters_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: poly_lr_factor(it, max_iters, args.poly_power, args.warmup_steps)
+        optimizer,
+        lambda it: poly_lr_factor(
+            it, max_iters, value_at(power_changes, it // iters_per_epoch + 1, args.poly_power), args.warmup_steps
+        ),
     )
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     print(
         f"Using device: {device} ({amp_dtype or 'float32'}) | arch {args.arch} | pretrained {args.pretrained} | "
-        f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | out {out}"
+        f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | "
+        f"trainable params {count_params(model)[0]} | out {out}"
     )
 
     out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, args, class_names, model)
     with open(out / "log.csv", "w", newline="") as f:
         csv.writer(f).writerow(csv_header(num_classes))
     best_miou, since_best = -math.inf, 0
     for epoch in range(1, args.epochs + 1):
+        if epoch in loss_changes:
+            criterion = make_loss(loss_changes[epoch])
+            print(f"Epoch {epoch}: loss is now {loss_changes[epoch]}")
+        if epoch == args.freeze_at_epoch:
+            freeze_backbone(model)
+            write_run_info(out, args, class_names, model)
+            print(f"Epoch {epoch}: backbone frozen, trainable params {count_params(model)[0]}")
         start = time.time()
         lr = optimizer.param_groups[0]["lr"]
         train_m = train_one_epoch(
@@ -214,6 +327,7 @@ def train(args: argparse.Namespace) -> float:
             num_classes,
             amp_dtype,
             f"Epoch {epoch}/{args.epochs}",
+            loss_at_feature_resolution=args.downsample_gt is not None,
         )
         val_m = evaluate(model, val_loader, criterion, device, num_classes, amp_dtype)
         runtime = time.time() - start
@@ -231,7 +345,7 @@ def train(args: argparse.Namespace) -> float:
             best_miou, since_best = val_m["miou"], 0
         else:
             since_best += 1
-        checkpoint = {
+        state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -243,9 +357,9 @@ def train(args: argparse.Namespace) -> float:
             "best_miou": best_miou,
             "epochs_since_best": since_best,
         }
-        save_atomic(checkpoint, out / "last.pth")
+        save_atomic(state, out / "last.pth")
         if improved:
-            save_atomic(checkpoint, out / "best.pth")
+            save_atomic(state, out / "best.pth")
             print(f"Saved best model: {best_miou:.4f} -> {out / 'best.pth'}")
         else:
             print(f"No improvement for {since_best} epoch(s)")
@@ -299,6 +413,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
     parser.add_argument(
         "--head-lr-mult", type=float, default=None, help="head lr multiplier (default: 10 for DeepLabV2, else 1)"
+    )
+    parser.add_argument("--lr-backbone", type=float, default=None, help="backbone lr, head keeps --lr (default: --lr)")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (backbone frozen)")
+    parser.add_argument("--freeze-at-epoch", type=int, default=None, help="freeze the backbone from this epoch on")
+    parser.add_argument("--poly-power-at", default=None, metavar="E:P,...", help="poly power P from epoch E on")
+    parser.add_argument(
+        "--loss-at", action="append", default=None, metavar="E:SPEC", help="loss SPEC from epoch E on (repeatable)"
+    )
+    parser.add_argument("--class-weights", default="none", help="CE class weights: none, auto or a file of numbers")
+    parser.add_argument(
+        "--downsample-gt", type=int, default=None, metavar="N", help="loss at 1/N resolution (N: output stride)"
     )
     parser.add_argument(
         "--patience", type=int, default=5, help="early stopping after this many epochs without gain (0: off)"

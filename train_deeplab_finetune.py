@@ -1,0 +1,60 @@
+"""Fine-tune a trained DeepLab checkpoint: the phases of the off-road study, on the shared training loop.
+
+    python train_deeplab_finetune.py --checkpoint runs/base/best.pth --freeze-backbone          # phase 2.1
+    python train_deeplab_finetune.py --checkpoint runs/head/best.pth --unfreeze --lr-backbone 1e-5  # phase 2.2
+
+The model's arch and classes come from the checkpoint; data flags default to the checkpoint's run. Every flag
+of train_deeplab.py works here too (losses, class weights, crops, schedules, early stopping).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from dataset import DatasetError
+from losses import LossSpecError
+from models import ModelError, load_checkpoint
+from train_deeplab import get_args_parser as get_train_parser
+from train_deeplab import train
+
+# flags that, when not given, are taken from the checkpoint's own run (data and layout only if --data is not given)
+INHERITED = ("num_classes", "class_names", "size")
+
+
+def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
+    """Arch and data come from the checkpoint unless given; an explicit other arch is an error."""
+    run = checkpoint["args"]
+    if args.arch is None:
+        args.arch = run["arch"]
+    elif args.arch != run["arch"]:
+        raise ModelError(f"--checkpoint {args.checkpoint} holds a {run['arch']} model, not --arch {args.arch}")
+    if args.data is None:
+        args.data, args.layout = (Path(run["data"]) if run.get("data") else None), run.get("layout", "auto")
+    for name in INHERITED:
+        if getattr(args, name) is None:
+            setattr(args, name, run.get(name))
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.unfreeze and args.freeze_backbone:
+        sys.exit("error: --unfreeze and --freeze-backbone exclude each other")
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        inherit_from_checkpoint(args, checkpoint)
+        train(args, checkpoint)
+    except (DatasetError, ModelError, LossSpecError) as e:
+        sys.exit(f"error: {e}")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a DeepLab checkpoint", parents=[get_train_parser(add_help=False)], add_help=add_help
+    )
+    parser.set_defaults(arch=None, patience=2, epochs=6)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="best.pth or last.pth of an earlier run")
+    parser.add_argument("--unfreeze", action="store_true", help="train the backbone too (pair with --lr-backbone)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
