@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -108,9 +109,13 @@ def read_run(run_dir: Path) -> dict:
     return {"name": run_dir.name, "columns": columns, "meta": meta}
 
 
-def class_names_of(run: dict) -> list[str]:
-    n = sum(1 for c in run["columns"] if c.startswith("class_") and c.endswith("_val"))
-    return run["meta"].get("class_names") or [f"class_{c}" for c in range(n)]
+def class_names_of(runs: list[dict]) -> list[str]:
+    """Names from the first run.json that has them, else class_<c> for the first run's class columns."""
+    for run in runs:
+        if run["meta"].get("class_names"):
+            return run["meta"]["class_names"]
+    n = sum(1 for c in runs[0]["columns"] if c.startswith("class_") and c.endswith("_val"))
+    return [f"class_{c}" for c in range(n)]
 
 
 def best_epoch_row(run: dict) -> int | None:
@@ -127,7 +132,7 @@ def _value(run: dict, column: str, row: int | None) -> float:
 def summary_markdown(runs: list[dict]) -> str:
     """One row per run: best val mIoU and its epoch, final mIoUs, pixel acc and per-class val IoU at the best
     epoch, run time and trainable parameters."""
-    names = class_names_of(runs[0])
+    names = class_names_of(runs)
     header = ["run", "best val mIoU", "best epoch", "final train mIoU", "final val mIoU", "pixel acc"]
     header += ["total time (s)", "mean epoch time (s)", "trainable params", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -168,6 +173,9 @@ def _curves(ax, runs: list[dict], column: str, title: str, ylabel: str) -> None:
 
 
 def _save(fig: Figure, path: Path) -> None:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -211,9 +219,9 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
             _curves(ax, runs, column, column, ylabel)
         _save(fig, written[-1])
 
-    fig, ax = figure("per_class_iou.png", size=(max(8, 1.2 * len(class_names_of(runs[0]))), 5))
+    fig, ax = figure("per_class_iou.png", size=(max(8, 1.2 * len(class_names_of(runs))), 5))
     ax = ax[0, 0]
-    names = class_names_of(runs[0])
+    names = class_names_of(runs)
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         values = [_value(run, f"class_{c}_val", best_epoch_row(run)) for c in range(len(names))]
@@ -232,6 +240,8 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
     axes[0, 1].set(title="Mean time per epoch", ylabel="seconds")
     for ax in axes.flat:
         ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
         if any(np.isnan(t).all() for t in totals):
             ax.set_title(ax.get_title() + " (runs without Runtime show no bar)")
     _save(fig, written[-1])

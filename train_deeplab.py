@@ -268,10 +268,11 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
     if checkpoint is not None:
         if checkpoint["num_classes"] != num_classes:
             raise ModelError(f"--checkpoint has {checkpoint['num_classes']} classes but the data has {num_classes}")
-        model.load_state_dict(checkpoint["model"])
-        print(
-            f"Loaded checkpoint (epoch {checkpoint.get('epoch')}, val mIoU {checkpoint.get('best_miou', math.nan):.4f})"
-        )
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError:
+            raise ModelError(f"--checkpoint weights do not fit {args.arch} (missing or misshapen tensors)") from None
+        print(f"Loaded checkpoint of epoch {checkpoint['epoch']} (best val mIoU {checkpoint['best_miou']:.4f})")
     if args.init:
         print(load_init(model, args.init))
     if args.freeze_backbone:
