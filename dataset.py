@@ -7,6 +7,7 @@ class indices, with IGNORE_INDEX (255) wherever the raw mask value is outside th
 """
 
 import argparse
+import colorsys
 import os
 import shutil
 import sys
@@ -58,15 +59,16 @@ class ClassMap:
     names: tuple[str, ...]
     lut: np.ndarray
     known: np.ndarray
+    palette: np.ndarray  # [num_classes, 3] uint8 colours for pictures of masks
 
     @classmethod
-    def from_pairs(cls, names: tuple[str, ...], pairs: dict[int, int]) -> "ClassMap":
+    def from_pairs(cls, names: tuple[str, ...], pairs: dict[int, int], palette: np.ndarray | None = None) -> "ClassMap":
         lut = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
         known = np.zeros(65536, dtype=bool)
         for raw, index in pairs.items():
             lut[raw] = index
             known[raw] = True
-        return cls(names, lut, known)
+        return cls(names, lut, known, distinct_palette(len(names)) if palette is None else palette)
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +78,14 @@ class ClassMap:
         """Map a raw mask to class indices; also return how many pixels had an unknown value."""
         raw = np.clip(raw, 0, 65535)
         return self.lut[raw], int(raw.size - np.count_nonzero(self.known[raw]))
+
+
+def distinct_palette(n: int) -> np.ndarray:
+    """n well-separated colours: hues stepped by the golden ratio, alternating saturation and brightness."""
+    colours = [
+        colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.9 - 0.35 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2)) for i in range(n)
+    ]
+    return (np.array(colours) * 255).round().astype(np.uint8).reshape(n, 3)
 
 
 def offroad_class_map() -> ClassMap:
@@ -89,7 +99,14 @@ def cityscapes_class_map() -> ClassMap:
     pairs = {
         c.id: c.train_id if 0 <= c.train_id < IGNORE_INDEX else IGNORE_INDEX for c in Cityscapes.classes if c.id >= 0
     }
-    return ClassMap.from_pairs(tuple(c.name for c in evaluated), pairs)
+    palette = np.array([c.color for c in evaluated], dtype=np.uint8)  # Cityscapes' own colours
+    return ClassMap.from_pairs(tuple(c.name for c in evaluated), pairs, palette)
+
+
+def palette_for(names: list[str]) -> np.ndarray:
+    """Cityscapes' own colours for its 19 classes, distinct colours for any other class list."""
+    cityscapes = cityscapes_class_map()
+    return cityscapes.palette if tuple(names) == cityscapes.names else distinct_palette(len(names))
 
 
 def folder_class_map(num_classes: int, class_names: list[str] | None = None) -> ClassMap:

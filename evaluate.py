@@ -8,20 +8,60 @@ import contextlib
 import csv
 import json
 import math
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import IGNORE_INDEX, DatasetError, TransformConfig, add_data_args, build_dataset, collate, hw_pair
-from losses import LossSpecError, build_loss
-from models import ModelError, build_model, load_checkpoint
+from dataset import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    TransformConfig,
+    add_data_args,
+    build_dataset,
+    collate,
+    hw_pair,
+    read_image,
+    transform_pair,
+)
+from models import ARCHS, ModelError, build_model, count_macs, count_params, load_checkpoint, model_from_checkpoint
+
+
+def per_image_confusion(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Confusion matrices [B, C, C] (rows: truth) of a batch of predictions and targets [B, ...]. Pixels whose
+    target is ignore_index (or outside 0..C-1) are not counted. On the tensors' device, with no host sync:
+    uncounted pixels go to an extra bin instead of being dropped."""
+    n, b = num_classes, target.shape[0]
+    pred, target = pred.reshape(b, -1).long(), target.reshape(b, -1).long()
+    counted = (target >= 0) & (target < n) & (target != ignore_index)
+    offset = torch.arange(b, device=target.device)[:, None] * (n * n)
+    bins = torch.where(counted, offset + target * n + pred, b * n * n)
+    return torch.bincount(bins.flatten(), minlength=b * n * n + 1)[: b * n * n].reshape(b, n, n)
+
+
+def iou_from_confusion(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU [..., C] (NaN where a class's union is zero) and mIoU [...] (mean over the other classes)
+    of confusion matrices [..., C, C]."""
+    mat = mat.double()
+    diag = mat.diagonal(dim1=-2, dim2=-1)
+    union = mat.sum(-1) + mat.sum(-2) - diag
+    iou = torch.where(union > 0, diag / union.clamp_min(1), torch.full_like(diag, math.nan))
+    return iou, iou.nanmean(dim=-1)
 
 
 class ConfusionMatrix:
@@ -30,31 +70,42 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.mat: torch.Tensor | None = None
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred, target: integer tensors of the same shape, on any device (the matrix stays on theirs)."""
-        n = self.num_classes
-        pred, target = pred.flatten().long(), target.flatten().long()
-        counted = (target >= 0) & (target < n) & (target != self.ignore_index)
-        # uncounted pixels go to an extra bin instead of being dropped, which would need a host sync
-        bins = torch.where(counted, target * n + pred, n * n)
-        counts = torch.bincount(bins, minlength=n * n + 1)[: n * n].reshape(n, n)
-        self.mat = counts if self.mat is None else self.mat + counts
+        """pred, target: integer tensors of the same shape, on any device (the matrix moves to theirs)."""
+        counts = per_image_confusion(pred.reshape(1, -1), target.reshape(1, -1), self.num_classes, self.ignore_index)
+        self.mat = self.mat.to(counts.device) + counts[0]
 
     def compute(self) -> dict:
         """miou: mean IoU over classes whose union is non-zero; iou: per class (NaN where the union is zero);
         pixel_acc: correct / counted pixels."""
-        h = self.mat.double().cpu() if self.mat is not None else torch.zeros(self.num_classes, self.num_classes)
-        diag = h.diag()
-        union = h.sum(0) + h.sum(1) - diag
-        iou = torch.where(union > 0, diag / union.clamp_min(1), torch.full_like(diag, math.nan))
-        seen = ~iou.isnan()
-        return {
-            "miou": float(iou[seen].mean()) if seen.any() else math.nan,
-            "iou": iou.tolist(),
-            "pixel_acc": float(diag.sum() / h.sum()) if h.sum() > 0 else math.nan,
-        }
+        return metrics_from_confusion(self.mat)
+
+
+def metrics_from_confusion(mat: torch.Tensor) -> dict:
+    """mIoU, per-class IoU, pixel accuracy, and per class: precision, recall and share of the counted pixels."""
+    mat = mat.double().cpu()
+    iou, miou = iou_from_confusion(mat)
+    diag, truth, predicted, total = mat.diagonal(), mat.sum(1), mat.sum(0), mat.sum()
+    nan = torch.full_like(diag, math.nan)
+    return {
+        "miou": float(miou),
+        "iou": iou.tolist(),
+        "pixel_acc": float(diag.sum() / total) if total > 0 else math.nan,
+        "precision": torch.where(predicted > 0, diag / predicted.clamp_min(1), nan).tolist(),
+        "recall": torch.where(truth > 0, diag / truth.clamp_min(1), nan).tolist(),
+        "share": (truth / total.clamp_min(1)).tolist(),
+    }
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision runs on CUDA only; bf16 falls back to fp16 on GPUs without it."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -63,19 +114,71 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def sliding_window(model: nn.Module, image: torch.Tensor, window: tuple[int, int], stride: int) -> torch.Tensor:
+    """Logits of windows of `window` (H, W) taken every `stride` pixels (the last one flush with the border),
+    averaged where they overlap. Images smaller than a window are padded for it."""
+    h, w = image.shape[-2:]
+    wh, ww = window
+    padded = F.pad(image, (0, max(ww - w, 0), 0, max(wh - h, 0)))
+    ph, pw = padded.shape[-2:]
+    tops = sorted({*range(0, ph - wh, stride), ph - wh})
+    lefts = sorted({*range(0, pw - ww, stride), pw - ww})
+    total, count = None, torch.zeros(1, 1, ph, pw, device=image.device)
+    for top in tops:
+        for left in lefts:
+            logits = model(padded[..., top : top + wh, left : left + ww]).float()
+            if total is None:
+                total = torch.zeros(*logits.shape[:2], ph, pw, device=image.device)
+            total[..., top : top + wh, left : left + ww] += logits
+            count[..., top : top + wh, left : left + ww] += 1
+    return (total / count)[..., :h, :w]
+
+
+TTA_SCALES = {"none": (1.0,), "flip": (1.0,), "ms": (0.75, 1.0, 1.25)}
+
+
+def predict_logits(
+    model: nn.Module, image: torch.Tensor, tta: str = "none", window: tuple[int, int] | None = None, stride: int = 0
+) -> torch.Tensor:
+    """Logits [B, C, H, W] at the image's resolution, averaged over the test-time augmentations: `flip` adds the
+    mirrored image, `ms` the scales 0.75, 1 and 1.25, each with its mirror."""
+    h, w = image.shape[-2:]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = sliding_window(model, x, window, stride) if window else model(x).float()
+        return (
+            F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            if x.shape[-2:] != (h, w)
+            else logits
+        )
+
+    outputs = []
+    for scale in TTA_SCALES[tta]:
+        x = image if scale == 1 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        outputs.append(forward(x))
+        if tta != "none":
+            outputs.append(forward(x.flip(-1)).flip(-1))
+    return torch.stack(outputs).mean(0)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
-    criterion: nn.Module,
+    criterion: nn.Module | None,
     device: torch.device,
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
+    window: tuple[int, int] | None = None,
+    stride: int = 0,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
-    """Mean loss per image and the ConfusionMatrix metrics over the loader."""
+    """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, and `confusions`,
+    the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, pred, target) sees
+    every batch, e.g. to save pictures."""
     model.eval()
-    cm = ConfusionMatrix(num_classes)
-    loss_sum, images = torch.zeros((), device=device), 0
+    loss_sum, confusions = torch.zeros((), device=device), []
     channels_last = device.type == "cuda"
     for image, target in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=None):
         image = image.to(device, non_blocking=True)
@@ -83,11 +186,104 @@ def evaluate(
             image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(image)
-        loss_sum += criterion(logits, target).detach() * image.shape[0]
-        images += image.shape[0]
-        cm.update(logits.argmax(1), target)
-    return {"loss": float(loss_sum) / max(images, 1), **cm.compute()}
+            logits = predict_logits(model, image, tta, window, stride)
+        if criterion is not None:
+            loss_sum += criterion(logits, target).detach() * image.shape[0]
+        pred = logits.argmax(1)
+        confusions.append(per_image_confusion(pred, target, num_classes))
+        if on_batch is not None:
+            on_batch(image, pred, target)
+    confusions = torch.cat(confusions).cpu()
+    images = confusions.shape[0]
+    return {
+        "loss": float(loss_sum) / max(images, 1),
+        **metrics_from_confusion(confusions.sum(0)),
+        "confusions": confusions,
+    }
+
+
+def bootstrap_miou(*confusions: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[torch.Tensor]:
+    """mIoU [R] of each set of per-image confusion matrices [N, C, C] on the same R resamples of the N images
+    (drawn with replacement, their matrices summed). Two sets of the same images make a paired bootstrap."""
+    n = confusions[0].shape[0]
+    picks = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    times = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(resamples, n).double())
+    return [
+        iou_from_confusion((times @ m.reshape(n, -1).double()).reshape(resamples, *m.shape[1:]))[1] for m in confusions
+    ]
+
+
+def interval(values: torch.Tensor) -> tuple[float, float]:
+    """The central 95% of the bootstrap distribution (percentile interval)."""
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype))
+    return float(lo), float(hi)
+
+
+def compare_verdict(a: torch.Tensor, b: torch.Tensor, resamples: int, seed: int) -> dict:
+    """Paired bootstrap of mIoU(B) - mIoU(A) over the same images, in plain words."""
+    miou_a, miou_b = iou_from_confusion(a.sum(0))[1], iou_from_confusion(b.sum(0))[1]
+    diff = float(miou_b - miou_a)
+    boot_a, boot_b = bootstrap_miou(a, b, resamples=resamples, seed=seed)
+    lo, hi = interval(boot_b - boot_a)
+    above = float((boot_b - boot_a > 0).double().mean())
+    if lo > 0:
+        verdict = f"B beats A by {diff:.3f} mIoU, 95% CI [{lo:.3f}, {hi:.3f}]"
+    elif hi < 0:
+        verdict = f"A beats B by {-diff:.3f} mIoU, 95% CI [{-hi:.3f}, {-lo:.3f}]"
+    else:
+        verdict = f"no significant difference: B - A = {diff:+.3f} mIoU, 95% CI [{lo:.3f}, {hi:.3f}]"
+    return {"diff": diff, "ci": [lo, hi], "share_above_zero": above, "verdict": verdict}
+
+
+def colourize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Class-index mask [H, W] -> RGB [H, W, 3]; ignored pixels are black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = palette
+    return lut[mask.astype(np.uint8)]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """A normalised image tensor [3, H, W] back to uint8 RGB [H, W, 3]."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (image.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_prediction(
+    out: Path, stem: str, image: np.ndarray, pred: np.ndarray, palette: np.ndarray, target=None
+) -> None:
+    """STEM_pred.png (the coloured prediction) and STEM_overlay.png (the image blended with it, then the coloured
+    ground truth beside it when there is one)."""
+    coloured = colourize(pred, palette)
+    blend = (0.5 * image + 0.5 * coloured).round().astype(np.uint8)
+    panels = [blend] if target is None else [blend, colourize(target, palette)]
+    Image.fromarray(coloured).save(out / f"{stem}_pred.png")
+    Image.fromarray(np.concatenate(panels, axis=1)).save(out / f"{stem}_overlay.png")
+
+
+def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
+    """The confusion matrix with each row (true class) normalised to sum to 1."""
+    mat = mat.double()
+    norm = (mat / mat.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(names)
+    fig = Figure(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n))
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
 
 
 def format_iou(names: list[str], iou: list[float]) -> str:
@@ -258,56 +454,201 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
     return written
 
 
-def main(args: argparse.Namespace) -> None:
-    if args.compare:
-        try:
-            files = compare_runs(args.compare, args.report)
-        except DatasetError as e:
-            sys.exit(f"error: {e}")
-        print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
-        return
-    if args.checkpoint is None:
-        sys.exit("error: give --checkpoint to evaluate a model, or --compare RUN... --report DIR to compare runs")
-    try:
+def benchmark(
+    model: nn.Module,
+    size: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    warmup: int,
+    runs: int,
+) -> dict:
+    """Median latency (ms) of a batch-1 forward pass, and images/s at `batch_size`, after `warmup` passes."""
+
+    @torch.inference_mode()
+    def seconds(batch: int) -> float:
+        x = torch.randn(batch, 3, *size, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last) if model_is_channels_last else x
+        times = []
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            with autocast(device, amp_dtype):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    model_is_channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    latency = seconds(1)
+    per_batch = latency if batch_size == 1 else seconds(batch_size)
+    return {"latency_ms": 1000 * latency, "images_per_s": batch_size / per_batch}
+
+
+def print_cost_row(args: argparse.Namespace) -> None:
+    """The second study's results columns for one model: params, GMACs, latency, throughput."""
+    if args.checkpoint is not None:
         checkpoint = load_checkpoint(args.checkpoint)
-        run = checkpoint["args"]
-        model = build_model(run["arch"], checkpoint["num_classes"])
-        model.load_state_dict(checkpoint["model"])
-        size = hw_pair(args.size) if args.size else hw_pair(run.get("size"))
-        data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
-        layout = args.layout if args.data is not None else run.get("layout", "auto")
-        dataset = build_dataset(
-            data,
-            layout,
-            args.split,
-            TransformConfig(size=size, train=False),
-            checkpoint["num_classes"],
-            checkpoint["class_names"],
-            run.get("seed", 0),
-        )
-        criterion = build_loss(run.get("loss", "ce"), checkpoint["num_classes"])
-    except (DatasetError, ModelError, LossSpecError) as e:
-        sys.exit(f"error: {e}")
+        model, arch = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["args"]["arch"]
+    else:
+        arch = args.arch
+        model = build_model(arch, args.num_classes or 19)
+    size = hw_pair(args.size) or (512, 1024)
+    trainable, total = count_params(model)
+    macs = count_macs(model, size) / 1e9
     device = torch.device(args.device)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-    metrics = evaluate(model.to(device), loader, criterion.to(device), device, checkpoint["num_classes"])
-    print(f"{args.checkpoint} on {args.split} ({len(dataset)} images)")
-    print(f"val loss {metrics['loss']:.4f} | val mIoU {metrics['miou']:.4f} | pixel acc {metrics['pixel_acc']:.4f}")
-    for name, v in zip(checkpoint["class_names"], metrics["iou"]):
-        print(f"  {name:<20} {'n/a' if math.isnan(v) else f'{v:.4f}'}")
+    amp_dtype = amp_dtype_for(args.amp, device) if device.type == "cuda" else None
+    model = model.eval().to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
+        f"channels_last {args.channels_last}, compile {args.compile}, median of {args.runs} runs after {args.warmup}"
+    )
+    print("| arch | input | trainable params | total params | GMACs | latency (ms, batch 1) | images/s (batch) |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {arch} | {size[0]}x{size[1]} | {trainable:,} | {total:,} | {macs:.2f} | {timing['latency_ms']:.2f} | "
+        f"{timing['images_per_s']:.2f} ({args.batch_size}) |"
+    )
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, names = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["class_names"]
+    run = checkpoint["args"]
+    size = hw_pair(args.size) if args.size else hw_pair(run.get("size"))
+    data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
+    layout = args.layout if args.data is not None else run.get("layout", "auto")
+    device = torch.device(args.device)
+    model.to(device)
+    window = hw_pair(args.sliding_window, "--sliding-window")
+    stride = args.stride or (min(window) // 2 if window else 0)
+    infer = lambda m, x: predict_logits(m, x, args.tta, window, stride)  # noqa: E731
+    if args.predict:
+        return predict_files(
+            model, args.predict, size, args.save_predictions or Path("predictions"), device, names, infer
+        )
+
+    dataset = build_dataset(
+        data, layout, args.split, TransformConfig(size=size, train=False), checkpoint["num_classes"], names, args.seed
+    )
+    pictures = args.save_predictions
+    loader = DataLoader(
+        dataset, batch_size=1 if pictures else args.batch_size, num_workers=args.workers, collate_fn=collate
+    )
+    on_batch = None
+    if pictures:
+        pictures.mkdir(parents=True, exist_ok=True)
+        stems = iter(image.stem for image, _ in dataset.pairs)
+        palette = dataset.class_map.palette
+        on_batch = lambda image, pred, target: save_prediction(  # noqa: E731
+            pictures, next(stems), denormalize(image[0]), pred[0].cpu().numpy(), palette, target[0].cpu().numpy()
+        )
+    amp_dtype = amp_dtype_for(args.amp, device)
+    result = evaluate(model, loader, None, device, len(names), amp_dtype, args.tta, window, stride, on_batch)
+    confusions = result.pop("confusions")
+    boot = bootstrap_miou(confusions, resamples=args.bootstrap, seed=args.seed)[0]
+    result.update(checkpoint=str(args.checkpoint), split=args.split, images=len(dataset), class_names=names)
+    result["miou_ci"] = interval(boot)
+
+    print(f"{args.checkpoint} on split {args.split!r} ({len(dataset)} images, tta {args.tta})")
+    lo, hi = result["miou_ci"]
+    print(
+        f"mIoU {result['miou']:.4f} (95% CI [{lo:.4f}, {hi:.4f}], {args.bootstrap} bootstrap resamples of the images)"
+    )
+    print(f"pixel acc {result['pixel_acc']:.4f}")
+    print(f"  {'class':<20} {'IoU':>7} {'share':>7} {'precision':>9} {'recall':>7}")
+    for row in zip(names, result["iou"], result["share"], result["precision"], result["recall"]):
+        print(f"  {row[0]:<20} " + " ".join(f"{v:>{w}.4f}" for v, w in zip(row[1:], (7, 7, 9, 7))))
+
+    if args.compare_checkpoint:
+        other = load_checkpoint(args.compare_checkpoint)
+        if other["num_classes"] != len(names):
+            raise ModelError(f"--compare-checkpoint has {other['num_classes']} classes, --checkpoint {len(names)}")
+        other_model = model_from_checkpoint(other, args.compare_checkpoint).to(device)
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
+        theirs = evaluate(other_model, loader, None, device, len(names), amp_dtype, args.tta, window, stride)
+        result["comparison"] = compare_verdict(confusions, theirs["confusions"], args.bootstrap, args.seed)
+        result["comparison"].update(a=str(args.checkpoint), b=str(args.compare_checkpoint), miou_b=theirs["miou"])
+        print(f"A = {args.checkpoint} (mIoU {result['miou']:.4f})")
+        print(f"B = {args.compare_checkpoint} (mIoU {theirs['miou']:.4f})")
+        share = result["comparison"]["share_above_zero"]
+        print(f"{result['comparison']['verdict']} (B ahead in {share:.1%} of resamples)")
+    if args.confusion:
+        plot_confusion(confusions.sum(0), names, args.confusion)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def predict_files(model, paths, size, out, device, palette, infer) -> dict:
+    """Coloured predictions and overlays for images that have no labels."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    for path in paths:
+        raw = read_image(Path(path))
+        image, _ = transform_pair(
+            raw, torch.zeros(raw.shape[-2:], dtype=torch.uint8), TransformConfig(size=size, train=False)
+        )
+        with torch.no_grad():
+            pred = infer(model, image[None].to(device)).argmax(1)[0].cpu().numpy()
+        save_prediction(out, Path(path).stem, denormalize(image), pred, palette)
+    print(f"wrote predictions of {len(paths)} images to {out}")
+    return {"predicted": [str(p) for p in paths]}
+
+
+def main(args: argparse.Namespace) -> None:
+    try:
+        if args.compare:
+            files = compare_runs(args.compare, args.report)
+            print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
+        elif args.benchmark:
+            print_cost_row(args)
+        elif args.checkpoint is not None:
+            evaluate_checkpoint(args)
+        else:
+            sys.exit("error: give --checkpoint (evaluate), --benchmark (cost table) or --compare RUN... (report)")
+    except (DatasetError, ModelError) as e:
+        sys.exit(f"error: {e}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a DeepLab checkpoint", add_help=add_help)
+    parser = argparse.ArgumentParser(description="Evaluate, compare and benchmark DeepLab models", add_help=add_help)
     parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of a run")
-    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
-    parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
     add_data_args(parser)
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="resize to H W (default: as trained)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    parser.add_argument(
+        "--tta", default="none", choices=tuple(TTA_SCALES), help="flip, or ms: scales 0.75/1/1.25 + flip"
+    )
+    parser.add_argument("--sliding-window", type=int, nargs="+", default=None, metavar="H W", help="predict by windows")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half a window)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CI of mIoU")
+    parser.add_argument("--compare-checkpoint", type=Path, default=None, help="paired bootstrap against this model")
+    parser.add_argument("--confusion", type=Path, default=None, help="write the row-normalised confusion matrix PNG")
+    parser.add_argument("--save-predictions", type=Path, default=None, help="write coloured predictions and overlays")
+    parser.add_argument("--predict", nargs="+", default=None, metavar="IMAGE", help="predict unlabelled images")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
+    parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
+    parser.add_argument("--benchmark", action="store_true", help="print the cost row: params, GMACs, latency")
+    parser.add_argument("--arch", default="deeplabv2_resnet101", choices=ARCHS, help="model for --benchmark")
+    parser.add_argument("--channels-last", action="store_true", help="--benchmark in channels_last memory format")
+    parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
+    parser.add_argument("--warmup", type=int, default=3, help="--benchmark passes before timing")
+    parser.add_argument("--runs", type=int, default=10, help="--benchmark timed passes")
     return parser
 
 

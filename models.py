@@ -234,6 +234,16 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
+    """The checkpoint's model, with its weights."""
+    model = build_model(checkpoint["args"]["arch"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise ModelError(f"checkpoint {path}: weights do not fit {checkpoint['args']['arch']}") from None
+    return model
+
+
 def load_init(model: SegmentationModel, path: Path) -> str:
     """Initialise from a weights file: a checkpoint of this repository, a plain state dict of the model, or a
     bare backbone such as DeepLab's `DeepLab_resnet_pretrained_imagenet.pth`. Tensors whose name or shape has

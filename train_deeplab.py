@@ -35,7 +35,7 @@ from dataset import (
     collate,
     hw_pair,
 )
-from evaluate import ConfusionMatrix, autocast, evaluate, format_iou
+from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
 from models import (
     ARCHS,
@@ -47,6 +47,7 @@ from models import (
     default_lr,
     freeze_backbone,
     load_init,
+    model_from_checkpoint,
     param_groups,
     set_train_mode,
 )
@@ -58,15 +59,6 @@ def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0)
     if it < warmup_steps:
         factor *= (it + 1) / warmup_steps
     return factor
-
-
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """Mixed precision runs on CUDA only; bf16 falls back to fp16 on GPUs without it."""
-    if amp == "off" or device.type != "cuda":
-        return None
-    if amp == "bf16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -264,14 +256,12 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
     for spec in loss_changes.values():  # a typo in a later phase's loss fails now, not hours into the run
         make_loss(spec)
 
-    model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
-    if checkpoint is not None:
+    if checkpoint is None:
+        model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
+    else:
         if checkpoint["num_classes"] != num_classes:
             raise ModelError(f"--checkpoint has {checkpoint['num_classes']} classes but the data has {num_classes}")
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError:
-            raise ModelError(f"--checkpoint weights do not fit {args.arch} (missing or misshapen tensors)") from None
+        model = model_from_checkpoint(checkpoint, args.checkpoint)
         print(f"Loaded checkpoint of epoch {checkpoint['epoch']} (best val mIoU {checkpoint['best_miou']:.4f})")
     if args.init:
         print(load_init(model, args.init))

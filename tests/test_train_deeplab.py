@@ -1,4 +1,5 @@
 import csv
+import json
 import re
 
 import pytest
@@ -47,11 +48,12 @@ def test_two_epoch_run_writes_checkpoints_and_log(two_epoch_run, tiny_demo):
     assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 2
 
 
-def test_evaluating_the_best_checkpoint_reproduces_the_logged_miou(two_epoch_run, tiny_demo, capsys):
+def test_evaluating_the_best_checkpoint_reproduces_the_best_val_miou(two_epoch_run, tmp_path, capsys):
     out, best = two_epoch_run
-    evaluate.main(evaluate.get_args_parser().parse_args(["--checkpoint", str(out / "best.pth"), "--workers", "0"]))
-    printed = capsys.readouterr().out
-    assert f"val mIoU {best:.4f}" in printed
+    args = ["--checkpoint", str(out / "best.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]
+    evaluate.main(evaluate.get_args_parser().parse_args(args))
+    assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(best, abs=1e-12)
+    assert f"mIoU {best:.4f} (95% CI" in capsys.readouterr().out
 
 
 def test_epoch_lines_follow_the_study_format(tiny_demo, tmp_path, capsys):
