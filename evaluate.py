@@ -34,6 +34,7 @@ from dataset import (
     build_dataset,
     collate,
     hw_pair,
+    palette_for,
     read_image,
     transform_pair,
 )
@@ -533,9 +534,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     stride = args.stride or (min(window) // 2 if window else 0)
     infer = lambda m, x: predict_logits(m, x, args.tta, window, stride)  # noqa: E731
     if args.predict:
-        return predict_files(
-            model, args.predict, size, args.save_predictions or Path("predictions"), device, names, infer
-        )
+        out = args.save_predictions or Path("predictions")
+        return predict_files(model, args.predict, size, out, device, palette_for(names), infer)
 
     dataset = build_dataset(
         data, layout, args.split, TransformConfig(size=size, train=False), checkpoint["num_classes"], names, args.seed
