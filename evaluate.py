@@ -26,14 +26,13 @@ from tqdm import tqdm
 
 from dataset import (
     IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DatasetError,
     TransformConfig,
     add_data_args,
     build_dataset,
     collate,
     hw_pair,
+    normalize,
     palette_for,
     read_image,
     transform_pair,
@@ -177,12 +176,12 @@ def evaluate(
 ) -> dict:
     """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, and `confusions`,
     the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, pred, target) sees
-    every batch, e.g. to save pictures."""
+    every batch (the uint8 images), e.g. to save pictures."""
     model.eval()
     loss_sum, confusions = torch.zeros((), device=device), []
     channels_last = device.type == "cuda"
-    for image, target in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=None):
-        image = image.to(device, non_blocking=True)
+    for raw, target in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=None):
+        image = normalize(raw.to(device, non_blocking=True))
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
@@ -193,7 +192,7 @@ def evaluate(
         pred = logits.argmax(1)
         confusions.append(per_image_confusion(pred, target, num_classes))
         if on_batch is not None:
-            on_batch(image, pred, target)
+            on_batch(raw, pred, target)
     confusions = torch.cat(confusions).cpu()
     images = confusions.shape[0]
     return {
@@ -241,12 +240,6 @@ def colourize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = palette
     return lut[mask.astype(np.uint8)]
-
-
-def denormalize(image: torch.Tensor) -> np.ndarray:
-    """A normalised image tensor [3, H, W] back to uint8 RGB [H, W, 3]."""
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (image.float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
 
 
 def save_prediction(
@@ -548,10 +541,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if pictures:
         pictures.mkdir(parents=True, exist_ok=True)
         stems = iter(image.stem for image, _ in dataset.pairs)
-        palette = dataset.class_map.palette
-        on_batch = lambda image, pred, target: save_prediction(  # noqa: E731
-            pictures, next(stems), denormalize(image[0]), pred[0].cpu().numpy(), palette, target[0].cpu().numpy()
-        )
+
+        def on_batch(image: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> None:
+            image, pred, target = image[0].permute(1, 2, 0).numpy(), pred[0].cpu().numpy(), target[0].cpu().numpy()
+            save_prediction(pictures, next(stems), image, pred, dataset.class_map.palette, target)
+
     amp_dtype = amp_dtype_for(args.amp, device)
     result = evaluate(model, loader, None, device, len(names), amp_dtype, args.tta, window, stride, on_batch)
     confusions = result.pop("confusions")
@@ -599,8 +593,8 @@ def predict_files(model, paths, size, out, device, palette, infer) -> dict:
             raw, torch.zeros(raw.shape[-2:], dtype=torch.uint8), TransformConfig(size=size, train=False)
         )
         with torch.no_grad():
-            pred = infer(model, image[None].to(device)).argmax(1)[0].cpu().numpy()
-        save_prediction(out, Path(path).stem, denormalize(image), pred, palette)
+            pred = infer(model, normalize(image[None].to(device))).argmax(1)[0].cpu().numpy()
+        save_prediction(out, Path(path).stem, image.permute(1, 2, 0).numpy(), pred, palette)
     print(f"wrote predictions of {len(paths)} images to {out}")
     return {"predicted": [str(p) for p in paths]}
 

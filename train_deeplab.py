@@ -34,6 +34,7 @@ from dataset import (
     class_weights,
     collate,
     hw_pair,
+    normalize,
 )
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
@@ -89,7 +90,7 @@ def train_one_epoch(
     channels_last = device.type == "cuda"
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for step, (image, target) in enumerate(bar):
-        image = image.to(device, non_blocking=True)
+        image = normalize(image.to(device, non_blocking=True))
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)

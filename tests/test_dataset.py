@@ -18,6 +18,7 @@ from dataset import (
     class_weights,
     collate,
     make_demo,
+    normalize,
     read_mask,
     transform_pair,
 )
@@ -127,14 +128,28 @@ def test_flip_moves_image_and_mask_together():
         assert torch.equal(out_mask == 3, out_image[0] > 0)
 
 
-def test_val_transform_resizes_and_normalises_only():
+def test_val_transform_resizes_only_and_normalize_applies_imagenet_statistics():
     image = torch.full((3, 4, 6), 255, dtype=torch.uint8)
     mask = torch.arange(24, dtype=torch.uint8).reshape(4, 6)
     out_image, out_mask = transform_pair(image, mask, TransformConfig(size=(2, 3), train=False, augment=True))
-    assert out_image.shape == (3, 2, 3) and out_mask.shape == (2, 3)
+    assert out_image.shape == (3, 2, 3) and out_mask.shape == (2, 3) and out_image.dtype == torch.uint8
+    assert (out_image == 255).all()  # no jitter outside training
     assert set(out_mask.flatten().tolist()) <= set(range(24))  # nearest: no blended labels
+    normalised = normalize(out_image[None])
     for c in range(3):
-        assert torch.allclose(out_image[c], torch.tensor((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+        assert torch.allclose(normalised[0, c], torch.tensor((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+
+
+def test_crop_at_a_large_scale_matches_resizing_first_then_cropping():
+    # the crop is cut from the source and resized on its own; a label map of vertical stripes shows whether the
+    # region and the scale are right: at scale 2 each 1-pixel source column becomes 2 output columns
+    mask = torch.arange(40, dtype=torch.uint8).repeat(20, 1)  # [20, 40], value = source column
+    image = mask[None].expand(3, 20, 40).clone()
+    torch.manual_seed(0)
+    _, out = transform_pair(image, mask, TransformConfig(scale=(2.0, 2.0), crop=(8, 16), hflip=False))
+    assert out.shape == (8, 16)
+    columns = out[0].tolist()
+    assert columns == [columns[0] + i // 2 for i in range(16)]
 
 
 def test_collate_pads_images_of_different_sizes():
