@@ -8,9 +8,12 @@ class indices, with IGNORE_INDEX (255) wherever the raw mask value is outside th
 
 import argparse
 import colorsys
+import hashlib
 import os
 import shutil
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import Cityscapes
+from tqdm import tqdm
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,8 +79,7 @@ class ClassMap:
         return len(self.names)
 
     def apply(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
-        """Map a raw mask to class indices; also return how many pixels had an unknown value."""
-        raw = np.clip(raw, 0, 65535)
+        """Map a raw mask (values 0..65535) to class indices; also count the pixels with an unknown value."""
         return self.lut[raw], int(raw.size - np.count_nonzero(self.known[raw]))
 
 
@@ -171,19 +174,20 @@ def read_mask(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise DatasetError(f"mask {path} has mode {im.mode}; expected a single-channel PNG of ids")
-            return np.asarray(im).astype(np.int64)
+            raw = np.asarray(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from None
+    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535)  # indexes the 65536-entry maps
 
 
 def read_image(path: Path) -> torch.Tensor:
     """uint8 RGB tensor [3, H, W]."""
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # one copy, writable
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -257,22 +261,80 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
+class DecodedCache:
+    """A split's images and class-index masks, decoded once into two flat uint8 files that every epoch (and every
+    DataLoader worker) then reads through np.memmap: no PNG decoding after the first pass."""
+
+    def __init__(self, root: Path, pairs: list[tuple[Path, Path]], sizes: list[tuple[int, int]], class_map: ClassMap):
+        self.root = root
+        areas = np.array([w * h for w, h in sizes], dtype=np.int64)
+        self.shapes = [(h, w) for w, h in sizes]
+        self.offsets = np.concatenate([[0], np.cumsum(areas)])
+        self._images = self._masks = None
+        if not (root / "COMPLETE").is_file():
+            self._build(pairs, class_map)
+
+    def _build(self, pairs: list[tuple[Path, Path]], class_map: ClassMap) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        total = int(self.offsets[-1])
+        images = np.memmap(self.root / "images.u8", np.uint8, "w+", shape=(3 * total,))
+        masks = np.memmap(self.root / "masks.u8", np.uint8, "w+", shape=(total,))
+        unknown = 0
+        for i, (image_path, mask_path) in enumerate(tqdm(pairs, desc=f"caching into {self.root}", disable=None)):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            images[3 * a : 3 * b] = read_image(image_path).permute(1, 2, 0).numpy().ravel()
+            mask, n = class_map.apply(read_mask(mask_path))
+            masks[a:b], unknown = mask.ravel(), unknown + n
+        images.flush()
+        masks.flush()
+        if unknown:
+            print(f"warning: {unknown} mask pixels have values outside the class map; they are ignored (255)")
+        (self.root / "COMPLETE").write_text(f"{len(pairs)} pairs\n")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        if self._images is None:  # opened lazily, so each DataLoader worker maps the files itself
+            self._images = np.memmap(self.root / "images.u8", np.uint8, "r")
+            self._masks = np.memmap(self.root / "masks.u8", np.uint8, "r")
+        (h, w), a, b = self.shapes[index], self.offsets[index], self.offsets[index + 1]
+        image = torch.from_numpy(np.array(self._images[3 * a : 3 * b]).reshape(h, w, 3)).permute(2, 0, 1)
+        return image, np.array(self._masks[a:b]).reshape(h, w)
+
+
+def cache_dir(pairs: list[tuple[Path, Path]], class_map: ClassMap) -> Path:
+    """A cache folder named by the files (paths, sizes, modification times) and the class map."""
+    digest = hashlib.sha1(class_map.lut.tobytes())
+    for image, mask in pairs:
+        for path in (image, mask):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "deeplab_decoded" / digest.hexdigest()[:16]
+
+
 class SegmentationDataset(Dataset):
     """(image, mask) pairs of one split. File pairing and sizes are checked here, up front, so bad input
-    fails before training starts and names the file."""
+    fails before training starts and names the file. With cache=True the decoded split is kept on disk."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], class_map: ClassMap, transform: TransformConfig):
+    def __init__(
+        self, pairs: list[tuple[Path, Path]], class_map: ClassMap, transform: TransformConfig, cache: bool = False
+    ):
+        sizes = []
         for image, mask in pairs:
             (iw, ih), (mw, mh) = image_size(image), image_size(mask)
             if (iw, ih) != (mw, mh):
                 raise DatasetError(f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}")
+            sizes.append((iw, ih))
         self.pairs, self.class_map, self.transform = pairs, class_map, transform
+        self.cache = DecodedCache(cache_dir(pairs, class_map), pairs, sizes, class_map) if cache else None
         self.reported_unknown = False
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            image, mask = self.cache[index]
+            return transform_pair(image, torch.from_numpy(mask), self.transform)
         image_path, mask_path = self.pairs[index]
         mask, unknown = self.class_map.apply(read_mask(mask_path))
         if unknown and not self.reported_unknown:
@@ -391,6 +453,7 @@ def build_dataset(
     num_classes: int | None = None,
     class_names: list[str] | None = None,
     seed: int = 0,
+    cache: bool = False,
 ) -> SegmentationDataset:
     """The dataset of one split. With no data folder (or layout 'demo') the demo data is generated first."""
     if layout not in LAYOUTS:
@@ -418,7 +481,7 @@ def build_dataset(
     pairs = list_pairs(data, layout, split)
     if not pairs:
         raise DatasetError(f"split {split!r} of {data} holds no images")
-    return SegmentationDataset(pairs, class_map, transform)
+    return SegmentationDataset(pairs, class_map, transform, cache)
 
 
 def class_pixel_counts(dataset: SegmentationDataset) -> tuple[np.ndarray, int, int]:
@@ -459,6 +522,58 @@ def print_stats(dataset: SegmentationDataset) -> None:
     print(f"weights: {CLASS_WEIGHT_RULE}")
 
 
+def reference_pipeline(cfg: TransformConfig) -> Callable[[Path, Path], tuple[torch.Tensor, torch.Tensor]]:
+    """The baseline of `--benchmark`: torchvision's reference segmentation recipe on v2 transforms (PIL decode,
+    RandomResize of the shorter side, RandomCrop padding masks with 255, flip, ToDtype, Normalize)."""
+    from torchvision import tv_tensors
+
+    steps = []
+    if cfg.size is not None:
+        steps.append(T.Resize(list(cfg.size)))
+    if cfg.scale is not None:
+        base = min(cfg.size) if cfg.size else None
+        steps.append(("scale", cfg.scale, base))
+    if cfg.crop is not None:
+        steps.append(T.RandomCrop(list(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}))
+    steps.append(T.RandomHorizontalFlip(0.5))
+    if cfg.augment:
+        steps.append(T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
+    tail = T.Compose([T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+
+    def load(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(image_path) as im, Image.open(mask_path) as m:
+            image = tv_tensors.Image(TF.pil_to_tensor(im.convert("RGB")))
+            mask = tv_tensors.Mask(TF.pil_to_tensor(m))
+        for step in steps:
+            if isinstance(step, tuple):  # RandomResize of the shorter side, from scale x the (resized) base size
+                _, (lo, hi), base = step
+                short = base or min(image.shape[-2:])
+                image, mask = T.RandomResize(int(lo * short), int(hi * short))(image, mask)
+            else:
+                image, mask = step(image, mask)
+        return tail(image, mask)
+
+    return load
+
+
+def benchmark_pipeline(dataset: SegmentationDataset, samples: int) -> tuple[float, float]:
+    """Training samples/s of this repository's per-sample pipeline (read, decode, map ids, scale, crop, flip,
+    jitter, normalise) and of the reference pipeline on the same files, both in this one process."""
+    pairs = [dataset.pairs[i % len(dataset)] for i in range(samples)]
+    reference = reference_pipeline(dataset.transform)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    for i in range(samples):
+        image, _ = dataset[i % len(dataset)]
+        normalize(image)
+    ours = samples / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for image_path, mask_path in pairs:
+        reference(image_path, mask_path)
+    return ours, samples / (time.perf_counter() - start)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Flags that pick a dataset, shared by every script."""
     parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the generated demo data)")
@@ -468,6 +583,21 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "--class-names", type=lambda s: [n.strip() for n in s.split(",")], default=None, help="comma-separated names"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo data)")
+    parser.add_argument(
+        "--cache", action="store_true", help="decode each split once into uint8 files under ~/.cache/deeplab_decoded"
+    )
+
+
+def add_transform_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the training transforms, shared by train_deeplab.py and `dataset.py --benchmark`."""
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=None, metavar="H W", help="resize to H W (default: keep)"
+    )
+    parser.add_argument(
+        "--crop", type=int, nargs="+", default=None, metavar="H W", help="random crop (one value: square)"
+    )
+    parser.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
+    parser.add_argument("--augment", action="store_true", help="colour jitter")
 
 
 def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] | None:
@@ -481,18 +611,22 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
 
 def main(args: argparse.Namespace) -> None:
     try:
+        train = args.benchmark is not None  # the benchmark times the training transforms
+        scale = tuple(args.scale) if args.scale else None
+        cfg = TransformConfig(
+            hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train
+        )
         dataset = build_dataset(
-            args.data,
-            args.layout,
-            args.split,
-            TransformConfig(train=False),
-            args.num_classes,
-            args.class_names,
-            args.seed,
+            args.data, args.layout, args.split, cfg, args.num_classes, args.class_names, args.seed, args.cache
         )
         print(f"{len(dataset)} images in split {args.split!r}, {dataset.class_map.num_classes} classes")
         if args.stats:
             print_stats(dataset)
+        if args.benchmark:
+            ours, reference = benchmark_pipeline(dataset, args.benchmark)
+            print(f"pipeline: {ours:.2f} samples/s")
+            print(f"baseline: {reference:.2f} samples/s")
+            print(f"ratio: {ours / reference:.2f}")
     except DatasetError as e:
         sys.exit(f"error: {e}")
 
@@ -502,6 +636,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="split to read (train, val, ...)")
     parser.add_argument("--stats", action="store_true", help="print per-class pixel counts and suggested weights")
+    parser.add_argument("--benchmark", type=int, default=None, metavar="N", help="time N training samples")
+    add_transform_args(parser)
     return parser
 
 

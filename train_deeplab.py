@@ -29,6 +29,7 @@ from dataset import (
     SegmentationDataset,
     TransformConfig,
     add_data_args,
+    add_transform_args,
     build_dataset,
     class_pixel_counts,
     class_weights,
@@ -145,7 +146,7 @@ def build_loaders(args: argparse.Namespace) -> tuple[SegmentationDataset, DataLo
     scale = tuple(args.scale) if args.scale else None
     train_tf = TransformConfig(size=size, scale=scale, crop=crop, augment=args.augment, train=True)
     build = lambda split, tf: build_dataset(  # noqa: E731
-        args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed
+        args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed, args.cache
     )
     train_set, val_set = (
         build(args.train_split, train_tf),
@@ -386,14 +387,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--size", type=int, nargs="+", default=None, metavar="H W", help="resize to H W (default: keep)"
-    )
-    parser.add_argument(
-        "--crop", type=int, nargs="+", default=None, metavar="H W", help="random crop (one value: square)"
-    )
-    parser.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
-    parser.add_argument("--augment", action="store_true", help="colour jitter")
+    add_transform_args(parser)
     parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument(

@@ -221,3 +221,36 @@ def test_camvid_folder_layout_treats_label_11_as_ignored():
     raw = read_mask(ds.pairs[0][1])
     assert torch.equal(mask == IGNORE_INDEX, torch.from_numpy(raw == 11))
     assert mask[mask != IGNORE_INDEX].max() <= 10
+
+
+def test_decoded_cache_gives_the_same_samples_and_is_built_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = offroad_root(tmp_path / "data", [np.array([[100, 200], [0, 7100]]), np.full((3, 2), 10000)])
+    cfg = TransformConfig(scale=(0.5, 2.0), crop=(2, 2))
+    plain, cached = (
+        build_dataset(root, "offroad", "train", cfg),
+        build_dataset(root, "offroad", "train", cfg, cache=True),
+    )
+    for i in range(2):
+        torch.manual_seed(i)
+        a = plain[i]
+        torch.manual_seed(i)
+        b = cached[i]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    (marker,) = (tmp_path / "cache").rglob("COMPLETE")
+    stamp = marker.stat().st_mtime_ns
+    build_dataset(root, "offroad", "train", cfg, cache=True)
+    assert marker.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_pipeline_benchmark_prints_its_three_figures(tmp_path, capsys):
+    root = offroad_root(tmp_path, [np.full((16, 24), 100), np.full((16, 24), 7100)])
+    dataset.main(
+        dataset.get_args_parser().parse_args(
+            ["--data", str(root), "--crop", "8", "--scale", "0.5", "2", "--benchmark", "4"]
+        )
+    )
+    last = capsys.readouterr().out.splitlines()[-3:]
+    assert [line.split(":")[0] for line in last] == ["pipeline", "baseline", "ratio"]
+    ours, reference, ratio = (float(line.split()[1]) for line in last)
+    assert ratio == pytest.approx(ours / reference, rel=0.01)
