@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import math
+import resource
 import statistics
 import sys
 import time
@@ -481,6 +482,42 @@ def benchmark(
     return {"latency_ms": 1000 * latency, "images_per_s": batch_size / per_batch}
 
 
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the model-FLOPs utilisation
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def train_benchmark(
+    model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+    warmup: int, runs: int,
+) -> dict:  # fmt: skip
+    """Images/s of full training steps (forward, cross-entropy, backward, SGD) on random data, and peak memory."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    x = torch.randn(batch_size, 3, *size, device=device)
+    if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch_size, *size), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        with autocast(device, amp_dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:  # the whole process's peak resident memory (Linux reports KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"images_per_s": batch_size / statistics.median(times), "peak_memory_gib": peak / 2**30}
+
+
 def print_cost_row(args: argparse.Namespace) -> None:
     """The second study's results columns for one model: params, GMACs, latency, throughput."""
     if args.checkpoint is not None:
@@ -499,6 +536,9 @@ def print_cost_row(args: argparse.Namespace) -> None:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model = torch.compile(model)
+    if args.train:
+        print_train_row(args, model, arch, size, macs, device, amp_dtype)
+        return
     timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
@@ -511,6 +551,22 @@ def print_cost_row(args: argparse.Namespace) -> None:
         f"| {arch} | {size[0]}x{size[1]} | {trainable:,} | {total:,} | {macs:.2f} | {timing['latency_ms']:.2f} | "
         f"{timing['images_per_s']:.2f} ({args.batch_size}) |"
     )
+
+
+def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
+    """Training throughput; on CUDA also the achieved TFLOP/s (a training step is counted as 3x the forward
+    FLOPs) beside the GPU's dense bf16 peak, which gives the model-FLOPs utilisation."""
+    result = train_benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs)
+    where = f"{device}, dtype {amp_dtype or torch.float32}, batch {args.batch_size}"
+    print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {args.runs} after {args.warmup}")
+    line = f"train: {result['images_per_s']:.2f} images/s | peak memory {result['peak_memory_gib']:.2f} GiB"
+    if device.type == "cuda":
+        achieved = 3 * 2 * macs * 1e9 * result["images_per_s"] / 1e12
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        line += f" | {achieved:.1f} TFLOP/s achieved"
+        line += f" of {peak:.0f} peak bf16 (MFU {achieved / peak:.1%})" if peak else " (peak of this GPU unknown)"
+    print(line)
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
@@ -638,6 +694,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
     parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
     parser.add_argument("--benchmark", action="store_true", help="print the cost row: params, GMACs, latency")
+    parser.add_argument("--train", action="store_true", help="--benchmark training steps instead of inference")
     parser.add_argument("--arch", default="deeplabv2_resnet101", choices=ARCHS, help="model for --benchmark")
     parser.add_argument("--channels-last", action="store_true", help="--benchmark in channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")

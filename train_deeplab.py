@@ -84,13 +84,16 @@ def train_one_epoch(
 ) -> dict:
     """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
     metrics accumulate on the device, so the step never waits for the host. With loss_at_feature_resolution
-    (DeepLabV2's recipe) the logits stay at 1/output-stride and the target is downsampled to them (nearest)."""
+    (DeepLabV2's recipe) the logits stay at 1/output-stride and the target is downsampled to them (nearest).
+    data_wait is the share of the pass spent waiting for the loader."""
     set_train_mode(model)
     cm = ConfusionMatrix(num_classes)
-    loss_sum, images = torch.zeros((), device=device), 0
+    loss_sum, images, waited = torch.zeros((), device=device), 0, 0.0
     channels_last = device.type == "cuda"
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    start = ready = time.perf_counter()
     for step, (image, target) in enumerate(bar):
+        waited += time.perf_counter() - ready
         image = normalize(image.to(device, non_blocking=True))
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -108,9 +111,11 @@ def train_one_epoch(
         loss_sum += loss.detach() * image.shape[0]
         images += image.shape[0]
         cm.update(logits.detach().argmax(1), target)
-        if step % 20 == 0:  # reading the loss syncs with the device, so only now and then
+        if not bar.disable and step % 20 == 0:  # reading the loss syncs with the device, so only now and then
             bar.set_postfix(loss=f"{float(loss_sum) / images:.4f}")
-    return {"loss": float(loss_sum) / max(images, 1), **cm.compute()}
+        ready = time.perf_counter()
+    metrics = {"loss": float(loss_sum) / max(images, 1), **cm.compute()}  # waits for the device's last step
+    return {**metrics, "data_wait": waited / (time.perf_counter() - start)}
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -137,7 +142,7 @@ def csv_header(num_classes: int) -> list[str]:
         ["epoch", "lr", "train_loss", "val_loss", "train_mIoU", "val_mIoU", "pixel_acc"]
         + [f"class_{c}_train" for c in range(num_classes)]
         + [f"class_{c}_val" for c in range(num_classes)]
-        + ["Runtime"]
+        + ["Runtime", "data_wait"]
     )
 
 
@@ -272,6 +277,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model  # checkpoints save `model`: no _orig_mod. prefixes
 
     groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
     if args.optimizer == "sgd":
@@ -310,7 +316,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
         start = time.time()
         lr = optimizer.param_groups[0]["lr"]
         train_m = train_one_epoch(
-            model,
+            net,
             criterion,
             optimizer,
             scheduler,
@@ -322,7 +328,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
             f"Epoch {epoch}/{args.epochs}",
             loss_at_feature_resolution=args.downsample_gt is not None,
         )
-        val_m = evaluate(model, val_loader, criterion, device, num_classes, amp_dtype)
+        val_m = evaluate(net, val_loader, criterion, device, num_classes, amp_dtype)
         runtime = time.time() - start
         print(
             f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
@@ -332,7 +338,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
         metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
         with open(out / "log.csv", "a", newline="") as f:
             row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
-            csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}"])
+            csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
         improved = val_m["miou"] > best_miou
         if improved:
             best_miou, since_best = val_m["miou"], 0
@@ -415,6 +421,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--patience", type=int, default=5, help="early stopping after this many epochs without gain (0: off)"
     )
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")

@@ -39,7 +39,7 @@ def test_two_epoch_run_writes_checkpoints_and_log(two_epoch_run, tiny_demo):
     assert list(rows[0].keys()) == csv_header(10) and [r["epoch"] for r in rows] == ["1", "2"]
     assert max(float(r["val_mIoU"]) for r in rows) == pytest.approx(best, abs=1e-6)
     for row in rows:
-        assert 0 <= float(row["train_mIoU"]) <= 1 and float(row["Runtime"]) > 0
+        assert 0 <= float(row["train_mIoU"]) <= 1 and float(row["Runtime"]) > 0 and 0 <= float(row["data_wait"]) < 1
     for name in ("best.pth", "last.pth"):
         checkpoint = torch.load(out / name, weights_only=True)  # plain tensors and values only
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "args", "class_names"} <= checkpoint.keys()
@@ -74,7 +74,7 @@ def test_same_seed_gives_identical_metrics_on_cpu(tiny_demo, tmp_path):
         train_deeplab.train(train_args(tiny_demo, tmp_path / name, "--epochs", "1", "--augment", "--crop", "48", "64"))
     x, y = read_log(tmp_path / "x" / "log.csv"), read_log(tmp_path / "y" / "log.csv")
     for row in (x[0], y[0]):
-        row.pop("Runtime")
+        row.pop("Runtime"), row.pop("data_wait")
     assert x == y
 
 
