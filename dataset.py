@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
@@ -212,22 +212,26 @@ class TransformConfig:
     train: bool = True
 
 
-def transform_pair(image: torch.Tensor, mask: torch.Tensor, cfg: TransformConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 image [3, H, W] and uint8 mask [H, W] -> uint8 image [3, h, w] and int64 mask [h, w].
+def transform_pair(
+    image: torch.Tensor, mask: torch.Tensor, cfg: TransformConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 image [3, H, W] and uint8 mask [H, W] -> uint8 image [3, h, w] and int64 mask [h, w]. The random
+    choices come from `generator` (default: torch's global one).
 
     The image stays uint8 (4x less to copy to the device); `normalize` runs on the device. With a crop, only the
     source region under the crop is resized: at scale 2 that is a quarter of the image, not four times it.
     """
     h0, w0 = image.shape[-2:]
     hb, wb = cfg.size or (h0, w0)
-    s = float(torch.empty(1).uniform_(*cfg.scale)) if cfg.train and cfg.scale else 1.0
+    g = generator
+    s = float(torch.empty(1).uniform_(*cfg.scale, generator=g)) if cfg.train and cfg.scale else 1.0
     hs, ws = max(1, round(hb * s)), max(1, round(wb * s))  # size of the whole image after resizing
     mask = mask[None]
     if cfg.train and cfg.crop is not None:
         out_h, out_w = min(cfg.crop[0], hs), min(cfg.crop[1], ws)
         win_h, win_w = max(1, round(out_h * h0 / hs)), max(1, round(out_w * w0 / ws))  # the crop, in source pixels
-        top = int(torch.randint(0, h0 - win_h + 1, (1,)))
-        left = int(torch.randint(0, w0 - win_w + 1, (1,)))
+        top = int(torch.randint(0, h0 - win_h + 1, (1,), generator=g))
+        left = int(torch.randint(0, w0 - win_w + 1, (1,), generator=g))
         image, mask = (
             image[..., top : top + win_h, left : left + win_w],
             mask[..., top : top + win_h, left : left + win_w],
@@ -240,11 +244,27 @@ def transform_pair(image: torch.Tensor, mask: torch.Tensor, cfg: TransformConfig
     else:
         image, mask = _resize_pair(image, mask, (hs, ws))
     if cfg.train:
-        if cfg.hflip and torch.rand(1).item() < 0.5:
+        if cfg.hflip and torch.rand(1, generator=g).item() < 0.5:
             image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)
         if cfg.augment:
-            image = T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02)(image)
+            image = colour_jitter(image, g)
     return image, mask[0].long()
+
+
+def colour_jitter(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02), in random order, from `generator`."""
+    factors = torch.rand(4, generator=generator)
+    order = torch.randperm(4, generator=generator).tolist()
+    for i in order:
+        if i == 0:
+            image = TF.adjust_brightness(image, 0.7 + 0.6 * float(factors[0]))
+        elif i == 1:
+            image = TF.adjust_contrast(image, 0.7 + 0.6 * float(factors[1]))
+        elif i == 2:
+            image = TF.adjust_saturation(image, 0.7 + 0.6 * float(factors[2]))
+        else:
+            image = TF.adjust_hue(image, -0.02 + 0.04 * float(factors[3]))
+    return image
 
 
 def _resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,12 +331,35 @@ def cache_dir(pairs: list[tuple[Path, Path]], class_map: ClassMap) -> Path:
     return cache / "deeplab_decoded" / digest.hexdigest()[:16]
 
 
+class EpochSampler(Sampler):
+    """Wraps a sampler with set_epoch (DistributedSampler: its order is a function of seed and epoch) and yields
+    (epoch, index), so that a sample's augmentation depends on nothing but (seed, epoch, index)."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class SegmentationDataset(Dataset):
     """(image, mask) pairs of one split. File pairing and sizes are checked here, up front, so bad input
     fails before training starts and names the file. With cache=True the decoded split is kept on disk."""
 
     def __init__(
-        self, pairs: list[tuple[Path, Path]], class_map: ClassMap, transform: TransformConfig, cache: bool = False
+        self,
+        pairs: list[tuple[Path, Path]],
+        class_map: ClassMap,
+        transform: TransformConfig,
+        cache: bool = False,
+        seed: int = 0,
     ):
         sizes = []
         for image, mask in pairs:
@@ -327,15 +370,22 @@ class SegmentationDataset(Dataset):
         self.pairs, self.class_map, self.transform = pairs, class_map, transform
         self.cache = DecodedCache(cache_dir(pairs, class_map), pairs, sizes, class_map) if cache else None
         self.reported_unknown = False
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """key: an index, or (epoch, index) from an EpochSampler: then the sample's random transforms are seeded
+        by (seed, epoch, index), the same in any DataLoader worker, on any rank and after a resume."""
+        generator = None
+        if isinstance(key, tuple):
+            epoch, key = key
+            generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + key) % 2**63)
         if self.cache is not None:
-            image, mask = self.cache[index]
-            return transform_pair(image, torch.from_numpy(mask), self.transform)
-        image_path, mask_path = self.pairs[index]
+            image, mask = self.cache[key]
+            return transform_pair(image, torch.from_numpy(mask), self.transform, generator)
+        image_path, mask_path = self.pairs[key]
         mask, unknown = self.class_map.apply(read_mask(mask_path))
         if unknown and not self.reported_unknown:
             # once per dataset (and DataLoader worker), not per pixel: `--stats` gives the exact count
@@ -345,7 +395,7 @@ class SegmentationDataset(Dataset):
                 "they are ignored (255). `python dataset.py --stats` counts them over the split.",
                 file=sys.stderr,
             )
-        return transform_pair(read_image(image_path), torch.from_numpy(mask), self.transform)
+        return transform_pair(read_image(image_path), torch.from_numpy(mask), self.transform, generator)
 
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,7 +531,7 @@ def build_dataset(
     pairs = list_pairs(data, layout, split)
     if not pairs:
         raise DatasetError(f"split {split!r} of {data} holds no images")
-    return SegmentationDataset(pairs, class_map, transform, cache)
+    return SegmentationDataset(pairs, class_map, transform, cache, seed)
 
 
 def class_pixel_counts(dataset: SegmentationDataset) -> tuple[np.ndarray, int, int]:
@@ -572,6 +622,13 @@ def benchmark_pipeline(dataset: SegmentationDataset, samples: int) -> tuple[floa
     for image_path, mask_path in pairs:
         reference(image_path, mask_path)
     return ours, samples / (time.perf_counter() - start)
+
+
+def one_line(error: Exception) -> str:
+    """The message of an error as one line. An error raised in a DataLoader worker reaches the main process
+    wrapped with the worker's traceback; its own message is the last line there."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[-1].split(": ", 1)[1] if "Traceback" in str(error) and ": " in lines[-1] else lines[-1]
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from dataset import (
     collate,
     hw_pair,
     normalize,
+    one_line,
     palette_for,
     read_image,
     transform_pair,
@@ -174,14 +175,18 @@ def evaluate(
     window: tuple[int, int] | None = None,
     stride: int = 0,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    show_progress: bool = True,
 ) -> dict:
     """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, and `confusions`,
     the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, pred, target) sees
-    every batch (the uint8 images), e.g. to save pictures."""
+    every batch (the uint8 images), e.g. to save pictures. Under torch.distributed each process evaluates its own
+    share of the images and the totals are summed over the processes, so the metrics are exact."""
     model.eval()
     loss_sum, confusions = torch.zeros((), device=device), []
     channels_last = device.type == "cuda"
-    for raw, target in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=None):
+    for raw, target in tqdm(
+        loader, desc="val", leave=False, dynamic_ncols=True, disable=None if show_progress else True
+    ):
         image = normalize(raw.to(device, non_blocking=True))
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -667,7 +672,7 @@ def main(args: argparse.Namespace) -> None:
         else:
             sys.exit("error: give --checkpoint (evaluate), --benchmark (cost table) or --compare RUN... (report)")
     except (DatasetError, ModelError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

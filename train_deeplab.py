@@ -18,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dataset import (
     CLASS_WEIGHT_RULE,
     DatasetError,
+    EpochSampler,
     SegmentationDataset,
     TransformConfig,
     add_data_args,
@@ -36,6 +39,7 @@ from dataset import (
     collate,
     hw_pair,
     normalize,
+    one_line,
 )
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
@@ -43,11 +47,13 @@ from models import (
     ARCHS,
     OUTPUT_STRIDE,
     ModelError,
+    backbone_frozen,
     build_model,
     count_params,
     default_head_lr_mult,
     default_lr,
     freeze_backbone,
+    load_checkpoint,
     load_init,
     model_from_checkpoint,
     param_groups,
@@ -81,16 +87,21 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     desc: str,
     loss_at_feature_resolution: bool = False,
+    skip_nonfinite: bool = False,
+    show_progress: bool = True,
 ) -> dict:
     """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
     metrics accumulate on the device, so the step never waits for the host. With loss_at_feature_resolution
     (DeepLabV2's recipe) the logits stay at 1/output-stride and the target is downsampled to them (nearest).
-    data_wait is the share of the pass spent waiting for the loader."""
+    data_wait is the share of the pass spent waiting for the loader. A non-finite loss is recorded on the device
+    (nonfinite_step: the first such step, or -1) and its step is still taken, unless skip_nonfinite, which checks
+    every step on the host and skips those steps. Under DDP the metrics are summed over the processes."""
     set_train_mode(model)
     cm = ConfusionMatrix(num_classes)
-    loss_sum, images, waited = torch.zeros((), device=device), 0, 0.0
+    loss_sum, images, waited = torch.zeros((), device=device), torch.zeros((), device=device), 0.0
+    first_bad, skipped = torch.full((), -1, device=device), 0
     channels_last = device.type == "cuda"
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show_progress else True)
     start = ready = time.perf_counter()
     for step, (image, target) in enumerate(bar):
         waited += time.perf_counter() - ready
@@ -103,7 +114,14 @@ def train_one_epoch(
         if loss_at_feature_resolution:
             target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
         loss = criterion(logits, target)
+        finite = torch.isfinite(loss.detach())
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         optimizer.zero_grad(set_to_none=True)
+        if skip_nonfinite and not all_processes_true(finite):
+            skipped += 1
+            scheduler.step()  # the schedule keeps its pace
+            ready = time.perf_counter()
+            continue
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -112,10 +130,22 @@ def train_one_epoch(
         images += image.shape[0]
         cm.update(logits.detach().argmax(1), target)
         if not bar.disable and step % 20 == 0:  # reading the loss syncs with the device, so only now and then
-            bar.set_postfix(loss=f"{float(loss_sum) / images:.4f}")
+            bar.set_postfix(loss=f"{float(loss_sum / images.clamp_min(1)):.4f}")
         ready = time.perf_counter()
-    metrics = {"loss": float(loss_sum) / max(images, 1), **cm.compute()}  # waits for the device's last step
-    return {**metrics, "data_wait": waited / (time.perf_counter() - start)}
+    if dist.is_initialized():
+        for total in (cm.mat, loss_sum, images):
+            dist.all_reduce(total)
+    metrics = {"loss": float(loss_sum / images.clamp_min(1)), **cm.compute()}  # waits for the device's last step
+    return {**metrics, "data_wait": waited / (time.perf_counter() - start), "nonfinite_step": int(first_bad),
+            "skipped": skipped}  # fmt: skip
+
+
+def all_processes_true(flag: torch.Tensor) -> bool:
+    """flag on every DDP process (a host sync; so every process takes the same branch)."""
+    if dist.is_initialized():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -146,32 +176,36 @@ def csv_header(num_classes: int) -> list[str]:
     )
 
 
-def build_loaders(args: argparse.Namespace) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
+def build_loaders(
+    args: argparse.Namespace, rank: int, world: int
+) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
+    """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
+    validation images split between them without the padding a DistributedSampler would add."""
     size, crop = hw_pair(args.size), hw_pair(args.crop, "--crop")
     scale = tuple(args.scale) if args.scale else None
     train_tf = TransformConfig(size=size, scale=scale, crop=crop, augment=args.augment, train=True)
     build = lambda split, tf: build_dataset(  # noqa: E731
         args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed, args.cache
     )
-    train_set, val_set = (
-        build(args.train_split, train_tf),
-        build(args.val_split, TransformConfig(size=size, train=False)),
-    )
-    if args.arch.startswith("deeplabv3") and min(args.batch_size, len(train_set)) < 2:
+    train_set = build(args.train_split, train_tf)
+    val_set = build(args.val_split, TransformConfig(size=size, train=False))
+    per_rank = len(train_set) // world
+    if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
         raise ModelError(
             "DeepLabV3 needs --batch-size 2 or more (its ASPP pooling branch has BatchNorm over the batch)"
         )
     pin = args.device.startswith("cuda")
     common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
+    shards = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) >= args.batch_size,  # a last batch of one breaks BatchNorm
-        generator=torch.Generator().manual_seed(args.seed),
+        sampler=EpochSampler(shards),
+        drop_last=per_rank >= args.batch_size,  # a last batch of one breaks BatchNorm
         **common,
     )
-    return train_set, train_loader, DataLoader(val_set, batch_size=args.batch_size, **common)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world), **common)
+    return train_set, train_loader, val_loader
 
 
 def _epoch_and_value(part: str, flag: str) -> tuple[int, str]:
@@ -241,43 +275,93 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
         )
 
 
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on
+    the CPU; each process drives the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(args.device)
+    rank, cuda = int(os.environ["RANK"]), args.device.startswith("cuda")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def append_log(log: Path, epoch: int, lr: float, train_m: dict, val_m: dict, runtime: float) -> None:
+    metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
+    row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
+    with open(log, "a", newline="") as f:
+        csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number state that a resumed run needs (dropout; data augmentation is seeded per sample)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def truncate_log(log: Path, last_epoch: int) -> None:
+    """Keep the rows of the epochs up to `last_epoch`: a run killed after writing a row but before saving that
+    epoch's checkpoint repeats the epoch on resume, and must not log it twice."""
+    with open(log, newline="") as f:
+        rows = list(csv.reader(f))
+    tmp = log.with_name(log.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= last_epoch)])
+    os.replace(tmp, log)
+
+
 def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
-    """The whole run, from scratch or (fine-tuning) from a checkpoint's model; returns the best val mIoU."""
-    resolve_defaults(args, checkpoint)
-    print(args)
+    """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
+    `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    resolve_defaults(args, checkpoint or resumed)
+    rank, world, device = setup_distributed(args)
+    say = print if rank == 0 else lambda *a, **k: None
+    say(args)
     seed_everything(args.seed)
-    device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
         torch.set_flush_denormal(True)
-    out = args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "log.csv").exists():  # never overwrite a user's run
-        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out")
+    out = args.out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
+        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
     power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
-    train_set, train_loader, val_loader = build_loaders(args)
+    train_set, train_loader, val_loader = build_loaders(args, rank, world)
     class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
-    weights = load_class_weights(args, train_set)
+    weights = load_class_weights(args, train_set) if rank == 0 or args.class_weights != "auto" else None
+    if args.class_weights == "auto" and world > 1:  # counted once, shared
+        weights = broadcast_object(weights)
     make_loss = lambda spec: build_loss(spec, num_classes, class_weights=weights).to(device)  # noqa: E731
-    criterion = make_loss(args.loss)
-    for spec in loss_changes.values():  # a typo in a later phase's loss fails now, not hours into the run
+    for spec in [args.loss, *loss_changes.values()]:  # a typo in a later phase's loss fails now, not hours later
         make_loss(spec)
 
-    if checkpoint is None:
+    source = resumed or checkpoint
+    if source is None:
         model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
     else:
-        if checkpoint["num_classes"] != num_classes:
-            raise ModelError(f"--checkpoint has {checkpoint['num_classes']} classes but the data has {num_classes}")
-        model = model_from_checkpoint(checkpoint, args.checkpoint)
-        print(f"Loaded checkpoint of epoch {checkpoint['epoch']} (best val mIoU {checkpoint['best_miou']:.4f})")
-    if args.init:
-        print(load_init(model, args.init))
+        if source["num_classes"] != num_classes:
+            raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
+        model = model_from_checkpoint(source, args.resume or args.checkpoint)
+        say(f"Loaded checkpoint of epoch {source['epoch']} (best val mIoU {source['best_miou']:.4f})")
+    if args.init and resumed is None:
+        say(load_init(model, args.init))
     if args.freeze_backbone:
         freeze_backbone(model)
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model  # checkpoints save `model`: no _orig_mod. prefixes
+    net = model
+    if world > 1:  # a backbone frozen mid-run stops producing gradients, which DDP must be told to expect
+        ids = [device.index] if device.type == "cuda" else None
+        net = DDP(model, device_ids=ids, find_unused_parameters=args.freeze_at_epoch is not None)
+    if args.compile:
+        net = torch.compile(net)  # checkpoints still save `model`: no module. or _orig_mod. prefixes
 
     groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
     if args.optimizer == "sgd":
@@ -294,25 +378,41 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
     )
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    print(
-        f"Using device: {device} ({amp_dtype or 'float32'}) | arch {args.arch} | pretrained {args.pretrained} | "
+    best_miou, since_best, first_epoch = -math.inf, 0, 1
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        best_miou, since_best, first_epoch = resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if device.type == "cuda" and resumed["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+    say(
+        f"Using device: {device} ({amp_dtype or 'float32'}) x {world} | arch {args.arch} | "
+        f"pretrained {args.pretrained} | "
         f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | "
         f"trainable params {count_params(model)[0]} | out {out}"
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, args, class_names, model)
-    with open(out / "log.csv", "w", newline="") as f:
-        csv.writer(f).writerow(csv_header(num_classes))
-    best_miou, since_best = -math.inf, 0
-    for epoch in range(1, args.epochs + 1):
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_info(out, args, class_names, model)
+        if resumed is None:
+            with open(out / "log.csv", "w", newline="") as f:
+                csv.writer(f).writerow(csv_header(num_classes))
+        else:
+            truncate_log(out / "log.csv", resumed["epoch"])
+            say(f"Resuming at epoch {first_epoch} of {args.epochs}")
+    for epoch in range(first_epoch, args.epochs + 1):
+        criterion = make_loss(value_at(loss_changes, epoch, args.loss))
         if epoch in loss_changes:
-            criterion = make_loss(loss_changes[epoch])
-            print(f"Epoch {epoch}: loss is now {loss_changes[epoch]}")
-        if epoch == args.freeze_at_epoch:
+            say(f"Epoch {epoch}: loss is now {loss_changes[epoch]}")
+        if args.freeze_at_epoch and epoch >= args.freeze_at_epoch and not backbone_frozen(model):
             freeze_backbone(model)
-            write_run_info(out, args, class_names, model)
-            print(f"Epoch {epoch}: backbone frozen, trainable params {count_params(model)[0]}")
+            if rank == 0:
+                write_run_info(out, args, class_names, model)
+            say(f"Epoch {epoch}: backbone frozen, trainable params {count_params(model)[0]}")
+        train_loader.sampler.set_epoch(epoch)
         start = time.time()
         lr = optimizer.param_groups[0]["lr"]
         train_m = train_one_epoch(
@@ -327,53 +427,91 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
             amp_dtype,
             f"Epoch {epoch}/{args.epochs}",
             loss_at_feature_resolution=args.downsample_gt is not None,
+            skip_nonfinite=args.skip_nonfinite,
+            show_progress=rank == 0,
         )
-        val_m = evaluate(net, val_loader, criterion, device, num_classes, amp_dtype)
+        if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {epoch}, step {train_m['nonfinite_step'] + 1} of {iters_per_epoch}; "
+                f"stopped, {out} keeps the checkpoints of the last good epoch. Lower --lr, or pass --skip-nonfinite"
+            )
+        if train_m["skipped"]:
+            say(f"Epoch {epoch}: skipped {train_m['skipped']} step(s) with a non-finite loss")
+        if world > 1:  # every process evaluates with process 0's BatchNorm statistics, the ones it saves
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        val_m = evaluate(model, val_loader, criterion, device, num_classes, amp_dtype, show_progress=rank == 0)
         runtime = time.time() - start
-        print(
+        say(
             f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
             f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
         )
-        print(f"  Per-class IoU: {format_iou(class_names, val_m['iou'])}")
-        metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
-        with open(out / "log.csv", "a", newline="") as f:
-            row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
-            csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
-        improved = val_m["miou"] > best_miou
+        say(f"  Per-class IoU: {format_iou(class_names, val_m['iou'])}")
+        improved = val_m["miou"] > best_miou  # the same all-reduced numbers on every process: the same decision
         if improved:
             best_miou, since_best = val_m["miou"], 0
         else:
             since_best += 1
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "args": plain_args(args),
-            "class_names": class_names,
-            "num_classes": num_classes,
-            "best_miou": best_miou,
-            "epochs_since_best": since_best,
-        }
-        save_atomic(state, out / "last.pth")
+        if rank == 0:
+            metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
+            with open(out / "log.csv", "a", newline="") as f:
+                row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
+                csv.writer(f).writerow(
+                    [epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"]
+                )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "args": plain_args(args),
+                "class_names": class_names,
+                "num_classes": num_classes,
+                "best_miou": best_miou,
+                "epochs_since_best": since_best,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                },
+            }
+            save_atomic(state, out / "last.pth")
+            if improved:
+                save_atomic(state, out / "best.pth")
         if improved:
-            save_atomic(state, out / "best.pth")
-            print(f"Saved best model: {best_miou:.4f} -> {out / 'best.pth'}")
+            say(f"Saved best model: {best_miou:.4f} -> {out / 'best.pth'}")
         else:
-            print(f"No improvement for {since_best} epoch(s)")
+            say(f"No improvement for {since_best} epoch(s)")
             if args.patience and since_best >= args.patience:
-                print("Early stopping triggered.")
+                say("Early stopping triggered.")
                 break
-    print(f"Best validation mIoU: {best_miou:.4f}")
+    say(f"Best validation mIoU: {best_miou:.4f}")
     return best_miou
+
+
+def broadcast_object(obj: object) -> object:
+    """Process 0's value of obj, on every process."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; the message names the epoch and step."""
 
 
 def main(args: argparse.Namespace) -> None:
     try:
         train(args)
-    except (DatasetError, ModelError, LossSpecError) as e:
-        sys.exit(f"error: {e}")
+    except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
+        sys.exit(f"error: {one_line(e)}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(
+            f"error: CUDA ran out of memory with --batch-size {args.batch_size}; try a smaller --batch-size or --crop"
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -422,6 +560,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
+    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
+    parser.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (syncs)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")

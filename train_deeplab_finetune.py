@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dataset import DatasetError
+from dataset import DatasetError, one_line
 from losses import LossSpecError
 from models import ModelError, load_checkpoint
+from train_deeplab import NonFiniteLoss, train
 from train_deeplab import get_args_parser as get_train_parser
-from train_deeplab import train
 
 # flags that, when not given, are taken from the checkpoint's own run (data and layout only if --data is not given)
 INHERITED = ("num_classes", "class_names", "size")
@@ -42,8 +42,8 @@ def main(args: argparse.Namespace) -> None:
         checkpoint = load_checkpoint(args.checkpoint)
         inherit_from_checkpoint(args, checkpoint)
         train(args, checkpoint)
-    except (DatasetError, ModelError, LossSpecError) as e:
-        sys.exit(f"error: {e}")
+    except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
+        sys.exit(f"error: {one_line(e)}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

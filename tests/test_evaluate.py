@@ -237,7 +237,7 @@ def test_cost_row_of_deeplabv2_at_512x1024(capsys):
 
 
 def test_training_benchmark_prints_throughput_and_memory(capsys):
-    run_cli("--benchmark", "--train", "--arch", "deeplabv3_mobilenet_v3_large", "--num-classes", "3", "--size", "32", "32",
-            "--batch-size", "2", "--warmup", "0", "--runs", "1", "--device", "cpu")  # fmt: skip
+    run_cli("--benchmark", "--train", "--arch", "deeplabv3_mobilenet_v3_large", "--num-classes", "3",
+            "--size", "32", "32", "--batch-size", "2", "--warmup", "0", "--runs", "1", "--device", "cpu")  # fmt: skip
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("train: ") and "images/s" in line and "peak memory" in line
