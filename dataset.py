@@ -624,6 +624,13 @@ def benchmark_pipeline(dataset: SegmentationDataset, samples: int) -> tuple[floa
     return ours, samples / (time.perf_counter() - start)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage block) with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def one_line(error: Exception) -> str:
     """The message of an error as one line. An error raised in a DataLoader worker reaches the main process
     wrapped with the worker's traceback; its own message is the last line there."""
@@ -689,7 +696,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Inspect a segmentation dataset", add_help=add_help)
+    parser = ArgumentParser(description="Inspect a segmentation dataset", add_help=add_help)
     add_data_args(parser)
     parser.add_argument("--split", default="train", help="split to read (train, val, ...)")
     parser.add_argument("--stats", action="store_true", help="print per-class pixel counts and suggested weights")

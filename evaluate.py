@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from dataset import (
     IGNORE_INDEX,
+    ArgumentParser,
     DatasetError,
     TransformConfig,
     add_data_args,
@@ -199,13 +201,13 @@ def evaluate(
         confusions.append(per_image_confusion(pred, target, num_classes))
         if on_batch is not None:
             on_batch(raw, pred, target)
-    confusions = torch.cat(confusions).cpu()
-    images = confusions.shape[0]
-    return {
-        "loss": float(loss_sum) / max(images, 1),
-        **metrics_from_confusion(confusions.sum(0)),
-        "confusions": confusions,
-    }
+    confusions = torch.cat(confusions) if confusions else torch.zeros(0, num_classes, num_classes, dtype=torch.int64)
+    total, images = confusions.sum(0).to(device), torch.tensor(float(len(confusions)), device=device)
+    if dist.is_initialized():  # each process saw its own share of the images: sum the counts, not the metrics
+        for value in (total, loss_sum, images):
+            dist.all_reduce(value)
+    metrics = metrics_from_confusion(total)
+    return {"loss": float(loss_sum / images.clamp_min(1)), **metrics, "confusions": confusions.cpu()}
 
 
 def bootstrap_miou(*confusions: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[torch.Tensor]:
@@ -676,7 +678,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate, compare and benchmark DeepLab models", add_help=add_help)
+    parser = ArgumentParser(description="Evaluate, compare and benchmark DeepLab models", add_help=add_help)
     parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of a run")
     add_data_args(parser)
     parser.add_argument("--split", default="val", help="split to evaluate")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import IGNORE_INDEX
+from dataset import IGNORE_INDEX, ArgumentParser
 
 
 def _valid_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Time the segmentation losses", add_help=add_help)
+    parser = ArgumentParser(description="Time the segmentation losses", add_help=add_help)
     parser.add_argument("--benchmark", action="store_true", help="time forward+backward of every loss")
     parser.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
     parser.add_argument("--batch-size", type=int, default=2)

@@ -195,11 +195,21 @@ def backbone_frozen(model: SegmentationModel) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def set_train_mode(model: SegmentationModel) -> None:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def set_train_mode(model: nn.Module) -> None:
     """model.train(), except that a frozen backbone stays in eval mode, so its BatchNorm running stats are kept."""
     model.train()
-    if backbone_frozen(model):
-        model.backbone.eval()
+    inner = unwrap(model)
+    if backbone_frozen(inner):
+        inner.backbone.eval()
 
 
 def _init_key(key: str) -> str:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset import (
     CLASS_WEIGHT_RULE,
+    ArgumentParser,
     DatasetError,
     EpochSampler,
     SegmentationDataset,
@@ -196,6 +197,9 @@ def build_loaders(
         )
     pin = args.device.startswith("cuda")
     common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
+    # loaders draw their workers' base seeds from their own generator, not from the global one that dropout uses:
+    # otherwise when a loader (re)starts would change the dropout masks, and a resumed run would differ
+    common["generator"] = torch.Generator().manual_seed(args.seed)
     shards = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     train_loader = DataLoader(
         train_set,
@@ -500,8 +504,19 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or inf; the message names the epoch and step."""
 
 
+def args_of_run(checkpoint: Path) -> argparse.Namespace:
+    """The flags of the run that wrote `checkpoint` (defaults for any flag added since), to resume it."""
+    args = get_args_parser().parse_args([])
+    for name, value in load_checkpoint(checkpoint)["args"].items():
+        setattr(args, name, Path(value) if name in ("data", "out", "init", "checkpoint") and value else value)
+    args.resume = checkpoint
+    return args
+
+
 def main(args: argparse.Namespace) -> None:
     try:
+        if args.resume:  # a resumed run keeps every flag of the original one
+            args = args_of_run(args.resume)
         train(args)
     except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
         sys.exit(f"error: {one_line(e)}")
@@ -515,7 +530,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train DeepLab for semantic segmentation", add_help=add_help)
+    parser = ArgumentParser(description="Train DeepLab for semantic segmentation", add_help=add_help)
     add_data_args(parser)
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="val")

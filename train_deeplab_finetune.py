@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dataset import DatasetError, one_line
+from dataset import ArgumentParser, DatasetError, one_line
 from losses import LossSpecError
 from models import ModelError, load_checkpoint
 from train_deeplab import NonFiniteLoss, train
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Fine-tune a DeepLab checkpoint", parents=[get_train_parser(add_help=False)], add_help=add_help
     )
     parser.set_defaults(arch=None, patience=2, epochs=6)

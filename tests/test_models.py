@@ -1,10 +1,11 @@
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 
 import models
-from models import ModelError, build_model, count_macs, count_params, load_init, param_groups
+from models import ModelError, build_model, count_macs, count_params, load_checkpoint, load_init, param_groups
 
 
 def test_deeplabv2_matches_the_study_params_and_macs():
@@ -83,3 +84,31 @@ def test_pretrained_request_offline_fails_in_one_line(monkeypatch):
 def test_unknown_arch_is_refused():
     with pytest.raises(ModelError, match="--arch"):
         models.build_model("unet", 3)
+
+
+class Payload:
+    """Unpickling this would create a file: the proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"model": {}, "args": {"arch": "x"}, "num_classes": 3, "class_names": [], "hook": Payload(marker)},
+               tmp_path / "evil.pth")  # fmt: skip
+    with pytest.raises(ModelError) as e:
+        load_checkpoint(tmp_path / "evil.pth")
+    assert "cannot be loaded safely" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_one_clear_error(tmp_path):
+    state = {"model": build_model("deeplabv3_mobilenet_v3_large", 3).state_dict(), "args": {}, "num_classes": 3}
+    torch.save({**state, "class_names": ["a", "b", "c"]}, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:100_000])
+    with pytest.raises(ModelError, match="cut.pth cannot be loaded safely"):
+        load_checkpoint(tmp_path / "cut.pth")

@@ -1,6 +1,12 @@
 import csv
 import json
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,7 @@ from conftest import CAMVID
 
 import evaluate
 import train_deeplab
+from dataset import make_demo
 from train_deeplab import csv_header, poly_lr_factor
 
 EPOCH_LINE = re.compile(
@@ -122,3 +129,121 @@ def test_one_epoch_on_a_few_camvid_images(tmp_path):
     row = read_log(tmp_path / "run" / "log.csv")[0]
     assert "class_10_val" in row and "class_11_val" not in row
     assert 0 < float(row["pixel_acc"]) <= 1 and float(row["train_loss"]) > 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def metrics_of(log: Path) -> list[dict]:
+    rows = read_log(log)
+    for row in rows:
+        row.pop("Runtime"), row.pop("data_wait")
+    return rows
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_demo, tmp_path):
+    flags = ["--data", str(tiny_demo), "--batch-size", "4", "--workers", "2", "--no-pretrained", "--epochs", "4",
+             "--size", "128", "192", "--crop", "96", "--scale", "0.75", "1.5", "--augment",
+             "--patience", "0"]  # fmt: skip
+    whole = script("train_deeplab.py", *flags, "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=240) == 0, whole.stderr.read()
+
+    killed = script("train_deeplab.py", *flags, "--out", str(tmp_path / "killed"))
+    last, deadline = tmp_path / "killed" / "last.pth", time.time() + 240
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert torch.load(last, weights_only=True)["epoch"] < 4  # it really was cut short
+
+    resumed = script("train_deeplab.py", "--resume", str(last))
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
+    assert "Resuming at epoch" in resumed.stdout.read()
+    assert metrics_of(tmp_path / "killed" / "log.csv") == metrics_of(tmp_path / "whole" / "log.csv")
+    a = torch.load(tmp_path / "whole" / "best.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "best.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_gloo_run_validates_exactly_like_one_process(tmp_path):
+    data = make_demo(tmp_path / "demo", seed=1, splits={"train": 8, "val": 5}, size=(64, 96))  # 5: shards of 3 and 2
+    run = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_deeplab.py",
+                 "--data", str(data), "--out", str(tmp_path / "ddp"), "--batch-size", "2", "--workers", "0",
+                 "--no-pretrained", "--epochs", "2", "--device", "cpu")  # fmt: skip
+    assert run.wait(timeout=240) == 0, run.stderr.read()
+    out = run.stdout.read()
+    assert out.count("Epoch 1/2 |") == 1 and "x 2 |" in out  # process 0 alone prints
+    best = torch.load(tmp_path / "ddp" / "best.pth", weights_only=True)["best_miou"]
+    assert len(read_log(tmp_path / "ddp" / "log.csv")) == 2
+    args = ["--checkpoint", str(tmp_path / "ddp" / "best.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]
+    evaluate.main(evaluate.get_args_parser().parse_args([*args, "--bootstrap", "10"]))
+    assert json.loads((tmp_path / "m.json").read_text())["miou"] == best
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoints(tiny_demo, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_deeplab.build_loss
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+
+        class NaNAtStep4(torch.nn.Module):  # epoch 1: calls 1-2 train, 3 validates; call 4 is epoch 2's first step
+            def forward(self, logits, target):
+                calls["n"] += 1
+                value = loss(logits, target)
+                return value * float("nan") if calls["n"] == 4 else value
+
+        return NaNAtStep4()
+
+    monkeypatch.setattr(train_deeplab, "build_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, tmp_path / "r", "--epochs", "3"))
+    assert "non-finite loss at epoch 2, step 1 of 2" in str(e.value.code) and "\n" not in str(e.value.code)
+    last = torch.load(tmp_path / "r" / "last.pth", weights_only=True)
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+    calls["n"] = 0
+    train_deeplab.main(train_args(tiny_demo, tmp_path / "s", "--epochs", "2", "--skip-nonfinite"))
+    last = torch.load(tmp_path / "s" / "last.pth", weights_only=True)
+    assert last["epoch"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tiny_demo, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_deeplab, "train_one_epoch", oom)
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, tmp_path / "r"))
+    assert "smaller --batch-size" in str(e.value.code)
+
+
+def test_truncated_image_is_named_in_one_line_even_from_a_worker(tiny_demo, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(tiny_demo, broken)
+    image = broken / "train" / "Color_Images" / "0003.png"
+    image.write_bytes(image.read_bytes()[:300])  # a valid header, then the data stops
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(broken, tmp_path / "r", "--workers", "1"))
+    assert str(e.value.code).startswith("error: cannot read image") and "0003.png" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and "Traceback" not in str(e.value.code)
+
+
+def test_unknown_choices_are_one_line_errors(capsys):
+    for flag, value in (("--arch", "unet"), ("--layout", "voc")):
+        with pytest.raises(SystemExit) as e:
+            train_deeplab.get_args_parser().parse_args([flag, value])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith(f"error: argument {flag}") and "\n" not in err
+
+
+def test_crop_larger_than_the_images_is_padded_and_ignored(tiny_demo, tmp_path):
+    train_deeplab.train(train_args(tiny_demo, tmp_path / "r", "--crop", "80", "120"))  # images are 64x96
+    row = read_log(tmp_path / "r" / "log.csv")[0]
+    assert 0 <= float(row["train_mIoU"]) <= 1 and float(row["train_loss"]) > 0
