@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -513,20 +514,22 @@ def args_of_run(checkpoint: Path) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> None:
+def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None]]) -> None:
+    """prepare() the args (and a checkpoint to start from), then train; every failure a user can cause ends in
+    one line and a non-zero exit, with no traceback."""
     try:
-        if args.resume:  # a resumed run keeps every flag of the original one
-            args = args_of_run(args.resume)
-        train(args)
+        train(*prepare())
     except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
         sys.exit(f"error: {one_line(e)}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit(
-            f"error: CUDA ran out of memory with --batch-size {args.batch_size}; try a smaller --batch-size or --crop"
-        )
+        sys.exit("error: CUDA ran out of memory; try a smaller --batch-size or --crop")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(args: argparse.Namespace) -> None:
+    run(lambda: (args_of_run(args.resume) if args.resume else args, None))  # a resumed run keeps its own flags
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -544,7 +547,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--init", type=Path, default=None, help="initial weights file (e.g. DeepLab_resnet_pretrained_imagenet.pth)"
     )
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     add_transform_args(parser)
     parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")

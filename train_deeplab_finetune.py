@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dataset import ArgumentParser, DatasetError, one_line
-from losses import LossSpecError
+from dataset import ArgumentParser
 from models import ModelError, load_checkpoint
-from train_deeplab import NonFiniteLoss, train
+from train_deeplab import args_of_run, run
 from train_deeplab import get_args_parser as get_train_parser
 
 # flags that, when not given, are taken from the checkpoint's own run (data and layout only if --data is not given)
@@ -23,27 +22,33 @@ INHERITED = ("num_classes", "class_names", "size")
 
 def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
     """Arch and data come from the checkpoint unless given; an explicit other arch is an error."""
-    run = checkpoint["args"]
+    original = checkpoint["args"]
     if args.arch is None:
-        args.arch = run["arch"]
-    elif args.arch != run["arch"]:
-        raise ModelError(f"--checkpoint {args.checkpoint} holds a {run['arch']} model, not --arch {args.arch}")
+        args.arch = original["arch"]
+    elif args.arch != original["arch"]:
+        raise ModelError(f"--checkpoint {args.checkpoint} holds a {original['arch']} model, not --arch {args.arch}")
     if args.data is None:
-        args.data, args.layout = (Path(run["data"]) if run.get("data") else None), run.get("layout", "auto")
+        args.data = Path(original["data"]) if original.get("data") else None
+        args.layout = original.get("layout", "auto")
     for name in INHERITED:
         if getattr(args, name) is None:
-            setattr(args, name, run.get(name))
+            setattr(args, name, original.get(name))
 
 
 def main(args: argparse.Namespace) -> None:
     if args.unfreeze and args.freeze_backbone:
         sys.exit("error: --unfreeze and --freeze-backbone exclude each other")
-    try:
+    if args.checkpoint is None and args.resume is None:
+        sys.exit("error: --checkpoint is required (the model to fine-tune), or --resume to continue a run")
+
+    def prepare() -> tuple[argparse.Namespace, dict | None]:
+        if args.resume:  # the interrupted run's own flags and state; its starting checkpoint is not needed again
+            return args_of_run(args.resume), None
         checkpoint = load_checkpoint(args.checkpoint)
         inherit_from_checkpoint(args, checkpoint)
-        train(args, checkpoint)
-    except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
-        sys.exit(f"error: {one_line(e)}")
+        return args, checkpoint
+
+    run(prepare)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -51,7 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Fine-tune a DeepLab checkpoint", parents=[get_train_parser(add_help=False)], add_help=add_help
     )
     parser.set_defaults(arch=None, patience=2, epochs=6)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="best.pth or last.pth of an earlier run")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of an earlier run")
     parser.add_argument("--unfreeze", action="store_true", help="train the backbone too (pair with --lr-backbone)")
     return parser
 
