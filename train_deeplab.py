@@ -280,6 +280,25 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
         )
 
 
+def build_optimizer(
+    args: argparse.Namespace, model: nn.Module, iters_per_epoch: int, power_changes: dict[int, float]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD or AdamW over the backbone and head groups, and the per-iteration poly schedule with warmup, whose
+    power follows --poly-power-at."""
+    groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    max_iters = args.epochs * iters_per_epoch
+
+    def factor(it: int) -> float:
+        power = value_at(power_changes, it // iters_per_epoch + 1, args.poly_power)
+        return poly_lr_factor(it, max_iters, power, args.warmup_steps)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on
     the CPU; each process drives the GPU of its LOCAL_RANK."""
@@ -368,19 +387,8 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
     if args.compile:
         net = torch.compile(net)  # checkpoints still save `model`: no module. or _orig_mod. prefixes
 
-    groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
     iters_per_epoch = len(train_loader)
-    max_iters = args.epochs * iters_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda it: poly_lr_factor(
-            it, max_iters, value_at(power_changes, it // iters_per_epoch + 1, args.poly_power), args.warmup_steps
-        ),
-    )
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     best_miou, since_best, first_epoch = -math.inf, 0, 1
