@@ -464,14 +464,14 @@ def benchmark(
     amp_dtype: torch.dtype | None,
     warmup: int,
     runs: int,
+    channels_last: bool = False,
 ) -> dict:
     """Median latency (ms) of a batch-1 forward pass, and images/s at `batch_size`, after `warmup` passes."""
 
     @torch.inference_mode()
     def seconds(batch: int) -> float:
         x = torch.randn(batch, 3, *size, device=device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last) if model_is_channels_last else x
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         times = []
         for i in range(warmup + runs):
             start = time.perf_counter()
@@ -483,7 +483,6 @@ def benchmark(
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    model_is_channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     latency = seconds(1)
     per_batch = latency if batch_size == 1 else seconds(batch_size)
     return {"latency_ms": 1000 * latency, "images_per_s": batch_size / per_batch}
@@ -495,14 +494,13 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def train_benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    warmup: int, runs: int,
+    warmup: int, runs: int, channels_last: bool = False,
 ) -> dict:  # fmt: skip
     """Images/s of full training steps (forward, cross-entropy, backward, SGD) on random data, and peak memory."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
     x = torch.randn(batch_size, 3, *size, device=device)
-    if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     y = torch.randint(0, 2, (batch_size, *size), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -546,7 +544,7 @@ def print_cost_row(args: argparse.Namespace) -> None:
     if args.train:
         print_train_row(args, model, arch, size, macs, device, amp_dtype)
         return
-    timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs)
+    timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
@@ -563,7 +561,9 @@ def print_cost_row(args: argparse.Namespace) -> None:
 def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
     """Training throughput; on CUDA also the achieved TFLOP/s (a training step is counted as 3x the forward
     FLOPs) beside the GPU's dense bf16 peak, which gives the model-FLOPs utilisation."""
-    result = train_benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs)
+    result = train_benchmark(
+        model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last
+    )
     where = f"{device}, dtype {amp_dtype or torch.float32}, batch {args.batch_size}"
     print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {args.runs} after {args.warmup}")
     line = f"train: {result['images_per_s']:.2f} images/s | peak memory {result['peak_memory_gib']:.2f} GiB"
