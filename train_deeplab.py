@@ -466,12 +466,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
         else:
             since_best += 1
         if rank == 0:
-            metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
-            with open(out / "log.csv", "a", newline="") as f:
-                row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
-                csv.writer(f).writerow(
-                    [epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"]
-                )
+            append_log(out / "log.csv", epoch, lr, train_m, val_m, runtime)
             state = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -483,10 +478,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
                 "num_classes": num_classes,
                 "best_miou": best_miou,
                 "epochs_since_best": since_best,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                },
+                "rng": rng_state(device),
             }
             save_atomic(state, out / "last.pth")
             if improved:
