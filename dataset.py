@@ -664,6 +664,12 @@ def add_transform_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action="store_true", help="colour jitter")
 
 
+def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfig:
+    """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone)."""
+    scale = tuple(args.scale) if args.scale else None
+    return TransformConfig(hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train)
+
+
 def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] | None:
     """`--crop 512` means 512x512; `--crop 512 1024` is H x W."""
     if values is None:
@@ -675,11 +681,7 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
 
 def main(args: argparse.Namespace) -> None:
     try:
-        train = args.benchmark is not None  # the benchmark times the training transforms
-        scale = tuple(args.scale) if args.scale else None
-        cfg = TransformConfig(
-            hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train
-        )
+        cfg = transform_from_args(args, train=args.benchmark is not None)  # the benchmark times training transforms
         dataset = build_dataset(
             args.data, args.layout, args.split, cfg, args.num_classes, args.class_names, args.seed, args.cache
         )

@@ -535,7 +535,7 @@ def print_cost_row(args: argparse.Namespace) -> None:
     trainable, total = count_params(model)
     macs = count_macs(model, size) / 1e9
     device = torch.device(args.device)
-    amp_dtype = amp_dtype_for(args.amp, device) if device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(args.amp, device)
     model = model.eval().to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -11,6 +11,7 @@ No loss synchronises with the host, so they are safe inside a CUDA training step
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -258,6 +259,8 @@ def benchmark(size: tuple[int, int], batch: int, num_classes: int, device: torch
 
 
 def main(args: argparse.Namespace) -> None:
+    if not args.benchmark:
+        sys.exit("error: nothing to do: pass --benchmark (see --help)")
     device = torch.device(args.device)
     rows = benchmark(tuple(args.size), args.batch_size, args.num_classes, device, args.runs)
     ce = dict(rows)["ce"]

@@ -32,16 +32,15 @@ from dataset import (
     DatasetError,
     EpochSampler,
     SegmentationDataset,
-    TransformConfig,
     add_data_args,
     add_transform_args,
     build_dataset,
     class_pixel_counts,
     class_weights,
     collate,
-    hw_pair,
     normalize,
     one_line,
+    transform_from_args,
 )
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
@@ -183,14 +182,11 @@ def build_loaders(
 ) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
     """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
     validation images split between them without the padding a DistributedSampler would add."""
-    size, crop = hw_pair(args.size), hw_pair(args.crop, "--crop")
-    scale = tuple(args.scale) if args.scale else None
-    train_tf = TransformConfig(size=size, scale=scale, crop=crop, augment=args.augment, train=True)
     build = lambda split, tf: build_dataset(  # noqa: E731
         args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed, args.cache
     )
-    train_set = build(args.train_split, train_tf)
-    val_set = build(args.val_split, TransformConfig(size=size, train=False))
+    train_set = build(args.train_split, transform_from_args(args, train=True))
+    val_set = build(args.val_split, transform_from_args(args, train=False))
     per_rank = len(train_set) // world
     if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
         raise ModelError(
@@ -337,10 +333,11 @@ def truncate_log(log: Path, last_epoch: int) -> None:
     os.replace(tmp, log)
 
 
-def train(args: argparse.Namespace, checkpoint: dict | None = None) -> float:
+def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
     """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
     `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
-    resumed = load_checkpoint(args.resume) if args.resume else None
+    if args.resume and resumed is None:
+        resumed = load_checkpoint(args.resume)
     resolve_defaults(args, checkpoint or resumed)
     rank, world, device = setup_distributed(args)
     say = print if rank == 0 else lambda *a, **k: None
@@ -505,18 +502,20 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or inf; the message names the epoch and step."""
 
 
-def args_of_run(checkpoint: Path) -> argparse.Namespace:
-    """The flags of the run that wrote `checkpoint` (defaults for any flag added since), to resume it."""
+def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
+    """train()'s arguments to continue the run that wrote `path`: that run's flags (defaults for any flag added
+    since), no fine-tuning source, and the checkpoint itself, read once."""
+    state = load_checkpoint(path)
     args = get_args_parser().parse_args([])
-    for name, value in load_checkpoint(checkpoint)["args"].items():
+    for name, value in state["args"].items():
         setattr(args, name, Path(value) if name in ("data", "out", "init", "checkpoint") and value else value)
-    args.resume = checkpoint
-    return args
+    args.resume = path
+    return args, None, state
 
 
-def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None]]) -> None:
-    """prepare() the args (and a checkpoint to start from), then train; every failure a user can cause ends in
-    one line and a non-zero exit, with no traceback."""
+def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None]]) -> None:
+    """prepare() train()'s arguments (args, a checkpoint to fine-tune, a checkpoint to resume), then train; every
+    failure a user can cause ends in one line and a non-zero exit, with no traceback."""
     try:
         train(*prepare())
     except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
@@ -529,7 +528,7 @@ def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None]]) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    run(lambda: (args_of_run(args.resume) if args.resume else args, None))  # a resumed run keeps its own flags
+    run(lambda: resume_run(args.resume) if args.resume else (args, None, None))  # a resumed run keeps its flags
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dataset import ArgumentParser
 from models import ModelError, load_checkpoint
-from train_deeplab import args_of_run, run
 from train_deeplab import get_args_parser as get_train_parser
+from train_deeplab import resume_run, run
 
 # flags that, when not given, are taken from the checkpoint's own run (data and layout only if --data is not given)
 INHERITED = ("num_classes", "class_names", "size")
@@ -41,12 +41,12 @@ def main(args: argparse.Namespace) -> None:
     if args.checkpoint is None and args.resume is None:
         sys.exit("error: --checkpoint is required (the model to fine-tune), or --resume to continue a run")
 
-    def prepare() -> tuple[argparse.Namespace, dict | None]:
+    def prepare() -> tuple[argparse.Namespace, dict | None, dict | None]:
         if args.resume:  # the interrupted run's own flags and state; its starting checkpoint is not needed again
-            return args_of_run(args.resume), None
+            return resume_run(args.resume)
         checkpoint = load_checkpoint(args.checkpoint)
         inherit_from_checkpoint(args, checkpoint)
-        return args, checkpoint
+        return args, checkpoint, None
 
     run(prepare)
 
