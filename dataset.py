@@ -1,20 +1,25 @@
-"""Segmentation datasets: the offroad, Cityscapes, folder and demo layouts, transforms and class statistics.
+"""Segmentation datasets: layouts, class tables and mask encodings, transforms, statistics and a dataset doctor.
 
-Every layout yields (image, mask) pairs: a normalised float image [3, H, W] and an int64 mask [H, W] of
-class indices, with IGNORE_INDEX (255) wherever the raw mask value is outside the layout's class map.
+Every layout yields (image, mask) pairs: a uint8 image [3, H, W] and an int64 mask [H, W] of class indices, with
+IGNORE_INDEX (255) wherever the raw mask value (an id, or an RGB colour) belongs to no class of the class table.
 
-    python dataset.py --data ROOT --split train --stats
+    python dataset.py --data ROOT --check                 # what the masks hold, what is wrong, how to train
+    python dataset.py --data ROOT --split train --stats   # exact pixel counts and suggested class weights
 """
 
 import argparse
 import colorsys
+import csv
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,12 @@ IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUTS = ("auto", "offroad", "cityscapes", "folder", "demo")
+ENCODINGS = ("auto", "index", "binary", "colour")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+# a lossy (JPEG) mask value within this distance (per channel) of exactly one class value counts as that class
+LOSSY_TOLERANCE = 24
+DETECT_SAMPLE = 16  # masks read to detect the encoding, spread over the split
 
 # Offroad Segmentation dataset: raw 16-bit mask value -> (class index, name). Value 0 and anything else
 # unlisted is ignored; the dataset's starter scripts fold them (and Flowers) into a Background class.
@@ -52,35 +62,117 @@ class DatasetError(Exception):
     """Bad input data: the message names the file or folder and is shown to the user as one line."""
 
 
-@dataclass(frozen=True)
-class ClassMap:
-    """How raw mask values become class indices.
+# ---- class tables: which raw mask value or colour is which class -------------------------------------------------
 
-    lut[v] is the class index (or IGNORE_INDEX) of raw value v; known[v] is False for values outside the
-    map, which are ignored too but counted and reported, since they usually mean a wrong layout.
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """RGB values [..., 3] (uint8) -> one int per colour, r << 16 | g << 8 | b."""
+    rgb = rgb.astype(np.int32)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def unpack_rgb(code: int) -> tuple[int, int, int]:
+    return (code >> 16) & 255, (code >> 8) & 255, code & 255
+
+
+@dataclass(frozen=True, eq=False)
+class ClassMap:
+    """How the raw values of masks in one encoding become class indices.
+
+    `keys` are raw values (index and binary masks: the id; colour masks: the colour packed by pack_rgb) and
+    `classes` the class index of each, or IGNORE_INDEX for a value that means "ignore" on purpose. A value that
+    is not a key is ignored too, but counted and reported, since it usually means a wrong table or encoding.
+    Lossy (JPEG) masks match a value within LOSSY_TOLERANCE of exactly one key (never of two).
     """
 
     names: tuple[str, ...]
-    lut: np.ndarray
-    known: np.ndarray
-    palette: np.ndarray  # [num_classes, 3] uint8 colours for pictures of masks
-
-    @classmethod
-    def from_pairs(cls, names: tuple[str, ...], pairs: dict[int, int], palette: np.ndarray | None = None) -> "ClassMap":
-        lut = np.full(65536, IGNORE_INDEX, dtype=np.uint8)
-        known = np.zeros(65536, dtype=bool)
-        for raw, index in pairs.items():
-            lut[raw] = index
-            known[raw] = True
-        return cls(names, lut, known, distinct_palette(len(names)) if palette is None else palette)
+    palette: np.ndarray  # [num_classes, 3] uint8: the colour of each class in every picture
+    keys: tuple[int, ...]
+    classes: tuple[int, ...]
+    encoding: str = "index"
+    source: str = ""  # where the classes come from, for the start-up line
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
 
-    def apply(self, raw: np.ndarray) -> tuple[np.ndarray, int]:
-        """Map a raw mask (values 0..65535) to class indices; also count the pixels with an unknown value."""
-        return self.lut[raw], int(raw.size - np.count_nonzero(self.known[raw]))
+    @cached_property
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.keys, kind="stable")
+        return np.asarray(self.keys, np.int64)[order], np.asarray(self.classes, np.uint8)[order]
+
+    @cached_property
+    def _tolerance(self) -> int:
+        keys = self._sorted[0]
+        if self.encoding == "colour":
+            rgb = np.array([unpack_rgb(int(k)) for k in keys])
+            gaps = np.abs(rgb[:, None] - rgb[None]).max(-1) + np.eye(len(keys), dtype=np.int64) * 999
+        else:
+            gaps = np.diff(keys)
+        gap = int(gaps.min()) if gaps.size else 999
+        return max(0, min(LOSSY_TOLERANCE, (gap - 1) // 2))
+
+    def lookup(self, values: np.ndarray, lossy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices (uint8, IGNORE_INDEX for no class) and a `known` mask of raw values of any shape."""
+        keys, classes = self._sorted
+        values = np.asarray(values, np.int64)
+        if not lossy or self._tolerance == 0:
+            at = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+            known = keys[at] == values
+        elif self.encoding == "colour":  # nearest colour by the largest channel difference
+            rgb = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], -1)
+            best, at = np.full(values.shape, 999), np.zeros(values.shape, np.int64)
+            for i, key in enumerate(keys):
+                distance = np.abs(rgb - np.array(unpack_rgb(int(key)))).max(-1)
+                at, best = np.where(distance < best, i, at), np.minimum(distance, best)
+            known = best <= self._tolerance
+        else:
+            right = np.clip(np.searchsorted(keys, values), 1, len(keys) - 1) if len(keys) > 1 else np.zeros_like(values)
+            left = np.maximum(right - 1, 0)
+            at = np.where(np.abs(keys[left] - values) <= np.abs(keys[right] - values), left, right)
+            known = np.abs(keys[at] - values) <= self._tolerance
+        return np.where(known, classes[at], IGNORE_INDEX).astype(np.uint8), known
+
+    @cached_property
+    def _lut(self) -> tuple[np.ndarray, np.ndarray]:
+        """lookup() of every 16-bit id, so that an id mask maps with one indexing step."""
+        return self.lookup(np.arange(65536))
+
+    def apply(self, raw: np.ndarray, lossy: bool = False) -> tuple[np.ndarray, int]:
+        """A raw mask (ids [H, W], or RGB [H, W, 3] for colour masks) -> class indices [H, W] (uint8), and the
+        number of pixels whose value is no key."""
+        if self.encoding == "colour":
+            mask, known = self.lookup(pack_rgb(raw), lossy)
+        elif lossy:
+            mask, known = self.lookup(raw, lossy)
+        else:
+            lut, known_lut = self._lut
+            mask, known = lut[raw], known_lut[raw]
+        return mask, int(known.size - np.count_nonzero(known))
+
+    def count(self, raw: np.ndarray, lossy: bool = False) -> tuple[np.ndarray, int]:
+        """Pixels per class [num_classes + 1] (the last: ignored) of one raw mask, and how many had no key.
+        Id masks are counted through their histogram: one pass over the pixels."""
+        if self.encoding == "colour":
+            mask, unknown = self.apply(raw, lossy)
+            counts = np.bincount(mask.ravel(), minlength=256)
+        else:
+            hist = np.bincount(raw.ravel())
+            values = np.flatnonzero(hist)
+            classes, known = self.lookup(values, lossy)
+            counts = np.bincount(classes, weights=hist[values], minlength=256).astype(np.int64)
+            unknown = int(hist[values[~known]].sum())
+        return np.append(counts[: self.num_classes], counts[IGNORE_INDEX]), unknown
+
+    def to_dict(self) -> dict:
+        """Plain values, for a checkpoint that loads with torch.load(weights_only=True)."""
+        return {"names": list(self.names), "palette": self.palette.tolist(), "keys": list(self.keys),
+                "classes": list(self.classes), "encoding": self.encoding, "source": self.source}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassMap":
+        palette = np.array(d["palette"], np.uint8).reshape(-1, 3)
+        return cls(tuple(d["names"]), palette, tuple(d["keys"]), tuple(d["classes"]), d["encoding"], d["source"])
 
 
 def distinct_palette(n: int) -> np.ndarray:
@@ -91,34 +183,147 @@ def distinct_palette(n: int) -> np.ndarray:
     return (np.array(colours) * 255).round().astype(np.uint8).reshape(n, 3)
 
 
-def offroad_class_map() -> ClassMap:
-    return ClassMap.from_pairs(
-        tuple(name for _, name in OFFROAD_CLASSES), {raw: i for i, (raw, _) in enumerate(OFFROAD_CLASSES)}
-    )
+@dataclass(frozen=True)
+class ClassRow:
+    """One row of a class table: a class name (or "ignore"), and the raw id and/or colour that mean it."""
+
+    name: str
+    id: int | None = None
+    colour: tuple[int, int, int] | None = None
 
 
-def cityscapes_class_map() -> ClassMap:
+@dataclass(frozen=True)
+class ClassTable:
+    """Classes in index order, each named once; several rows of one name merge their ids or colours into one
+    class, and rows named `ignore` mark values that mean "ignore". Without ids, class i has id i."""
+
+    rows: tuple[ClassRow, ...]
+    source: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.name for r in self.rows if not is_ignore(r.name)))
+
+    @property
+    def has_ids(self) -> bool:
+        return any(r.id is not None for r in self.rows)
+
+    @property
+    def has_colours(self) -> bool:
+        return any(r.colour is not None for r in self.rows)
+
+    def class_map(self, encoding: str) -> ClassMap:
+        """The ClassMap for masks in `encoding`: colour masks use the colours, index masks the ids (or i for
+        class i, with 255 meaning ignore, when the table has no ids)."""
+        names = self.names
+        index = {name: i for i, name in enumerate(names)}
+        of = lambda row: IGNORE_INDEX if is_ignore(row.name) else index[row.name]  # noqa: E731
+        if encoding == "colour":
+            if not self.has_colours:
+                raise DatasetError(f"class table {self.source} has no r,g,b columns, which colour masks need")
+            pairs = {int(pack_rgb(np.array(r.colour))): of(r) for r in self.rows if r.colour is not None}
+        elif self.has_ids:
+            pairs = {r.id: of(r) for r in self.rows if r.id is not None}
+        else:
+            pairs = {i: i for i in range(len(names))} | {IGNORE_INDEX: IGNORE_INDEX}
+        palette = distinct_palette(len(names))
+        for row in reversed(self.rows):  # a class's first colour wins
+            if row.colour is not None and not is_ignore(row.name):
+                palette[index[row.name]] = row.colour
+        return ClassMap(names, palette, tuple(pairs), tuple(pairs.values()), encoding, self.source)
+
+
+def is_ignore(name: str) -> bool:
+    return name.strip().lower() == "ignore"
+
+
+def offroad_table() -> ClassTable:
+    return ClassTable(tuple(ClassRow(name, raw) for raw, name in OFFROAD_CLASSES), "the offroad table")
+
+
+def cityscapes_table() -> ClassTable:
+    """The 19 evaluated classes by their labelIds, in trainId order with Cityscapes' own colours; the other
+    labelIds mean ignore."""
     evaluated = sorted((c for c in Cityscapes.classes if 0 <= c.train_id < IGNORE_INDEX), key=lambda c: c.train_id)
-    pairs = {
-        c.id: c.train_id if 0 <= c.train_id < IGNORE_INDEX else IGNORE_INDEX for c in Cityscapes.classes if c.id >= 0
-    }
-    palette = np.array([c.color for c in evaluated], dtype=np.uint8)  # Cityscapes' own colours
-    return ClassMap.from_pairs(tuple(c.name for c in evaluated), pairs, palette)
+    void = [ClassRow("ignore", c.id) for c in Cityscapes.classes if c.id >= 0 and not 0 <= c.train_id < IGNORE_INDEX]
+    return ClassTable(tuple(ClassRow(c.name, c.id, c.color) for c in evaluated) + tuple(void), "the cityscapes table")
 
 
-def palette_for(names: list[str]) -> np.ndarray:
-    """Cityscapes' own colours for its 19 classes, distinct colours for any other class list."""
-    cityscapes = cityscapes_class_map()
-    return cityscapes.palette if tuple(names) == cityscapes.names else distinct_palette(len(names))
-
-
-def folder_class_map(num_classes: int, class_names: list[str] | None = None) -> ClassMap:
+def numbered_table(num_classes: int, class_names: list[str] | None = None) -> ClassTable:
+    """--num-classes / --class-names: ids 0..C-1 (255 and ids at or above C are ignored)."""
     names = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(num_classes))
     if len(names) != num_classes:
         raise DatasetError(f"--class-names gives {len(names)} names but --num-classes is {num_classes}")
-    pairs = {i: i for i in range(num_classes)}
-    pairs[IGNORE_INDEX] = IGNORE_INDEX
-    return ClassMap.from_pairs(names, pairs)
+    if len(set(names)) != len(names):
+        raise DatasetError("--class-names repeats a name")
+    return ClassTable(tuple(ClassRow(n) for n in names), f"--num-classes {num_classes}")
+
+
+def binary_table(foreground: int, class_names: list[str] | None = None) -> ClassTable:
+    """Binary masks: 0 is the background, `foreground` (255 or 1) the foreground."""
+    names = class_names or ["background", "foreground"]
+    if len(names) != 2:
+        raise DatasetError(f"binary masks have 2 classes, but --class-names gives {len(names)}")
+    return ClassTable((ClassRow(names[0], 0), ClassRow(names[1], foreground)), f"binary masks (0 and {foreground})")
+
+
+def read_class_table(path: Path) -> ClassTable:
+    """A class table CSV: a header row with `name` and optionally `id` and `r,g,b`, then one row per class in
+    index order; blank lines and lines starting with # are skipped. Every error names the file and the row."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read class table {path}: {e}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
+        raise DatasetError(
+            f"class table {path} is empty; it needs a header row (name[,id][,r,g,b]) and a row per class"
+        )
+    header_line, header = numbered[0][0], [h.strip().lower() for h in next(csv.reader([numbered[0][1]]))]
+    where = lambda n: f"class table {path}, row {n}"  # noqa: E731
+    if "name" not in header:
+        raise DatasetError(f"{where(header_line)}: the header has no `name` column (columns: name[,id][,r,g,b])")
+    rgb = [c for c in ("r", "g", "b") if c in header]
+    if rgb and len(rgb) != 3:
+        raise DatasetError(f"{where(header_line)}: colours need all three columns r,g,b, not only {','.join(rgb)}")
+    rows, seen_ids, seen_colours = [], {}, {}
+    for n, line in numbered[1:]:
+        cells = [c.strip() for c in next(csv.reader([line]))]
+        if len(cells) != len(header):
+            raise DatasetError(f"{where(n)}: {len(cells)} cells for {len(header)} columns ({','.join(header)})")
+        cell = dict(zip(header, cells))
+        if not cell["name"]:
+            raise DatasetError(f"{where(n)}: the name is empty")
+        row = ClassRow(cell["name"], _table_int(cell, "id", 65535, where(n)), None)
+        if rgb:
+            row = ClassRow(row.name, row.id, tuple(_table_int(cell, c, 255, where(n)) for c in "rgb"))
+        for key, seen, what in ((row.id, seen_ids, "id"), (row.colour, seen_colours, "colour")):
+            if key is not None and key in seen:
+                raise DatasetError(f"{where(n)}: {what} {key} is already the {what} of row {seen[key]}")
+            if key is not None:
+                seen[key] = n
+        if "id" not in header and not rgb and any(r.name == row.name for r in rows):
+            raise DatasetError(f"{where(n)}: class {row.name!r} is listed twice")
+        rows.append(row)
+    table = ClassTable(tuple(rows), Path(path).name)
+    if not table.names:
+        raise DatasetError(f"class table {path} lists no class")
+    return table
+
+
+def _table_int(cell: dict, column: str, top: int, where: str) -> int | None:
+    if column not in cell:
+        return None
+    try:
+        value = int(cell[column])
+    except ValueError:
+        raise DatasetError(f"{where}: {column} {cell[column]!r} is not a whole number") from None
+    if not 0 <= value <= top:
+        raise DatasetError(f"{where}: {column} {value} is outside 0..{top}")
+    return value
+
+
+# ---- files and layouts ---------------------------------------------------------------------------------------------
 
 
 def detect_layout(root: Path, split: str) -> str:
@@ -134,50 +339,105 @@ def detect_layout(root: Path, split: str) -> str:
     )
 
 
-def _pairs_by_stem(image_dir: Path, mask_dir: Path, mask_name) -> list[tuple[Path, Path]]:
-    if not image_dir.is_dir():
-        raise DatasetError(f"missing folder {image_dir}")
-    if not mask_dir.is_dir():
-        raise DatasetError(f"missing mask folder {mask_dir}")
-    pairs = []
+@dataclass
+class SplitFiles:
+    """The (image, mask) pairs of one split, and the files that have no partner."""
+
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+    images_without_mask: list[tuple[Path, Path]] = field(default_factory=list)  # (image, the mask it expects)
+    masks_without_image: list[Path] = field(default_factory=list)
+
+
+def _match_by_stem(image_dir: Path, mask_dir: Path) -> SplitFiles:
+    """Masks are any image format, named by the image's stem (a.jpg -> a.png, or a.bmp, ...)."""
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"missing {'mask ' if folder == mask_dir else ''}folder {folder}")
+    masks: dict[str, Path] = {}
+    for mask in sorted(p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        if mask.stem in masks:
+            raise DatasetError(f"masks {masks[mask.stem]} and {mask} have the same name; keep one")
+        masks[mask.stem] = mask
+    files = SplitFiles()
     for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        mask = mask_dir / mask_name(image)
-        if not mask.is_file():
-            raise DatasetError(f"image {image} has no mask (expected {mask})")
-        pairs.append((image, mask))
-    return pairs
+        mask = masks.pop(image.stem, None)
+        if mask is None:
+            files.images_without_mask.append((image, mask_dir / f"{image.stem}.png"))
+        else:
+            files.pairs.append((image, mask))
+    files.masks_without_image = sorted(masks.values())
+    return files
 
 
-def list_pairs(root: Path, layout: str, split: str) -> list[tuple[Path, Path]]:
-    """(image, mask) paths of one split, in a stable order."""
+def split_files(root: Path, layout: str, split: str) -> SplitFiles:
+    """The files of one split, in a stable order."""
     if layout == "offroad":
-        return _pairs_by_stem(root / split / "Color_Images", root / split / "Segmentation", lambda p: p.stem + ".png")
+        return _match_by_stem(root / split / "Color_Images", root / split / "Segmentation")
     if layout == "folder":
-        return _pairs_by_stem(root / split / "images", root / split / "masks", lambda p: p.stem + ".png")
+        return _match_by_stem(root / split / "images", root / split / "masks")
     if layout == "cityscapes":
-        image_root, pairs = root / "leftImg8bit" / split, []
+        image_root, files = root / "leftImg8bit" / split, SplitFiles()
         if not image_root.is_dir():
             raise DatasetError(f"missing folder {image_root}")
         for city in sorted(p for p in image_root.iterdir() if p.is_dir()):
-            pairs += _pairs_by_stem(
-                city,
-                root / "gtFine" / split / city.name,
-                lambda p: p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
-            )
-        return pairs
+            for image in sorted(city.glob("*_leftImg8bit.png")):
+                mask = root / "gtFine" / split / city.name / image.name.replace("_leftImg8bit", "_gtFine_labelIds")
+                if mask.is_file():
+                    files.pairs.append((image, mask))
+                else:
+                    files.images_without_mask.append((image, mask))
+        return files
     raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """The mask's raw values, unchanged (16-bit PNGs stay 16-bit)."""
+def list_pairs(root: Path, layout: str, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) paths of one split; an image without a mask is an error."""
+    files = split_files(root, layout, split)
+    if files.images_without_mask:
+        image, mask = files.images_without_mask[0]
+        raise DatasetError(f"image {image} has no mask (expected {mask})")
+    return files.pairs
+
+
+def find_splits(root: Path, layout: str) -> list[str]:
+    """The splits a dataset root holds: train, val and test first, then any other, by name."""
+    if layout == "cityscapes":
+        found = [p.name for p in (root / "leftImg8bit").iterdir() if p.is_dir()]
+    else:
+        marker = "Color_Images" if layout == "offroad" else "images"
+        found = [p.name for p in root.iterdir() if (p / marker).is_dir()]
+    order = {"train": 0, "val": 1, "test": 2}
+    return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+def is_lossy(path: Path) -> bool:
+    return path.suffix.lower() in LOSSY_SUFFIXES
+
+
+def read_mask(path: Path, colour: bool = False) -> np.ndarray:
+    """The mask's raw values, unchanged: ids [H, W] (16-bit PNGs stay 16-bit; an RGB mask whose three channels
+    are equal is read as one), or with colour=True its colours [H, W, 3] uint8."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DatasetError(f"mask {path} has mode {im.mode}; expected a single-channel PNG of ids")
+            if colour:
+                return np.asarray(im.convert("RGB"))
+            if im.mode in ("RGBA", "LA", "PA") and im.getextrema()[-1][0] == 255:
+                im = im.convert(im.mode[:-1])  # a fully opaque alpha channel carries nothing
+            if im.mode in ("RGB", "RGBA", "PA", "LA"):
+                raw = np.asarray(im)
+                if im.mode != "RGB" or not ((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()):
+                    raise DatasetError(
+                        f"mask {path} is a colour (mode {im.mode}) image; colour-coded masks need a class table "
+                        "with r,g,b columns (--classes FILE; `python dataset.py --check --write-classes FILE` "
+                        "writes one)"
+                    )
+                return raw[..., 0].copy()
             raw = np.asarray(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from None
-    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535)  # indexes the 65536-entry maps
+    if raw.dtype == bool:  # 1-bit masks
+        return raw.astype(np.uint8)
+    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535).astype(np.uint16)
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -197,6 +457,145 @@ def image_size(path: Path) -> tuple[int, int]:
             return im.size
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from None
+
+
+# ---- mask encodings: index, binary or colour -----------------------------------------------------------------------
+
+
+def mask_histogram(path: Path, colour: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct raw values of a mask (colours packed by pack_rgb) and their pixel counts."""
+    raw = read_mask(path, colour)
+    if colour:
+        return np.unique(pack_rgb(raw), return_counts=True)
+    hist = np.bincount(raw.ravel())
+    values = np.flatnonzero(hist)
+    return values, hist[values]
+
+
+def is_colour_mask(path: Path) -> bool:
+    """An RGB mask whose channels differ (for a lossy one: by more than LOSSY_TOLERANCE in over 1% of pixels)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("RGB", "RGBA"):
+                return False
+            rgb = np.asarray(im.convert("RGB")).astype(np.int16)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read mask {path}: {e}") from None
+    spread = rgb.max(-1) - rgb.min(-1)
+    return (spread > LOSSY_TOLERANCE).mean() > 0.01 if is_lossy(path) else bool(spread.any())
+
+
+def sample_masks(pairs: list[tuple[Path, Path]], n: int = DETECT_SAMPLE) -> list[Path]:
+    """n masks spread evenly over the split."""
+    picks = np.linspace(0, len(pairs) - 1, min(n, len(pairs))).round().astype(int)
+    return [pairs[i][1] for i in sorted(set(picks.tolist()))]
+
+
+def detect_encoding(masks: list[Path], num_classes: int | None) -> tuple[str, str, int]:
+    """(encoding, why, foreground value of binary masks) from a sample of masks. Values that hold under 0.1% of a
+    lossy mask's pixels are compression noise, not classes."""
+    if any(is_colour_mask(m) for m in masks):
+        colours = set()
+        for m in masks:
+            values, counts = mask_histogram(m, colour=True)
+            colours.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
+        return "colour", f"the masks are RGB with {len(colours)} distinct colours in {len(masks)} sampled", 0
+    seen = set()
+    for m in masks:
+        values, counts = mask_histogram(m, colour=False)
+        seen.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
+    if num_classes in (None, 2) and 1 in seen and seen <= {0, 1}:
+        return "binary", "the masks hold only 0 and 1", 1
+    if num_classes in (None, 2) and 255 in seen and seen <= {0, 255}:
+        return "binary", "the masks hold only 0 and 255, so 255 is the foreground here, not ignore", 255
+    low, high = (min(seen), max(seen)) if seen else (0, 0)
+    return "index", f"the masks are single-channel with {len(seen)} distinct values in {low}..{high}", 0
+
+
+class ClassesUnknown(DatasetError):
+    """The masks need a class table (colour masks) or a class count (id masks) that nobody gave."""
+
+    def __init__(self, message: str, encoding: str):
+        super().__init__(message)
+        self.encoding = encoding
+
+
+@dataclass(frozen=True)
+class ClassOptions:
+    """What the user said about the classes: --classes FILE, --num-classes, --class-names, --mask-encoding."""
+
+    table: Path | None = None
+    num_classes: int | None = None
+    names: tuple[str, ...] | None = None
+    encoding: str = "auto"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ClassOptions":
+        table = getattr(args, "classes", None)
+        names = tuple(args.class_names) if args.class_names else None
+        return cls(Path(table) if table else None, args.num_classes, names, getattr(args, "mask_encoding", "auto"))
+
+
+def given_table(layout: str, options: ClassOptions) -> ClassTable | None:
+    """The class table the user gave (--classes) or the layout's own; None where the masks must say."""
+    if options.table is not None:
+        if options.names:
+            raise DatasetError("give --classes FILE or --class-names, not both (the table names the classes)")
+        table = read_class_table(options.table)
+    elif layout in ("offroad", "cityscapes"):
+        table = offroad_table() if layout == "offroad" else cityscapes_table()
+        if options.names and tuple(options.names) != table.names:
+            raise DatasetError(f"--class-names does not match {table.source}; pass --classes FILE to rename classes")
+    else:
+        return None
+    if options.num_classes is not None and options.num_classes != len(table.names):
+        raise DatasetError(
+            f"--num-classes {options.num_classes} does not match {table.source} ({len(table.names)} classes)"
+        )
+    return table
+
+
+def resolve_class_map(
+    root: Path, layout: str, pairs: list[tuple[Path, Path]], options: ClassOptions
+) -> tuple[ClassMap, str]:
+    """The ClassMap of a dataset and, in words, why its masks are read so: the class table (--classes, the
+    layout's own, --num-classes, or binary) and the encoding, detected from a sample of `pairs` unless given."""
+    table = given_table(layout, options)
+    count = len(table.names) if table else options.num_classes
+    encoding, why, foreground = options.encoding, f"--mask-encoding {options.encoding}", 255
+    if encoding in ("auto", "binary"):
+        detected, reason, value = detect_encoding(sample_masks(pairs), None if table and table.has_ids else count)
+        encoding, why = (detected, reason) if encoding == "auto" else (encoding, why)
+        foreground = 1 if value == 1 else 255
+    if encoding == "binary" and table is not None and table.has_ids:
+        encoding = "index"  # the table's ids say what each value is
+    if encoding == "colour" and (table is None or not table.has_colours):
+        raise ClassesUnknown(
+            f"{why.replace('the masks', f'the masks of {root}')}, but no class table gives their colours: write "
+            f"one with `python dataset.py --data {shlex.quote(str(root))} --check --write-classes classes.csv`, "
+            "name its rows, and pass --classes classes.csv",
+            "colour",
+        )
+    if encoding == "binary":
+        if count not in (None, 2):
+            raise DatasetError(f"binary masks have 2 classes, not {count} ({why})")
+        names = table.names if table else options.names
+        class_map = binary_table(foreground, list(names) if names else None).class_map("binary")
+        if table is not None and table.has_colours:
+            class_map = replace(class_map, palette=table.class_map("index").palette, source=table.source)
+        return class_map, why
+    if table is None:
+        if options.num_classes is None:
+            raise ClassesUnknown(
+                f"--layout {layout} needs --num-classes or --classes FILE ({why}); "
+                f"`python dataset.py --data {shlex.quote(str(root))} --check` shows them",
+                "index",
+            )
+        table = numbered_table(options.num_classes, list(options.names) if options.names else None)
+    return table.class_map(encoding), why
+
+
+# ---- transforms: resize, scale, crop, flip, jitter -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -281,6 +680,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
+# ---- the dataset: cache, sampler, samples, batches -----------------------------------------------------------------
+
+
 class DecodedCache:
     """A split's images and class-index masks, decoded once into two flat uint8 files that every epoch (and every
     DataLoader worker) then reads through np.memmap: no PNG decoding after the first pass."""
@@ -299,16 +701,12 @@ class DecodedCache:
         total = int(self.offsets[-1])
         images = np.memmap(self.root / "images.u8", np.uint8, "w+", shape=(3 * total,))
         masks = np.memmap(self.root / "masks.u8", np.uint8, "w+", shape=(total,))
-        unknown = 0
         for i, (image_path, mask_path) in enumerate(tqdm(pairs, desc=f"caching into {self.root}", disable=None)):
             a, b = self.offsets[i], self.offsets[i + 1]
             images[3 * a : 3 * b] = read_image(image_path).permute(1, 2, 0).numpy().ravel()
-            mask, n = class_map.apply(read_mask(mask_path))
-            masks[a:b], unknown = mask.ravel(), unknown + n
+            masks[a:b] = read_classes(mask_path, class_map)[0].ravel()
         images.flush()
         masks.flush()
-        if unknown:
-            print(f"warning: {unknown} mask pixels have values outside the class map; they are ignored (255)")
         (self.root / "COMPLETE").write_text(f"{len(pairs)} pairs\n")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -322,13 +720,18 @@ class DecodedCache:
 
 def cache_dir(pairs: list[tuple[Path, Path]], class_map: ClassMap) -> Path:
     """A cache folder named by the files (paths, sizes, modification times) and the class map."""
-    digest = hashlib.sha1(class_map.lut.tobytes())
+    digest = hashlib.sha1(repr(sorted(class_map.to_dict().items())).encode())
     for image, mask in pairs:
         for path in (image, mask):
             stat = path.stat()
             digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "deeplab_decoded" / digest.hexdigest()[:16]
+
+
+def read_classes(path: Path, class_map: ClassMap) -> tuple[np.ndarray, int]:
+    """A mask file as class indices [H, W] (uint8), and the number of its pixels whose value has no class."""
+    return class_map.apply(read_mask(path, class_map.encoding == "colour"), is_lossy(path))
 
 
 class EpochSampler(Sampler):
@@ -351,7 +754,8 @@ class EpochSampler(Sampler):
 
 class SegmentationDataset(Dataset):
     """(image, mask) pairs of one split. File pairing and sizes are checked here, up front, so bad input
-    fails before training starts and names the file. With cache=True the decoded split is kept on disk."""
+    fails before training starts and names the file. With cache=True the decoded split is kept on disk.
+    `why` says, in words, how the masks are read (None when the class map was given)."""
 
     def __init__(
         self,
@@ -360,6 +764,7 @@ class SegmentationDataset(Dataset):
         transform: TransformConfig,
         cache: bool = False,
         seed: int = 0,
+        why: str | None = None,
     ):
         sizes = []
         for image, mask in pairs:
@@ -367,7 +772,7 @@ class SegmentationDataset(Dataset):
             if (iw, ih) != (mw, mh):
                 raise DatasetError(f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}")
             sizes.append((iw, ih))
-        self.pairs, self.class_map, self.transform = pairs, class_map, transform
+        self.pairs, self.class_map, self.transform, self.why = pairs, class_map, transform, why
         self.cache = DecodedCache(cache_dir(pairs, class_map), pairs, sizes, class_map) if cache else None
         self.reported_unknown = False
         self.seed = seed
@@ -386,13 +791,13 @@ class SegmentationDataset(Dataset):
             image, mask = self.cache[key]
             return transform_pair(image, torch.from_numpy(mask), self.transform, generator)
         image_path, mask_path = self.pairs[key]
-        mask, unknown = self.class_map.apply(read_mask(mask_path))
+        mask, unknown = read_classes(mask_path, self.class_map)
         if unknown and not self.reported_unknown:
-            # once per dataset (and DataLoader worker), not per pixel: `--stats` gives the exact count
+            # once per dataset (and DataLoader worker), not per pixel: `--check` gives the exact counts
             self.reported_unknown = True
             print(
-                f"warning: {unknown} pixels of {mask_path} have mask values outside the class map; "
-                "they are ignored (255). `python dataset.py --stats` counts them over the split.",
+                f"warning: {unknown} pixels of {mask_path} have mask values outside the class table; "
+                "they are ignored (255). `python dataset.py --check` counts them over the dataset.",
                 file=sys.stderr,
             )
         return transform_pair(read_image(image_path), torch.from_numpy(mask), self.transform, generator)
@@ -408,6 +813,40 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
     return images, masks
+
+
+def build_dataset(
+    data: Path | None,
+    layout: str,
+    split: str,
+    transform: TransformConfig,
+    classes: ClassOptions | ClassMap = ClassOptions(),
+    seed: int = 0,
+    cache: bool = False,
+) -> SegmentationDataset:
+    """The dataset of one split. `classes`: what the user said about the classes, resolved against this split's
+    masks, or the ClassMap of another split or of a checkpoint. With no data folder (or layout 'demo') the demo
+    data is generated first."""
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if data is None or layout == "demo":
+        data = make_demo(data if data is not None else default_demo_root(seed), seed=seed)
+        layout = "offroad"
+    data = Path(data)
+    if not data.is_dir():
+        raise DatasetError(f"--data folder {data} does not exist")
+    if layout == "auto":
+        layout = detect_layout(data, split)
+    pairs = list_pairs(data, layout, split)
+    if not pairs:
+        raise DatasetError(f"split {split!r} of {data} holds no images")
+    if isinstance(classes, ClassMap):
+        return SegmentationDataset(pairs, classes, transform, cache, seed)
+    class_map, why = resolve_class_map(data, layout, pairs, classes)
+    return SegmentationDataset(pairs, class_map, transform, cache, seed, why)
+
+
+# ---- demo data: procedural desert scenes in the offroad layout ----------------------------------------------------
 
 
 DEMO_SPLITS = {"train": 160, "val": 40}
@@ -495,56 +934,109 @@ def default_demo_root(seed: int) -> Path:
     return cache / "deeplab_demo" / f"v{DEMO_VERSION}-seed{seed}"
 
 
-def build_dataset(
-    data: Path | None,
-    layout: str,
-    split: str,
-    transform: TransformConfig,
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-    seed: int = 0,
-    cache: bool = False,
-) -> SegmentationDataset:
-    """The dataset of one split. With no data folder (or layout 'demo') the demo data is generated first."""
-    if layout not in LAYOUTS:
-        raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if data is None or layout == "demo":
-        data = make_demo(data if data is not None else default_demo_root(seed), seed=seed)
-        layout = "offroad"
-    data = Path(data)
-    if not data.is_dir():
-        raise DatasetError(f"--data folder {data} does not exist")
-    if layout == "auto":
-        layout = detect_layout(data, split)
-    if layout == "offroad":
-        class_map = offroad_class_map()
-    elif layout == "cityscapes":
-        class_map = cityscapes_class_map()
-    else:
-        if num_classes is None:
-            raise DatasetError("--layout folder needs --num-classes")
-        class_map = folder_class_map(num_classes, class_names)
-    if num_classes is not None and num_classes != class_map.num_classes:
-        raise DatasetError(
-            f"--num-classes {num_classes} does not match layout {layout} ({class_map.num_classes} classes)"
+# ---- statistics: what the masks of a split hold --------------------------------------------------------------------
+
+
+@dataclass
+class SplitStats:
+    """What the masks of one split hold, counted over every pixel."""
+
+    pixels: np.ndarray  # [C] pixels of each class
+    images: np.ndarray  # [C] masks each class appears in
+    ignored: int = 0  # pixels ignored: on purpose (IGNORE_INDEX, an `ignore` row) or for want of a class
+    unknown: int = 0  # of those, pixels whose value has no class
+    unknown_lossy: int = 0  # of those, pixels in lossy masks
+    total: int = 0
+    unknown_values: dict[int, list] = field(default_factory=dict)  # raw value -> [pixels, files]
+    lossy: int = 0  # lossy (JPEG) masks
+    unreadable: list[str] = field(default_factory=list)  # one message per file
+    mismatched: list[str] = field(default_factory=list)  # masks of another size than their image
+
+
+def _pair_statistics(pair: tuple[Path, Path], class_map: ClassMap) -> tuple | str:
+    image, mask = pair
+    try:
+        raw = read_mask(mask, class_map.encoding == "colour")
+        width, height = image_size(image)
+    except DatasetError as e:
+        return str(e)
+    lossy = is_lossy(mask)
+    counts, unknown = class_map.count(raw, lossy)
+    odd = {}
+    if unknown and not lossy:  # which values: rare, so only then the histogram (lossy masks: noise, not values)
+        values, pixels = np.unique(pack_rgb(raw) if raw.ndim == 3 else raw, return_counts=True)
+        strange = ~class_map.lookup(values, lossy)[1]
+        odd = dict(zip(values[strange].tolist(), pixels[strange].tolist()))
+    return counts, unknown, odd, lossy, (width, height) != (raw.shape[1], raw.shape[0])
+
+
+def split_statistics(pairs: list[tuple[Path, Path]], class_map: ClassMap, desc: str = "reading masks") -> SplitStats:
+    """Pixels and images per class, ignored and unknown pixels, lossy, unreadable and mismatched masks of a split.
+    Masks are decoded in threads (the decoders release the GIL)."""
+    stats = SplitStats(np.zeros(class_map.num_classes, np.int64), np.zeros(class_map.num_classes, np.int64))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        results = pool.map(lambda pair: _pair_statistics(pair, class_map), pairs)
+        for (_, mask), result in zip(pairs, tqdm(results, total=len(pairs), desc=desc, leave=False, disable=None)):
+            if isinstance(result, str):
+                stats.unreadable.append(result)
+                continue
+            counts, unknown, odd, lossy, mismatched = result
+            stats.pixels += counts[:-1]
+            stats.images += counts[:-1] > 0
+            stats.ignored += int(counts[-1])
+            stats.unknown += unknown
+            stats.total += int(counts.sum())
+            stats.lossy += lossy
+            stats.unknown_lossy += unknown if lossy else 0
+            for value, n in odd.items():
+                entry = stats.unknown_values.setdefault(value, [0, []])
+                entry[0] += n
+                entry[1].append(mask)
+            if mismatched:
+                stats.mismatched.append(f"mask {mask} has another size than its image")
+    return stats
+
+
+def too_few_classes(stats: SplitStats, class_map: ClassMap, where: str, pairs: list[tuple[Path, Path]]) -> str | None:
+    """Why a split with at most one class present cannot train, or None when it has two or more. Masks that hold
+    only 0 and 255 read as index masks (255: ignore) are the usual cause, and the message says so."""
+    present = [name for name, n in zip(class_map.names, stats.pixels) if n > 0]
+    if len(present) > 1:
+        return None
+    if class_map.encoding == "index" and detect_encoding(sample_masks(pairs), 2)[2] == 255:
+        return (
+            f"the masks of {where} hold only 0 and 255, and 255 is read as ignore, so only class 0 would be "
+            "trained: pass --num-classes 2 (or --mask-encoding binary) to read 255 as the foreground"
         )
-    pairs = list_pairs(data, layout, split)
-    if not pairs:
-        raise DatasetError(f"split {split!r} of {data} holds no images")
-    return SegmentationDataset(pairs, class_map, transform, cache, seed)
+    what = f"only class {present[0]!r}" if present else "no class"
+    return (
+        f"{where} has {what} in its masks ({stats.ignored} of {stats.total} pixels ignored): nothing to learn; "
+        "`python dataset.py --check` shows what the masks hold"
+    )
 
 
-def class_pixel_counts(dataset: SegmentationDataset) -> tuple[np.ndarray, int, int]:
-    """Exact pixel counts per class over the split's full-size masks, the ignored pixel count, and how many
-    of those had values outside the class map."""
-    counts = np.zeros(dataset.class_map.num_classes + 1, dtype=np.int64)
-    unknown_total = 0
-    for _, mask_path in dataset.pairs:
-        mask, unknown = dataset.class_map.apply(read_mask(mask_path))
-        mask = np.where(mask == IGNORE_INDEX, dataset.class_map.num_classes, mask)
-        counts += np.bincount(mask.ravel(), minlength=len(counts))
-        unknown_total += unknown
-    return counts[:-1], int(counts[-1]), unknown_total
+def check_trainable(stats: SplitStats, class_map: ClassMap, where: str, pairs: list[tuple[Path, Path]]) -> list[str]:
+    """Refuse (DatasetError) a training split that would train wrongly: unreadable masks, or at most one class
+    present. One warning line per lesser problem: classes that never appear (they can never be learned), values
+    outside the class table, lossy masks."""
+    if stats.unreadable:
+        raise DatasetError(stats.unreadable[0])
+    problem = too_few_classes(stats, class_map, where, pairs)
+    if problem:
+        raise DatasetError(problem)
+    warnings = [f"class {name!r} never appears in {where}: it can never be learned"
+                for name, n in zip(class_map.names, stats.pixels) if n == 0]  # fmt: skip
+    if stats.unknown > stats.unknown_lossy:
+        warnings.append(
+            f"{stats.unknown - stats.unknown_lossy} pixels of {where} have values outside {class_map.source}; "
+            "they are ignored (`python dataset.py --check` lists them)"
+        )
+    if stats.lossy:
+        warnings.append(
+            f"{stats.lossy} masks of {where} are lossy (JPEG): {stats.unknown_lossy} of their pixels are no class's "
+            "value (compression noise at edges) and are ignored; save masks as PNG"
+        )
+    return warnings
 
 
 CLASS_WEIGHT_RULE = "median frequency balancing, median(freq) / freq, clipped to [0.1, 10]; absent classes 0"
@@ -562,14 +1054,226 @@ def class_weights(counts: np.ndarray, clip: tuple[float, float] = (0.1, 10.0)) -
 
 
 def print_stats(dataset: SegmentationDataset) -> None:
-    counts, ignored, unknown = class_pixel_counts(dataset)
-    weights = class_weights(counts)
-    total = max(int(counts.sum()), 1)
+    stats = split_statistics(dataset.pairs, dataset.class_map)
+    weights = class_weights(stats.pixels)
+    total = max(int(stats.pixels.sum()), 1)
     print(f"{'index':>5}  {'class':<20} {'pixels':>14} {'frequency':>10} {'weight':>8}")
     for i, name in enumerate(dataset.class_map.names):
-        print(f"{i:>5}  {name:<20} {counts[i]:>14d} {counts[i] / total:>10.6f} {weights[i]:>8.4f}")
-    print(f"ignored pixels: {ignored} ({unknown} with values outside the class map)")
+        print(f"{i:>5}  {name:<20} {stats.pixels[i]:>14d} {stats.pixels[i] / total:>10.6f} {weights[i]:>8.4f}")
+    print(f"ignored pixels: {stats.ignored} ({stats.unknown} with values outside the class table)")
     print(f"weights: {CLASS_WEIGHT_RULE}")
+
+
+# ---- the dataset doctor: python dataset.py --data ROOT --check -----------------------------------------------------
+
+
+def raw_histogram(pairs: list[tuple[Path, Path]], colour: bool) -> dict[int, list[int]]:
+    """Every distinct raw value (colours packed by pack_rgb) in the masks of a split -> [pixels, masks]."""
+
+    def histogram(mask: Path) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return mask_histogram(mask, colour)
+        except DatasetError:  # split_statistics reports it
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    found: dict[int, list[int]] = {}
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for values, counts in pool.map(histogram, [mask for _, mask in pairs]):
+            for value, n in zip(values.tolist(), counts.tolist()):
+                entry = found.setdefault(value, [0, 0])
+                entry[0], entry[1] = entry[0] + n, entry[1] + 1
+    return found
+
+
+def value_name(value: int, colour: bool) -> str:
+    return "({}, {}, {})".format(*unpack_rgb(value)) if colour else str(value)
+
+
+def leaked_images(files: dict[str, SplitFiles]) -> list[str]:
+    """Images whose decoded pixels appear in more than one split, as 'A (split) = B (split)' lines."""
+
+    def digest(image: Path) -> str | None:
+        try:
+            pixels = read_image(image)
+        except DatasetError:
+            return None
+        return hashlib.sha1(str(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()
+
+    first: dict[str, tuple[str, Path]] = {}
+    leaks = []
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for split, split_files_ in files.items():
+            images = [image for image, _ in split_files_.pairs]
+            for image, key in zip(images, pool.map(digest, images)):
+                if key is None:
+                    continue
+                if key in first and first[key][0] != split:
+                    leaks.append(f"{first[key][1]} ({first[key][0]}) = {image} ({split})")
+                first.setdefault(key, (split, image))
+    return leaks
+
+
+def write_class_table(
+    path: Path, found: dict[int, list[int]], colour: bool, lossy: bool, source: str, class_map: ClassMap | None
+) -> None:
+    """A class table of the values the masks hold, each row with its pixel count as a comment, for the user to
+    name; rows take their names from `class_map` where it knows the value. Lossy masks: only values that hold at
+    least 0.1% of the pixels (the rest is compression noise)."""
+    if path.exists():
+        raise DatasetError(f"--write-classes {path} exists; choose another name (it is never overwritten)")
+    total = sum(n for n, _ in found.values())
+    keep = sorted(v for v, (n, _) in found.items() if not lossy or n >= 0.001 * total)
+    if colour:
+        keep.sort(key=lambda v: -found[v][0])
+    lines = [f"# class table of the masks of {source}, written by `dataset.py --check`: rename the classes (rows in",
+             "# class-index order), give rows one name to merge them, and name a row `ignore` for a value of no class",
+             "name,r,g,b" if colour else "name,id"]  # fmt: skip
+    for i, value in enumerate(keep):
+        pixels, masks = found[value]
+        name = f"class_{i}" if colour else "ignore" if value == IGNORE_INDEX else f"class_{value}"
+        if class_map is not None:
+            index, known = (int(a[0]) for a in class_map.lookup(np.array([value])))
+            name = ("ignore" if index == IGNORE_INDEX else class_map.names[index]) if known else name
+        lines.append(f"# {value_name(value, colour)}: {pixels} pixels in {masks} masks")
+        lines.append(f"{name},{','.join(map(str, unpack_rgb(value)))}" if colour else f"{name},{value}")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}: {len(keep)} rows{f' of {len(found)} values' if len(keep) < len(found) else ''}; name them")
+
+
+def print_class_rows(class_map: ClassMap, stats: dict[str, SplitStats]) -> None:
+    """Per class and split: pixels, share of the labelled pixels, and the masks it appears in."""
+    head = "".join(f" | {s + ' pixels':>15} {'share':>7} {'masks':>6}" for s in stats)
+    print(f"{'':>3} {'class':<20}{head}")
+    for i, name in enumerate(class_map.names):
+        cells = "".join(
+            f" | {s.pixels[i]:>15,} {s.pixels[i] / max(s.pixels.sum(), 1):>7.2%} {s.images[i]:>6}"
+            for s in stats.values()
+        )
+        print(f"{i:>3} {name[:20]:<20}{cells}")
+    ignored = (
+        f"{s} {v.ignored:,} ({v.ignored / max(v.total, 1):.1%}; {v.unknown:,} of no class)" for s, v in stats.items()
+    )
+    print(f"ignored pixels: {', '.join(ignored)}")
+
+
+def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: ClassMap, colour: bool,
+                   train: str) -> tuple[list[str], list[str]]:  # fmt: skip
+    """(errors, warnings) of one split, each one line."""
+
+    def some(items: list) -> str:
+        return ", ".join(map(str, items[:5])) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    errors = [*stats.unreadable[:5], *stats.mismatched[:5]]
+    if files.images_without_mask:
+        errors.append(f"{split}: {len(files.images_without_mask)} images have no mask: "
+                      + some([image.name for image, _ in files.images_without_mask]))  # fmt: skip
+    if stats.total and stats.ignored == stats.total:
+        errors.append(f"{split}: every pixel is ignored")
+    warnings = []
+    if files.masks_without_image:
+        warnings.append(f"{split}: {len(files.masks_without_image)} masks have no image: "
+                        + some([m.name for m in files.masks_without_image]))  # fmt: skip
+    if stats.total and stats.ignored > stats.total / 2:
+        warnings.append(f"{split}: {stats.ignored / stats.total:.0%} of the pixels are ignored")
+    absent = [n for n, p in zip(class_map.names, stats.pixels) if p == 0]
+    if absent and split == train:
+        warnings.append(f"{split}: never present, so never learned: {', '.join(absent)}")
+    elif absent:
+        warnings.append(f"{split}: never present, so their IoU is n/a: {', '.join(absent)}")
+    if stats.lossy:
+        warnings.append(f"{split}: {stats.lossy} masks are lossy (JPEG); {stats.unknown_lossy} of their pixels "
+                        "match no class (compression noise) and are ignored; save masks as PNG")  # fmt: skip
+    for value, (pixels, masks) in sorted(stats.unknown_values.items(), key=lambda kv: -kv[1][0])[:5]:
+        warnings.append(f"{split}: value {value_name(value, colour)} is in no class: {pixels} pixels in "
+                        + some([m.name for m in masks]))  # fmt: skip
+    if len(stats.unknown_values) > 5:
+        warnings.append(f"{split}: {len(stats.unknown_values) - 5} more values are in no class")
+    return errors, warnings
+
+
+def train_command(root: Path, layout: str, options: ClassOptions) -> str:
+    """The train_deeplab.py command line for these data flags."""
+    parts = ["python", "train_deeplab.py", "--data", str(root)] + (["--layout", layout] if layout != "auto" else [])
+    if options.table is not None:
+        parts += ["--classes", str(options.table)]
+    elif options.num_classes is not None:
+        parts += ["--num-classes", str(options.num_classes)]
+    if options.names:
+        parts += ["--class-names", ",".join(options.names)]
+    if options.encoding != "auto":
+        parts += ["--mask-encoding", options.encoding]
+    return shlex.join(parts)
+
+
+def doctor_class_map(
+    root: Path, layout: str, pairs: list[tuple[Path, Path]], options: ClassOptions, warnings: list[str]
+) -> tuple[ClassMap | None, str, ClassOptions]:
+    """resolve_class_map, or for id masks without a class count every value as a class (with a warning), or None
+    for colour masks without a table; also the options that the train command line needs."""
+    try:
+        class_map, why = resolve_class_map(root, layout, pairs, options)
+        return class_map, why, options
+    except ClassesUnknown as e:
+        if e.encoding == "colour":
+            return None, str(e), options
+    values = [v for v in raw_histogram(pairs, colour=False) if v != IGNORE_INDEX]
+    options = replace(options, num_classes=max(values, default=0) + 1)
+    warnings.append(
+        f"no --num-classes or --classes: the mask values 0..{options.num_classes - 1} were counted as classes (255 "
+        "as ignore); if a value means void (like 11 in CamVid), pass the real --num-classes, or a class table "
+        "with an `ignore` row"
+    )
+    class_map, why = resolve_class_map(root, layout, pairs, options)
+    return class_map, why, options
+
+
+def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes: Path | None = None) -> int:
+    """Print what a dataset holds and what would go wrong in training, then a verdict and the command line to
+    train with. Returns 1 when training would fail or train wrongly, else 0."""
+    if not root.is_dir():
+        raise DatasetError(f"--data folder {root} does not exist")
+    found_layout = detect_layout(root, "train") if layout == "auto" else layout
+    files = {split: split_files(root, found_layout, split) for split in find_splits(root, found_layout)}
+    if not any(f.pairs for f in files.values()):
+        raise DatasetError(f"{root} holds no image with a mask")
+    train = "train" if files.get("train") and files["train"].pairs else next(s for s, f in files.items() if f.pairs)
+    print(f"{root}: layout {found_layout}; " + ", ".join(f"{s} {len(f.pairs)} pairs" for s, f in files.items()))
+    errors, warnings = [], []
+    class_map, why, options = doctor_class_map(root, found_layout, files[train].pairs, options, warnings)
+    colour = class_map.encoding == "colour" if class_map else True
+    if write_classes is not None:
+        lossy = any(is_lossy(mask) for _, mask in files[train].pairs)
+        found = raw_histogram(files[train].pairs, colour)
+        write_class_table(write_classes, found, colour, lossy, f"{root / train}", class_map)
+        options = replace(options, table=write_classes)
+        if class_map is None:  # read the masks with the table just written
+            class_map, why, options = doctor_class_map(root, found_layout, files[train].pairs, options, warnings)
+    if class_map is None:
+        errors.append(why)
+    else:
+        print(f"masks: {class_map.encoding}, {class_map.num_classes} classes from {class_map.source} ({why})")
+        stats = {s: split_statistics(f.pairs, class_map, f"reading {s} masks") for s, f in files.items() if f.pairs}
+        print_class_rows(class_map, stats)
+        for split, split_stats in stats.items():
+            found_errors, found_warnings = split_findings(split, files[split], split_stats, class_map, colour, train)
+            errors, warnings = errors + found_errors, warnings + found_warnings
+        problem = too_few_classes(stats[train], class_map, f"split {train}", files[train].pairs)
+        errors += [problem] if problem else []
+    warnings += [f"the same image is in two splits (leakage inflates validation scores): {leak}"
+                 for leak in leaked_images(files)]  # fmt: skip
+    for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
+        print(line)
+    command = train_command(root, layout, options)
+    if errors:
+        print(
+            f"verdict: training would fail or train wrongly ({len(errors)} errors); once they are fixed:\n  {command}"
+        )
+    else:
+        print(f"verdict: ready to train ({len(warnings)} warnings)\n  {command}")
+    return 1 if errors else 0
+
+
+# ---- data pipeline benchmark --------------------------------------------------------------------------------------
 
 
 def reference_pipeline(cfg: TransformConfig) -> Callable[[Path, Path], tuple[torch.Tensor, torch.Tensor]]:
@@ -625,6 +1329,9 @@ def benchmark_pipeline(dataset: SegmentationDataset, samples: int) -> tuple[floa
     return ours, samples / (time.perf_counter() - start)
 
 
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported in one line (no usage block) with exit status 2."""
 
@@ -640,10 +1347,16 @@ def one_line(error: Exception) -> str:
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that pick a dataset, shared by every script."""
+    """Flags that pick a dataset and say what its masks mean, shared by every script."""
     parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the generated demo data)")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: detect)")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes (folder layout)")
+    parser.add_argument(
+        "--classes", type=Path, default=None, metavar="CSV", help="class table: name[,id][,r,g,b] per class"
+    )
+    parser.add_argument(
+        "--mask-encoding", default="auto", choices=ENCODINGS, help="how masks hold classes (default: detect)"
+    )
+    parser.add_argument("--num-classes", type=int, default=None, help="number of classes (ids 0..N-1)")
     parser.add_argument(
         "--class-names", type=lambda s: [n.strip() for n in s.split(",")], default=None, help="comma-separated names"
     )
@@ -682,11 +1395,16 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
 
 def main(args: argparse.Namespace) -> None:
     try:
+        options = ClassOptions.from_args(args)
+        if args.check or args.write_classes:
+            data = args.data if args.data is not None and args.layout != "demo" else None
+            root = data if data is not None else make_demo(args.data or default_demo_root(args.seed), seed=args.seed)
+            layout = args.layout if data is not None else "offroad"
+            sys.exit(check_dataset(Path(root), layout, options, args.write_classes))
         cfg = transform_from_args(args, train=args.benchmark is not None)  # the benchmark times training transforms
-        dataset = build_dataset(
-            args.data, args.layout, args.split, cfg, args.num_classes, args.class_names, args.seed, args.cache
-        )
+        dataset = build_dataset(args.data, args.layout, args.split, cfg, options, args.seed, args.cache)
         print(f"{len(dataset)} images in split {args.split!r}, {dataset.class_map.num_classes} classes")
+        print(f"masks: {dataset.class_map.encoding}, classes from {dataset.class_map.source} ({dataset.why})")
         if args.stats:
             print_stats(dataset)
         if args.benchmark:
@@ -695,12 +1413,16 @@ def main(args: argparse.Namespace) -> None:
             print(f"baseline: {reference:.2f} samples/s")
             print(f"ratio: {ours / reference:.2f}")
     except DatasetError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Inspect a segmentation dataset", add_help=add_help)
     add_data_args(parser)
+    parser.add_argument("--check", action="store_true", help="check every split; exit 1 if training would be wrong")
+    parser.add_argument(
+        "--write-classes", type=Path, default=None, metavar="CSV", help="with --check: write a class table to name"
+    )
     parser.add_argument("--split", default="train", help="split to read (train, val, ...)")
     parser.add_argument("--stats", action="store_true", help="print per-class pixel counts and suggested weights")
     parser.add_argument("--benchmark", type=int, default=None, metavar="N", help="time N training samples")

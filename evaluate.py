@@ -29,15 +29,18 @@ from tqdm import tqdm
 from dataset import (
     IGNORE_INDEX,
     ArgumentParser,
+    ClassMap,
     DatasetError,
     TransformConfig,
     add_data_args,
     build_dataset,
+    cityscapes_table,
     collate,
     hw_pair,
     normalize,
+    numbered_table,
+    offroad_table,
     one_line,
-    palette_for,
     read_image,
     transform_pair,
 )
@@ -580,6 +583,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint."""
     checkpoint = load_checkpoint(args.checkpoint)
     model, names = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["class_names"]
+    class_map = checkpoint_class_map(checkpoint)
     run = checkpoint["args"]
     size = hw_pair(args.size) if args.size else hw_pair(run.get("size"))
     data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
@@ -591,11 +595,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     infer = lambda m, x: predict_logits(m, x, args.tta, window, stride)  # noqa: E731
     if args.predict:
         out = args.save_predictions or Path("predictions")
-        return predict_files(model, args.predict, size, out, device, palette_for(names), infer)
+        return predict_files(model, args.predict, size, out, device, class_map.palette, infer)
 
-    dataset = build_dataset(
-        data, layout, args.split, TransformConfig(size=size, train=False), checkpoint["num_classes"], names, args.seed
-    )
+    dataset = build_dataset(data, layout, args.split, TransformConfig(size=size, train=False), class_map, args.seed)
     pictures = args.save_predictions
     loader = DataLoader(
         dataset, batch_size=1 if pictures else args.batch_size, num_workers=args.workers, collate_fn=collate
@@ -644,6 +646,18 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def checkpoint_class_map(checkpoint: dict) -> ClassMap:
+    """The class map the model was trained with (checkpoints written before class maps: its layout's table, or
+    ids 0..C-1 for the folder layout)."""
+    if "class_map" in checkpoint:
+        return ClassMap.from_dict(checkpoint["class_map"])
+    names = tuple(checkpoint["class_names"])
+    for table in (offroad_table(), cityscapes_table()):
+        if names == table.names:
+            return table.class_map("index")
+    return numbered_table(len(names), list(names)).class_map("index")
 
 
 def predict_files(model, paths, size, out, device, palette, infer) -> dict:

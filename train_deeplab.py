@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +30,21 @@ from tqdm import tqdm
 from dataset import (
     CLASS_WEIGHT_RULE,
     ArgumentParser,
+    ClassMap,
+    ClassOptions,
     DatasetError,
     EpochSampler,
     SegmentationDataset,
+    SplitStats,
     add_data_args,
     add_transform_args,
     build_dataset,
-    class_pixel_counts,
+    check_trainable,
     class_weights,
     collate,
     normalize,
     one_line,
+    split_statistics,
     transform_from_args,
 )
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
@@ -178,15 +183,18 @@ def csv_header(num_classes: int) -> list[str]:
 
 
 def build_loaders(
-    args: argparse.Namespace, rank: int, world: int
+    args: argparse.Namespace, rank: int, world: int, classes: ClassOptions | ClassMap
 ) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
     """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
-    validation images split between them without the padding a DistributedSampler would add."""
-    build = lambda split, tf: build_dataset(  # noqa: E731
-        args.data, args.layout, split, tf, args.num_classes, args.class_names, args.seed, args.cache
+    validation images split between them without the padding a DistributedSampler would add. The class map is
+    resolved on the training split (or given) and shared by the validation split."""
+    train_set = build_dataset(
+        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache
     )
-    train_set = build(args.train_split, transform_from_args(args, train=True))
-    val_set = build(args.val_split, transform_from_args(args, train=False))
+    val_set = build_dataset(
+        args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
+        args.seed, args.cache,
+    )  # fmt: skip
     per_rank = len(train_set) // world
     if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
         raise ModelError(
@@ -207,6 +215,21 @@ def build_loaders(
     )
     val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world), **common)
     return train_set, train_loader, val_loader
+
+
+def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset, say: Callable) -> SplitStats:
+    """Count every pixel of the training masks once, before the first epoch: refuse data that would train wrongly
+    (at most one class present, binary masks read with 255 as ignore, unreadable masks), and warn in one line each
+    about classes that never appear, values outside the class table and lossy masks."""
+    class_map = train_set.class_map
+    why = f" ({train_set.why})" if train_set.why else ""
+    say(f"masks: {class_map.encoding}, {class_map.num_classes} classes from {class_map.source}{why}")
+    where = f"split {args.train_split} of {args.data or 'the demo data'}"
+    stats = split_statistics(train_set.pairs, class_map, f"checking {args.train_split} masks")
+    for warning in check_trainable(stats, class_map, where, train_set.pairs):
+        say(f"warning: {warning}")
+    train_set.reported_unknown = True  # said once here, not again by every DataLoader worker
+    return stats
 
 
 def _epoch_and_value(part: str, flag: str) -> tuple[int, str]:
@@ -239,25 +262,26 @@ def value_at(changes: dict, epoch: int, default: object) -> object:
     return changes[max(started)] if started else default
 
 
-def load_class_weights(args: argparse.Namespace, train_set: SegmentationDataset) -> torch.Tensor | None:
-    """--class-weights: none, auto (median frequency balancing over the training split), or a file of numbers."""
+def load_class_weights(
+    args: argparse.Namespace, names: tuple[str, ...], pixels: np.ndarray, say: Callable
+) -> torch.Tensor | None:
+    """--class-weights: none, auto (median frequency balancing of the training split's `pixels` per class), or a
+    file of numbers."""
     if args.class_weights in (None, "none"):
         return None
     if args.class_weights == "auto":
-        weights = class_weights(class_pixel_counts(train_set)[0])
-        print(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
+        weights = class_weights(pixels)
+        say(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
     else:
         path = Path(args.class_weights)
         try:
             weights = [float(v) for v in path.read_text().replace(",", " ").split()]
         except (OSError, ValueError) as e:
             raise DatasetError(f"--class-weights file {path} cannot be read as numbers ({e})") from None
-        if len(weights) != train_set.class_map.num_classes:
-            raise DatasetError(
-                f"--class-weights file {path} has {len(weights)} numbers for {train_set.class_map.num_classes} classes"
-            )
-        print(f"class weights (from {path}):")
-    print("  " + " | ".join(f"{n} {w:.4f}" for n, w in zip(train_set.class_map.names, weights)))
+        if len(weights) != len(names):
+            raise DatasetError(f"--class-weights file {path} has {len(weights)} numbers for {len(names)} classes")
+        say(f"class weights (from {path}):")
+    say("  " + " | ".join(f"{n} {w:.4f}" for n, w in zip(names, weights)))
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -333,33 +357,83 @@ def truncate_log(log: Path, last_epoch: int) -> None:
     os.replace(tmp, log)
 
 
-def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
-    """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
-    `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
-    if args.resume and resumed is None:
-        resumed = load_checkpoint(args.resume)
-    resolve_defaults(args, checkpoint or resumed)
+@dataclass
+class Run:
+    """One training run: its data, model, optimisation state and where it writes. Under torchrun every process
+    holds one; process 0 alone prints and writes."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: SegmentationDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    make_loss: Callable[[str], nn.Module]
+    model: nn.Module  # the module itself, whose state_dict is saved
+    net: nn.Module  # what runs the steps: the model, or its DDP / torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    loss_changes: dict[int, str]
+    best_miou: float = -math.inf
+    since_best: int = 0
+    first_epoch: int = 1
+
+    def say(self, *message: object) -> None:
+        if self.rank == 0:
+            print(*message)
+
+    @property
+    def class_map(self) -> ClassMap:
+        return self.train_set.class_map
+
+
+def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device), with the device's speed settings."""
     rank, world, device = setup_distributed(args)
-    say = print if rank == 0 else lambda *a, **k: None
-    say(args)
-    seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
         torch.set_flush_denormal(True)
+    return rank, world, device
+
+
+def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
+    """Data (checked before the first epoch), loss, model (new, from a checkpoint, or resumed) and optimiser."""
+    resolve_defaults(args, checkpoint or resumed)
+    rank, world, device = setup_device(args)
+    say = print if rank == 0 else lambda *a, **k: None
+    say(args)
+    seed_everything(args.seed)
     out = args.out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
         sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
     power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
-    train_set, train_loader, val_loader = build_loaders(args, rank, world)
-    class_names, num_classes = list(train_set.class_map.names), train_set.class_map.num_classes
-    weights = load_class_weights(args, train_set) if rank == 0 or args.class_weights != "auto" else None
-    if args.class_weights == "auto" and world > 1:  # counted once, shared
-        weights = broadcast_object(weights)
-    make_loss = lambda spec: build_loss(spec, num_classes, class_weights=weights).to(device)  # noqa: E731
+    classes = ClassMap.from_dict(resumed["class_map"]) if resumed else ClassOptions.from_args(args)
+    train_set, train_loader, val_loader = build_loaders(args, rank, world, classes)
+    stats = check_training_data(args, train_set, say)
+    class_map = train_set.class_map
+    weights = load_class_weights(args, class_map.names, stats.pixels, say)
+    make_loss = lambda spec: build_loss(spec, class_map.num_classes, class_weights=weights).to(device)  # noqa: E731
     for spec in [args.loss, *loss_changes.values()]:  # a typo in a later phase's loss fails now, not hours later
         make_loss(spec)
+    model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say)
+    optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
+    amp_dtype = amp_dtype_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Run(args, rank, world, device, out, train_set, train_loader, val_loader, make_loss, model, net,
+               optimizer, scheduler, scaler, amp_dtype, loss_changes)  # fmt: skip
 
+
+def build_network(
+    args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None, num_classes: int,
+    device: torch.device, world: int, say: Callable,
+) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+    """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
+    and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
     source = resumed or checkpoint
     if source is None:
         model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
@@ -382,120 +456,130 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
         ids = [device.index] if device.type == "cuda" else None
         net = DDP(model, device_ids=ids, find_unused_parameters=args.freeze_at_epoch is not None)
     if args.compile:
-        net = torch.compile(net)  # checkpoints still save `model`: no module. or _orig_mod. prefixes
+        net = torch.compile(net)
+    return model, net
 
-    optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
-    iters_per_epoch = len(train_loader)
-    amp_dtype = amp_dtype_for(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    best_miou, since_best, first_epoch = -math.inf, 0, 1
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        best_miou, since_best, first_epoch = resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if device.type == "cuda" and resumed["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-    say(
-        f"Using device: {device} ({amp_dtype or 'float32'}) x {world} | arch {args.arch} | "
-        f"pretrained {args.pretrained} | "
-        f"train size {len(train_set)} | val size {len(val_loader.dataset)} | classes {num_classes} | "
-        f"trainable params {count_params(model)[0]} | out {out}"
-    )
 
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_info(out, args, class_names, model)
-        if resumed is None:
-            with open(out / "log.csv", "w", newline="") as f:
-                csv.writer(f).writerow(csv_header(num_classes))
-        else:
-            truncate_log(out / "log.csv", resumed["epoch"])
-            say(f"Resuming at epoch {first_epoch} of {args.epochs}")
-    for epoch in range(first_epoch, args.epochs + 1):
-        criterion = make_loss(value_at(loss_changes, epoch, args.loss))
-        if epoch in loss_changes:
-            say(f"Epoch {epoch}: loss is now {loss_changes[epoch]}")
-        if args.freeze_at_epoch and epoch >= args.freeze_at_epoch and not backbone_frozen(model):
-            freeze_backbone(model)
-            if rank == 0:
-                write_run_info(out, args, class_names, model)
-            say(f"Epoch {epoch}: backbone frozen, trainable params {count_params(model)[0]}")
-        train_loader.sampler.set_epoch(epoch)
-        start = time.time()
-        lr = optimizer.param_groups[0]["lr"]
-        train_m = train_one_epoch(
-            net,
-            criterion,
-            optimizer,
-            scheduler,
-            scaler,
-            train_loader,
-            device,
-            num_classes,
-            amp_dtype,
-            f"Epoch {epoch}/{args.epochs}",
-            loss_at_feature_resolution=args.downsample_gt is not None,
-            skip_nonfinite=args.skip_nonfinite,
-            show_progress=rank == 0,
+def restore(run: Run, resumed: dict) -> None:
+    """Put an interrupted run's optimiser, schedule, scaler, early-stopping and random state back."""
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.scheduler.load_state_dict(resumed["scheduler"])
+    run.scaler.load_state_dict(resumed["scaler"])
+    run.best_miou, run.since_best, run.first_epoch = (
+        resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
+    )  # fmt: skip
+    torch.set_rng_state(resumed["rng"]["torch"])
+    if run.device.type == "cuda" and resumed["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+
+
+def start_log(run: Run, resumed: bool) -> None:
+    """run.json and the log's header (or, resumed, the log cut back to the checkpoint's epoch)."""
+    if run.rank != 0:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    write_run_info(run.out, run.args, list(run.class_map.names), run.model)
+    if resumed:
+        truncate_log(run.out / "log.csv", run.first_epoch - 1)
+    else:
+        with open(run.out / "log.csv", "w", newline="") as f:
+            csv.writer(f).writerow(csv_header(run.class_map.num_classes))
+
+
+def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
+    """One epoch: the schedule's changes for it, the training pass, then validation. Returns the train and val
+    metrics, the lr at its first step and its run time."""
+    args = run.args
+    criterion = run.make_loss(value_at(run.loss_changes, epoch, args.loss))
+    if epoch in run.loss_changes:
+        run.say(f"Epoch {epoch}: loss is now {run.loss_changes[epoch]}")
+    if args.freeze_at_epoch and epoch >= args.freeze_at_epoch and not backbone_frozen(run.model):
+        freeze_backbone(run.model)
+        if run.rank == 0:
+            write_run_info(run.out, args, list(run.class_map.names), run.model)
+        run.say(f"Epoch {epoch}: backbone frozen, trainable params {count_params(run.model)[0]}")
+    run.train_loader.sampler.set_epoch(epoch)
+    start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
+    num_classes = run.class_map.num_classes
+    train_m = train_one_epoch(
+        run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device, num_classes,
+        run.amp_dtype, f"Epoch {epoch}/{args.epochs}", loss_at_feature_resolution=args.downsample_gt is not None,
+        skip_nonfinite=args.skip_nonfinite, show_progress=run.rank == 0,
+    )  # fmt: skip
+    if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
+        raise NonFiniteLoss(
+            f"non-finite loss at epoch {epoch}, step {train_m['nonfinite_step'] + 1} of {len(run.train_loader)}; "
+            f"stopped, {run.out} keeps the checkpoints of the last good epoch. Lower --lr, or pass --skip-nonfinite"
         )
-        if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
-            raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch}, step {train_m['nonfinite_step'] + 1} of {iters_per_epoch}; "
-                f"stopped, {out} keeps the checkpoints of the last good epoch. Lower --lr, or pass --skip-nonfinite"
-            )
-        if train_m["skipped"]:
-            say(f"Epoch {epoch}: skipped {train_m['skipped']} step(s) with a non-finite loss")
-        if world > 1:  # every process evaluates with process 0's BatchNorm statistics, the ones it saves
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
-        val_m = evaluate(model, val_loader, criterion, device, num_classes, amp_dtype, show_progress=rank == 0)
-        runtime = time.time() - start
-        say(
+    if train_m["skipped"]:
+        run.say(f"Epoch {epoch}: skipped {train_m['skipped']} step(s) with a non-finite loss")
+    if run.world > 1:  # every process evaluates with process 0's BatchNorm statistics, the ones it saves
+        for buffer in run.model.buffers():
+            dist.broadcast(buffer, 0)
+    val_m = evaluate(
+        run.model, run.val_loader, criterion, run.device, num_classes, run.amp_dtype, show_progress=run.rank == 0
+    )
+    return train_m, val_m, lr, time.time() - start
+
+
+def save(run: Run, epoch: int, improved: bool) -> None:
+    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map."""
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "args": plain_args(run.args),
+        "class_names": list(run.class_map.names),
+        "num_classes": run.class_map.num_classes,
+        "class_map": run.class_map.to_dict(),
+        "best_miou": run.best_miou,
+        "epochs_since_best": run.since_best,
+        "rng": rng_state(run.device),
+    }
+    save_atomic(state, run.out / "last.pth")
+    if improved:
+        save_atomic(state, run.out / "best.pth")
+
+
+def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
+    """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
+    `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
+    if args.resume and resumed is None:
+        resumed = load_checkpoint(args.resume)
+    run = build_run(args, checkpoint, resumed)
+    if resumed is not None:
+        restore(run, resumed)
+    run.say(
+        f"Using device: {run.device} ({run.amp_dtype or 'float32'}) x {run.world} | arch {args.arch} | "
+        f"pretrained {args.pretrained} | train size {len(run.train_set)} | val size {len(run.val_loader.dataset)} | "
+        f"classes {run.class_map.num_classes} | trainable params {count_params(run.model)[0]} | out {run.out}"
+    )
+    start_log(run, resumed is not None)
+    if resumed is not None:
+        run.say(f"Resuming at epoch {run.first_epoch} of {args.epochs}")
+    for epoch in range(run.first_epoch, args.epochs + 1):
+        train_m, val_m, lr, runtime = run_epoch(run, epoch)
+        run.say(
             f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
             f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
         )
-        say(f"  Per-class IoU: {format_iou(class_names, val_m['iou'])}")
-        improved = val_m["miou"] > best_miou  # the same all-reduced numbers on every process: the same decision
+        run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
+        improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
+        run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
+        if run.rank == 0:
+            append_log(run.out / "log.csv", epoch, lr, train_m, val_m, runtime)
+            save(run, epoch, improved)
         if improved:
-            best_miou, since_best = val_m["miou"], 0
+            run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
         else:
-            since_best += 1
-        if rank == 0:
-            append_log(out / "log.csv", epoch, lr, train_m, val_m, runtime)
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "args": plain_args(args),
-                "class_names": class_names,
-                "num_classes": num_classes,
-                "best_miou": best_miou,
-                "epochs_since_best": since_best,
-                "rng": rng_state(device),
-            }
-            save_atomic(state, out / "last.pth")
-            if improved:
-                save_atomic(state, out / "best.pth")
-        if improved:
-            say(f"Saved best model: {best_miou:.4f} -> {out / 'best.pth'}")
-        else:
-            say(f"No improvement for {since_best} epoch(s)")
-            if args.patience and since_best >= args.patience:
-                say("Early stopping triggered.")
+            run.say(f"No improvement for {run.since_best} epoch(s)")
+            if args.patience and run.since_best >= args.patience:
+                run.say("Early stopping triggered.")
                 break
-    say(f"Best validation mIoU: {best_miou:.4f}")
-    return best_miou
-
-
-def broadcast_object(obj: object) -> object:
-    """Process 0's value of obj, on every process."""
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    run.say(f"Best validation mIoU: {run.best_miou:.4f}")
+    return run.best_miou
 
 
 class NonFiniteLoss(Exception):
@@ -508,7 +592,8 @@ def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
     state = load_checkpoint(path)
     args = get_args_parser().parse_args([])
     for name, value in state["args"].items():
-        setattr(args, name, Path(value) if name in ("data", "out", "init", "checkpoint") and value else value)
+        is_path = name in ("data", "out", "init", "checkpoint", "classes") and value
+        setattr(args, name, Path(value) if is_path else value)
     args.resume = path
     return args, None, state
 

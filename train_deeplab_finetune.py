@@ -16,8 +16,9 @@ from models import ModelError, load_checkpoint
 from train_deeplab import get_args_parser as get_train_parser
 from train_deeplab import resume_run, run
 
-# flags that, when not given, are taken from the checkpoint's own run (data and layout only if --data is not given)
-INHERITED = ("num_classes", "class_names", "size")
+# flags that, when not given, are taken from the checkpoint's own run; with its data (no --data), also DATA_FLAGS
+INHERITED = ("num_classes", "class_names", "classes", "size")
+DATA_FLAGS = ("layout", "mask_encoding")
 
 
 def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
@@ -29,10 +30,13 @@ def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
         raise ModelError(f"--checkpoint {args.checkpoint} holds a {original['arch']} model, not --arch {args.arch}")
     if args.data is None:
         args.data = Path(original["data"]) if original.get("data") else None
-        args.layout = original.get("layout", "auto")
+        for name in DATA_FLAGS:
+            if getattr(args, name) == "auto":
+                setattr(args, name, original.get(name, "auto"))
     for name in INHERITED:
+        value = original.get(name)
         if getattr(args, name) is None:
-            setattr(args, name, original.get(name))
+            setattr(args, name, Path(value) if name == "classes" and value else value)
 
 
 def main(args: argparse.Namespace) -> None:

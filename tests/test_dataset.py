@@ -12,14 +12,15 @@ from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     OFFROAD_CLASSES,
+    ClassOptions,
     TransformConfig,
     build_dataset,
-    class_pixel_counts,
     class_weights,
     collate,
     make_demo,
     normalize,
     read_mask,
+    split_statistics,
     transform_pair,
 )
 
@@ -78,7 +79,8 @@ def test_folder_keeps_indices_below_num_classes_and_ignores_others(tmp_path):
     write_pair(
         tmp_path / "val" / "images" / "a.jpg", tmp_path / "val" / "masks" / "a.png", np.array([[0, 10, 11, 255]])
     )
-    ds = build_dataset(tmp_path, "auto", "val", PLAIN, num_classes=11, class_names=[f"c{i}" for i in range(11)])
+    names = tuple(f"c{i}" for i in range(11))
+    ds = build_dataset(tmp_path, "auto", "val", PLAIN, ClassOptions(num_classes=11, names=names))
     assert ds[0][1].tolist() == [[0, 10, IGNORE_INDEX, IGNORE_INDEX]]
     assert ds.class_map.names[10] == "c10"
 
@@ -87,7 +89,9 @@ def test_stats_counts_are_exact_and_weights_follow_median_frequency(tmp_path, ca
     a = np.array([[100, 100, 10000, 0], [100, 7100, 7100, 7100]])
     b = np.array([[10000, 10000, 10000, 10000], [10000, 800, 4000, 7100]])
     root = offroad_root(tmp_path, [a, b])
-    counts, ignored, unknown = class_pixel_counts(build_dataset(root, "offroad", "train", PLAIN))
+    ds = build_dataset(root, "offroad", "train", PLAIN)
+    stats = split_statistics(ds.pairs, ds.class_map)
+    counts, ignored, unknown = stats.pixels, stats.ignored, stats.unknown
     expected = np.zeros(10, dtype=np.int64)
     expected[0], expected[7], expected[8], expected[9] = 3, 1, 4, 6
     assert counts.tolist() == expected.tolist() and ignored == 2 and unknown == 2
@@ -214,7 +218,7 @@ def test_empty_split_is_one_line(tmp_path):
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is read from ../shared/data/camvid")
 def test_camvid_folder_layout_treats_label_11_as_ignored():
-    ds = build_dataset(CAMVID, "auto", "val", PLAIN, num_classes=11)
+    ds = build_dataset(CAMVID, "auto", "val", PLAIN, ClassOptions(num_classes=11))
     assert len(ds) == 101
     image, mask = ds[0]
     assert image.shape == (3, 360, 480) and mask.shape == (360, 480)

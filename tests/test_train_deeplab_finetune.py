@@ -12,7 +12,7 @@ from PIL import Image
 import evaluate
 import train_deeplab
 import train_deeplab_finetune
-from dataset import TransformConfig, build_dataset
+from dataset import TransformConfig, build_dataset, split_statistics
 
 FIXED = ["--batch-size", "4", "--workers", "0", "--no-pretrained", "--epochs", "1"]
 
@@ -118,7 +118,8 @@ def test_auto_class_weights_follow_median_frequency_on_a_hand_made_mask(tmp_path
     mask = np.array([[100] * 6 + [10000] * 3 + [7100]])  # Trees 6, Sky 3, Landscape 1 pixel
     write_pair(tmp_path / "train" / "Color_Images" / "a.png", tmp_path / "train" / "Segmentation" / "a.png", mask)
     ds = build_dataset(tmp_path, "offroad", "train", TransformConfig(train=False))
-    weights = train_deeplab.load_class_weights(argparse.Namespace(class_weights="auto"), ds)
+    names, pixels = ds.class_map.names, split_statistics(ds.pairs, ds.class_map).pixels
+    weights = train_deeplab.load_class_weights(argparse.Namespace(class_weights="auto"), names, pixels, print)
     median = 0.3  # of the frequencies 0.6, 0.3 and 0.1
     assert weights[0].item() == pytest.approx(median / 0.6)
     assert weights[9].item() == pytest.approx(median / 0.3)
@@ -127,11 +128,14 @@ def test_auto_class_weights_follow_median_frequency_on_a_hand_made_mask(tmp_path
     assert "median frequency" in capsys.readouterr().out
 
     (tmp_path / "w.txt").write_text("1, 2 3\n4 5 6 7 8 9 10\n")
-    from_file = train_deeplab.load_class_weights(argparse.Namespace(class_weights=str(tmp_path / "w.txt")), ds)
+    from_file = train_deeplab.load_class_weights(
+        argparse.Namespace(class_weights=str(tmp_path / "w.txt")), names, pixels, print
+    )
     assert from_file.tolist() == [float(v) for v in range(1, 11)]
     (tmp_path / "w.txt").write_text("1 2 3")
     with pytest.raises(train_deeplab.DatasetError, match="3 numbers for 10 classes"):
-        train_deeplab.load_class_weights(argparse.Namespace(class_weights=str(tmp_path / "w.txt")), ds)
+        weights_file = argparse.Namespace(class_weights=str(tmp_path / "w.txt"))
+        train_deeplab.load_class_weights(weights_file, names, pixels, print)
 
 
 def test_checkpoint_of_another_arch_or_class_count_fails_in_one_line(base_run, tmp_path):
@@ -144,7 +148,7 @@ def test_checkpoint_of_another_arch_or_class_count_fails_in_one_line(base_run, t
             write_pair(
                 tmp_path / "f" / split / "images" / f"{i}.png",
                 tmp_path / "f" / split / "masks" / f"{i}.png",
-                np.zeros((8, 8)),
+                np.arange(64).reshape(8, 8) % 3,
             )
     with pytest.raises(SystemExit) as e:
         finetune(base_run / "best.pth", tmp_path / "y", "--data", str(tmp_path / "f"), "--num-classes", "3")
