@@ -150,19 +150,13 @@ class ClassMap:
             mask, known = lut[raw], known_lut[raw]
         return mask, int(known.size - np.count_nonzero(known))
 
-    def count(self, raw: np.ndarray, lossy: bool = False) -> tuple[np.ndarray, int]:
-        """Pixels per class [num_classes + 1] (the last: ignored) of one raw mask, and how many had no key.
-        Id masks are counted through their histogram: one pass over the pixels."""
-        if self.encoding == "colour":
-            mask, unknown = self.apply(raw, lossy)
-            counts = np.bincount(mask.ravel(), minlength=256)
-        else:
-            hist = np.bincount(raw.ravel())
-            values = np.flatnonzero(hist)
-            classes, known = self.lookup(values, lossy)
-            counts = np.bincount(classes, weights=hist[values], minlength=256).astype(np.int64)
-            unknown = int(hist[values[~known]].sum())
-        return np.append(counts[: self.num_classes], counts[IGNORE_INDEX]), unknown
+    def count(self, values: np.ndarray, pixels: np.ndarray, lossy: bool = False) -> tuple[np.ndarray, dict[int, int]]:
+        """A mask's histogram (distinct raw `values` and their `pixels`, as mask_values gives them) as pixels per
+        class [num_classes + 1] (the last: ignored), and the pixels of each value that has no class."""
+        classes, known = self.lookup(values, lossy)
+        counts = np.bincount(classes, weights=pixels, minlength=256).astype(np.int64)
+        strange = dict(zip(np.asarray(values)[~known].tolist(), np.asarray(pixels)[~known].tolist()))
+        return np.append(counts[: self.num_classes], counts[IGNORE_INDEX]), strange
 
     def to_dict(self) -> dict:
         """Plain values, for a checkpoint that loads with torch.load(weights_only=True)."""
@@ -462,14 +456,25 @@ def image_size(path: Path) -> tuple[int, int]:
 # ---- mask encodings: index, binary or colour -----------------------------------------------------------------------
 
 
-def mask_histogram(path: Path, colour: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct raw values of a mask (colours packed by pack_rgb) and their pixel counts."""
-    raw = read_mask(path, colour)
-    if colour:
-        return np.unique(pack_rgb(raw), return_counts=True)
-    hist = np.bincount(raw.ravel())
-    values = np.flatnonzero(hist)
-    return values, hist[values]
+def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """The distinct raw values of a mask as read_mask reads it (colour: colours packed by pack_rgb), their pixel
+    counts, and the mask's (width, height). 8-bit and RGB masks are counted by Pillow's own histogram, without
+    a pixel array: counting a split's masks before training costs little more than decoding them."""
+    try:
+        with Image.open(path) as im:
+            if not colour and im.mode in ("L", "P"):
+                hist = np.array(im.histogram(), np.int64)
+                values = np.flatnonzero(hist)
+                return values, hist[values], im.size
+            if colour and im.mode == "RGB":
+                found = im.getcolors(im.width * im.height)
+                pixels = np.array([n for n, _ in found], np.int64)
+                return pack_rgb(np.array([c for _, c in found], np.uint8)), pixels, im.size
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read mask {path}: {e}") from None
+    raw = read_mask(path, colour)  # any other mode: through the pixels
+    values, pixels = np.unique(pack_rgb(raw) if colour else raw, return_counts=True)
+    return values, pixels, (raw.shape[1], raw.shape[0])
 
 
 def is_colour_mask(path: Path) -> bool:
@@ -497,12 +502,12 @@ def detect_encoding(masks: list[Path], num_classes: int | None) -> tuple[str, st
     if any(is_colour_mask(m) for m in masks):
         colours = set()
         for m in masks:
-            values, counts = mask_histogram(m, colour=True)
+            values, counts, _ = mask_values(m, colour=True)
             colours.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
         return "colour", f"the masks are RGB with {len(colours)} distinct colours in {len(masks)} sampled", 0
     seen = set()
     for m in masks:
-        values, counts = mask_histogram(m, colour=False)
+        values, counts, _ = mask_values(m, colour=False)
         seen.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
     if num_classes in (None, 2) and 1 in seen and seen <= {0, 1}:
         return "binary", "the masks hold only 0 and 1", 1
@@ -956,18 +961,13 @@ class SplitStats:
 def _pair_statistics(pair: tuple[Path, Path], class_map: ClassMap) -> tuple | str:
     image, mask = pair
     try:
-        raw = read_mask(mask, class_map.encoding == "colour")
-        width, height = image_size(image)
+        values, pixels, (mw, mh) = mask_values(mask, class_map.encoding == "colour")
+        iw, ih = image_size(image)
     except DatasetError as e:
         return str(e)
-    lossy = is_lossy(mask)
-    counts, unknown = class_map.count(raw, lossy)
-    odd = {}
-    if unknown and not lossy:  # which values: rare, so only then the histogram (lossy masks: noise, not values)
-        values, pixels = np.unique(pack_rgb(raw) if raw.ndim == 3 else raw, return_counts=True)
-        strange = ~class_map.lookup(values, lossy)[1]
-        odd = dict(zip(values[strange].tolist(), pixels[strange].tolist()))
-    return counts, unknown, odd, lossy, (width, height) != (raw.shape[1], raw.shape[0])
+    counts, strange = class_map.count(values, pixels, is_lossy(mask))
+    mismatched = f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}" if (mw, mh) != (iw, ih) else None
+    return counts, strange, is_lossy(mask), mismatched
 
 
 def split_statistics(pairs: list[tuple[Path, Path]], class_map: ClassMap, desc: str = "reading masks") -> SplitStats:
@@ -980,7 +980,8 @@ def split_statistics(pairs: list[tuple[Path, Path]], class_map: ClassMap, desc: 
             if isinstance(result, str):
                 stats.unreadable.append(result)
                 continue
-            counts, unknown, odd, lossy, mismatched = result
+            counts, strange, lossy, mismatched = result
+            unknown = sum(strange.values())
             stats.pixels += counts[:-1]
             stats.images += counts[:-1] > 0
             stats.ignored += int(counts[-1])
@@ -988,12 +989,12 @@ def split_statistics(pairs: list[tuple[Path, Path]], class_map: ClassMap, desc: 
             stats.total += int(counts.sum())
             stats.lossy += lossy
             stats.unknown_lossy += unknown if lossy else 0
-            for value, n in odd.items():
+            for value, n in {} if lossy else strange.items():  # lossy masks: compression noise, not values
                 entry = stats.unknown_values.setdefault(value, [0, []])
                 entry[0] += n
                 entry[1].append(mask)
             if mismatched:
-                stats.mismatched.append(f"mask {mask} has another size than its image")
+                stats.mismatched.append(mismatched)
     return stats
 
 
@@ -1072,7 +1073,7 @@ def raw_histogram(pairs: list[tuple[Path, Path]], colour: bool) -> dict[int, lis
 
     def histogram(mask: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
-            return mask_histogram(mask, colour)
+            return mask_values(mask, colour)[:2]
         except DatasetError:  # split_statistics reports it
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
 
