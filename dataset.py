@@ -468,8 +468,9 @@ def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
                 return values, hist[values], im.size
             if colour and im.mode == "RGB":
                 found = im.getcolors(im.width * im.height)
-                pixels = np.array([n for n, _ in found], np.int64)
-                return pack_rgb(np.array([c for _, c in found], np.uint8)), pixels, im.size
+                codes = pack_rgb(np.array([c for _, c in found], np.uint8)).astype(np.int64)
+                order = np.argsort(codes)
+                return codes[order], np.array([n for n, _ in found], np.int64)[order], im.size
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from None
     raw = read_mask(path, colour)  # any other mode: through the pixels
@@ -484,8 +485,8 @@ def is_colour_mask(path: Path) -> bool:
             if im.mode not in ("RGB", "RGBA"):
                 return False
             rgb = np.asarray(im.convert("RGB")).astype(np.int16)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path}: {e}") from None
+    except (OSError, ValueError):
+        return False  # an unreadable mask: the checks that read every mask name it
     spread = rgb.max(-1) - rgb.min(-1)
     return (spread > LOSSY_TOLERANCE).mean() > 0.01 if is_lossy(path) else bool(spread.any())
 
@@ -497,18 +498,22 @@ def sample_masks(pairs: list[tuple[Path, Path]], n: int = DETECT_SAMPLE) -> list
 
 
 def detect_encoding(masks: list[Path], num_classes: int | None) -> tuple[str, str, int]:
-    """(encoding, why, foreground value of binary masks) from a sample of masks. Values that hold under 0.1% of a
-    lossy mask's pixels are compression noise, not classes."""
-    if any(is_colour_mask(m) for m in masks):
-        colours = set()
-        for m in masks:
-            values, counts, _ = mask_values(m, colour=True)
-            colours.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
-        return "colour", f"the masks are RGB with {len(colours)} distinct colours in {len(masks)} sampled", 0
-    seen = set()
-    for m in masks:
-        values, counts, _ = mask_values(m, colour=False)
-        seen.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(m) else values.tolist())
+    """(encoding, why, foreground value of binary masks) from a sample of masks; unreadable ones are left to the
+    checks that name them. Values that hold under 0.1% of a lossy mask's pixels are compression noise."""
+
+    def values(colour: bool) -> set[int]:
+        found = set()
+        for mask in masks:
+            try:
+                values, counts, _ = mask_values(mask, colour)
+            except DatasetError:
+                continue
+            found.update(values[counts >= 0.001 * counts.sum()].tolist() if is_lossy(mask) else values.tolist())
+        return found
+
+    if any(is_colour_mask(mask) for mask in masks):
+        return "colour", f"the masks are RGB with {len(values(True))} distinct colours in {len(masks)} sampled", 0
+    seen = values(False)
     if num_classes in (None, 2) and 1 in seen and seen <= {0, 1}:
         return "binary", "the masks hold only 0 and 1", 1
     if num_classes in (None, 2) and 255 in seen and seen <= {0, 255}:

@@ -1,9 +1,11 @@
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, write_pair
+from conftest import CAMVID, write_folder, write_pair
 from PIL import Image
 
 import dataset
@@ -13,12 +15,17 @@ from dataset import (
     IMAGENET_STD,
     OFFROAD_CLASSES,
     ClassOptions,
+    ClassRow,
+    ClassTable,
+    DatasetError,
     TransformConfig,
     build_dataset,
     class_weights,
     collate,
     make_demo,
     normalize,
+    numbered_table,
+    offroad_table,
     read_mask,
     split_statistics,
     transform_pair,
@@ -258,3 +265,252 @@ def test_pipeline_benchmark_prints_its_three_figures(tmp_path, capsys):
     assert [line.split(":")[0] for line in last] == ["pipeline", "baseline", "ratio"]
     ours, reference, ratio = (float(line.split()[1]) for line in last)
     assert ratio == pytest.approx(ours / reference, rel=0.01)
+
+
+# ---- class tables and mask encodings ---------------------------------------------------------------------------------
+
+RGB = np.array([[128, 0, 0], [0, 128, 0], [0, 0, 200], [9, 9, 9]], np.uint8)  # red, green, blue, and a stray colour
+RGB_TABLE = "name,r,g,b\nred,128,0,0\ngreen,0,128,0\nblue,0,0,200\n"
+
+
+def binary_mask(high: int) -> np.ndarray:
+    mask = np.zeros((6, 8), np.uint8)
+    mask[2:4, 3:6] = high
+    return mask
+
+
+@pytest.mark.parametrize("high, why", [(255, "only 0 and 255, so 255 is the foreground"), (1, "only 0 and 1")])
+def test_binary_masks_read_their_high_value_as_the_foreground(tmp_path, high, why):
+    root = write_folder(tmp_path, "train", [binary_mask(high), np.zeros((6, 8), np.uint8)])
+    for options in (ClassOptions(), ClassOptions(num_classes=2)):
+        ds = build_dataset(root, "auto", "train", PLAIN, options)
+        assert ds.class_map.encoding == "binary" and ds.class_map.names == ("background", "foreground")
+        assert why in ds.why
+        assert ds[0][1].tolist() == (binary_mask(high) > 0).astype(int).tolist()
+
+
+def test_colour_masks_follow_the_table_and_stray_colours_are_ignored_and_counted(tmp_path):
+    ids = np.array([[0, 1, 2, 3], [2, 1, 0, 0]])
+    root = write_folder(tmp_path, "train", [RGB[ids]])
+    (tmp_path / "classes.csv").write_text(RGB_TABLE)
+    ds = build_dataset(root, "auto", "train", PLAIN, ClassOptions(table=tmp_path / "classes.csv"))
+    assert ds.class_map.encoding == "colour" and ds.class_map.names == ("red", "green", "blue")
+    assert ds[0][1].tolist() == [[0, 1, 2, IGNORE_INDEX], [2, 1, 0, 0]]
+    assert ds.class_map.palette.tolist() == RGB[:3].tolist()  # pictures draw each class in its own colour
+    stats = split_statistics(ds.pairs, ds.class_map)
+    assert stats.pixels.tolist() == [3, 2, 2] and stats.ignored == 1 and stats.unknown == 1
+    assert stats.unknown_values == {9 << 16 | 9 << 8 | 9: [1, [ds.pairs[0][1]]]}
+
+
+def test_colour_masks_without_a_table_stop_with_their_colour_count(tmp_path):
+    root = write_folder(tmp_path, "train", [RGB[np.array([[0, 1], [2, 3]])]])
+    with pytest.raises(DatasetError) as e:
+        build_dataset(root, "auto", "train", PLAIN)
+    message = str(e.value)
+    assert "4 distinct colours" in message and "--write-classes" in message and "\n" not in message
+
+
+def test_an_id_table_maps_16_bit_ids_merges_rows_of_one_name_and_knows_ignore(tmp_path):
+    root = write_folder(tmp_path, "train", [np.array([[7100, 10000, 300, 0, 555]])])
+    (tmp_path / "ids.csv").write_text("name,id\nground,7100\nsky,10000\nground,300\nignore,0\n")
+    ds = build_dataset(root, "auto", "train", PLAIN, ClassOptions(table=tmp_path / "ids.csv"))
+    assert ds.class_map.names == ("ground", "sky") and ds.class_map.encoding == "index"
+    assert ds[0][1].tolist() == [[0, 1, 0, IGNORE_INDEX, IGNORE_INDEX]]
+    stats = split_statistics(ds.pairs, ds.class_map)
+    assert stats.ignored == 2 and stats.unknown_values.keys() == {555}  # 0 is ignored on purpose, 555 is a stray
+
+
+def test_rgb_masks_whose_channels_are_equal_are_read_as_ids(tmp_path):
+    ids = np.array([[0, 1, 2], [2, 2, 1]], np.uint8)
+    root = write_folder(tmp_path, "train", [np.repeat(ids[..., None], 3, axis=-1)])
+    ds = build_dataset(root, "auto", "train", PLAIN, ClassOptions(num_classes=3))
+    assert ds.class_map.encoding == "index" and ds[0][1].tolist() == ids.tolist()
+
+
+def test_lossy_jpeg_colour_masks_match_their_classes_and_count_the_rest(tmp_path):
+    ids = np.zeros((64, 64), int)
+    ids[:, 32:], ids[32:, :16] = 1, 2
+    root = write_folder(tmp_path, "train", [RGB[ids]], suffix=".jpg")
+    (tmp_path / "classes.csv").write_text(RGB_TABLE)
+    ds = build_dataset(root, "auto", "train", PLAIN, ClassOptions(table=tmp_path / "classes.csv"))
+    mask = ds[0][1].numpy()
+    matched = mask != IGNORE_INDEX
+    assert (mask[matched] == ids[matched]).all() and matched.mean() > 0.9
+    stats = split_statistics(ds.pairs, ds.class_map)
+    assert stats.lossy == 1 and stats.unknown_lossy == (~matched).sum() and stats.unknown_values == {}
+
+
+def test_lossy_values_match_a_class_only_within_half_the_gap_to_the_next():
+    # an independent brute-force nearest-key search over every 8-bit value, and over random colours
+    ids = numbered_table(3).class_map("index")  # keys 0, 1, 2 and 255: gap 1, so lossy matching stays exact
+    assert ids.lookup(np.arange(256), lossy=True)[1].sum() == 4
+    grey = ClassTable((ClassRow("a", 0), ClassRow("b", 10), ClassRow("c", 200)), "t").class_map("index")
+    tolerance = min(dataset.LOSSY_TOLERANCE, (10 - 1) // 2)
+    classes, known = grey.lookup(np.arange(65536), lossy=True)
+    for v in range(300):
+        near = [(abs(v - key), i) for i, key in enumerate((0, 10, 200)) if abs(v - key) <= tolerance]
+        assert known[v] == bool(near) and classes[v] == (min(near)[1] if near else IGNORE_INDEX)
+    colours = ClassTable(tuple(ClassRow(str(i), colour=tuple(c)) for i, c in enumerate(RGB[:3])), "t")
+    colour_map = colours.class_map("colour")
+    rgb = np.random.default_rng(0).integers(0, 256, (5000, 3))
+    rgb[:2500] = RGB[rgb[:2500, 0] % 3] + np.random.default_rng(1).integers(-30, 31, (2500, 3))
+    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+    classes, known = colour_map.lookup(dataset.pack_rgb(rgb), lossy=True)
+    distance = np.abs(rgb[:, None].astype(int) - RGB[None, :3].astype(int)).max(-1)  # [5000, 3]
+    expected = np.where(distance.min(1) <= dataset.LOSSY_TOLERANCE, distance.argmin(1), IGNORE_INDEX)
+    assert classes.tolist() == expected.tolist() and known.tolist() == (expected != IGNORE_INDEX).tolist()
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("id,r,g,b\n1,2,3,4\n", "row 1: the header has no `name` column"),
+        ("name,r,g\na,1,2\n", "row 1: colours need all three columns r,g,b"),
+        ("name,id\na,1\nb,1\n", "row 3: id 1 is already the id of row 2"),
+        ("name,r,g,b\na,1,2,3\nb,1,2,3\n", "row 3: colour (1, 2, 3) is already the colour of row 2"),
+        ("name,id\na,x\n", "row 2: id 'x' is not a whole number"),
+        ("name,id\na,1,2\n", "row 2: 3 cells for 2 columns"),
+        ("name,r,g,b\na,1,2,300\n", "row 2: b 300 is outside 0..255"),
+        ("name\na\na\n", "row 3: class 'a' is listed twice"),
+        ("name,id\n,4\n", "row 2: the name is empty"),
+        ("# a comment\n\n", "is empty"),
+        ("name,id\nignore,0\n", "lists no class"),
+    ],
+)
+def test_a_malformed_class_table_is_one_line_naming_the_file_and_row(tmp_path, text, needle):
+    root = write_folder(tmp_path / "data", "train", [np.array([[0, 1]])])
+    (tmp_path / "bad.csv").write_text(text)
+    message = run_cli(["--data", str(root), "--classes", str(tmp_path / "bad.csv")])
+    assert "bad.csv" in message and needle in message
+
+
+def test_mask_values_count_exactly_what_read_mask_reads(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 4, (5, 7))
+    files = {"l.png": Image.fromarray(ids.astype(np.uint8)), "i16.png": Image.fromarray((ids * 3000).astype(np.uint16)),
+             "grey.png": Image.fromarray(np.repeat((ids * 60).astype(np.uint8)[..., None], 3, -1)),
+             "rgb.png": Image.fromarray(RGB[ids]), "bits.png": Image.fromarray(ids > 1)}  # fmt: skip
+    palette = Image.frombytes("P", (7, 5), ids.astype(np.uint8).tobytes())
+    palette.putpalette(RGB.ravel().tolist())
+    files["p.png"] = palette
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        for colour in {"rgb.png": (True,), "p.png": (False, True)}.get(name, (False,)):
+            values, pixels, size = dataset.mask_values(tmp_path / name, colour)
+            raw = read_mask(tmp_path / name, colour)
+            expected = np.unique(dataset.pack_rgb(raw) if colour else raw, return_counts=True)
+            assert values.tolist() == expected[0].tolist() and pixels.tolist() == expected[1].tolist(), name
+            assert size == (7, 5)
+    assert read_mask(tmp_path / "p.png").tolist() == ids.tolist()  # palette masks hold indices
+
+
+def test_counting_by_histogram_equals_mapping_every_pixel(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 40, (30, 30))
+    for class_map in (numbered_table(12).class_map("index"), offroad_table().class_map("index")):
+        values, pixels = np.unique(raw, return_counts=True)
+        counts, strange = class_map.count(values, pixels)
+        mapped, unknown = class_map.apply(raw)
+        by_pixel = np.bincount(mapped.ravel(), minlength=256)
+        assert counts.tolist() == [*by_pixel[: class_map.num_classes].tolist(), by_pixel[IGNORE_INDEX]]
+        assert sum(strange.values()) == unknown
+
+
+# ---- the dataset doctor (--check) --------------------------------------------------------------------------------
+
+
+def check(args: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as e:
+        dataset.main(dataset.get_args_parser().parse_args(["--check", *args]))
+    return e.value.code, capsys.readouterr().out.splitlines()
+
+
+def test_check_reports_warnings_and_passes_a_dataset_that_can_train(tmp_path, capsys):
+    a, b = np.array([[0, 1, 2, 2]] * 4), np.array([[0, 0, 1, 7]] * 4)  # class 2 only in train; 7 is no class
+    root = write_folder(tmp_path, "train", [a, b])
+    write_folder(root, "train", [a], suffix=".jpg", first=2)
+    write_folder(root, "val", [np.array([[0, 1, 1, 0]] * 4)])
+    shutil.copy(root / "train" / "images" / "0.png", root / "val" / "images" / "5.png")  # a leaked image
+    shutil.copy(root / "val" / "masks" / "0.png", root / "val" / "masks" / "5.png")
+    shutil.copy(root / "val" / "masks" / "0.png", root / "train" / "masks" / "orphan.png")
+    status, lines = check(["--data", str(root), "--num-classes", "3"], capsys)
+    text = "\n".join(lines)
+    assert status == 0
+    assert lines[1].startswith("masks: index, 3 classes from --num-classes 3")
+    row = next(line for line in lines if line.split()[:2] == ["2", "class_2"])
+    assert row.split("|")[1].split() == ["16", "36.36%", "2"] and row.split("|")[2].split() == ["0", "0.00%", "0"]
+    assert "warning: val: never present, so their IoU is n/a: class_2" in text
+    assert "warning: train: value 7 is in no class: 4 pixels in 1.png" in text
+    assert "warning: train: 1 masks are lossy (JPEG)" in text
+    assert "warning: train: 1 masks have no image: orphan.png" in text
+    assert re.search(r"warning: the same image is in two splits .*train/images/0.png \(train\) = .*5.png \(val\)", text)
+    assert lines[-2] == "verdict: ready to train (5 warnings)"
+    assert lines[-1] == f"  python train_deeplab.py --data {root} --num-classes 3"
+
+
+def test_check_fails_on_what_would_stop_or_spoil_training(tmp_path, capsys):
+    root = write_folder(tmp_path, "train", [np.array([[0, 1]] * 2)] * 3)
+    write_folder(root, "val", [np.full((2, 2), 255)])
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / "train" / "masks" / "1.png")  # another size
+    (root / "train" / "masks" / "2.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(root / "train" / "images" / "lonely.png")
+    status, lines = check(["--data", str(root), "--num-classes", "2"], capsys)
+    text = "\n".join(lines)
+    assert status == 1
+    assert "masks/1.png is 3x3 but image" in text and "cannot read mask" in text and "masks/2.png" in text
+    assert "error: train: 1 images have no mask: lonely.png" in text and "error: val: every pixel is ignored" in text
+    assert lines[-2].startswith("verdict: training would fail or train wrongly (4 errors)")
+
+
+def test_check_catches_binary_masks_read_with_255_as_ignore(tmp_path, capsys):
+    root = write_folder(tmp_path, "train", [binary_mask(255)] * 2)
+    write_folder(root, "val", [binary_mask(255)])
+    status, lines = check(["--data", str(root), "--num-classes", "11"], capsys)
+    assert status == 1 and any("hold only 0 and 255, and 255 is read as ignore" in line for line in lines)
+    status, lines = check(["--data", str(root)], capsys)
+    assert status == 0 and lines[1].startswith("masks: binary, 2 classes")
+    assert lines[-1] == f"  python train_deeplab.py --data {root}"
+
+
+def test_check_writes_a_class_table_for_colour_masks_and_never_overwrites_it(tmp_path, capsys):
+    ids = np.array([[0, 0, 0, 2, 2, 1]] * 2)
+    root = write_folder(tmp_path / "data", "train", [RGB[ids]])
+    write_folder(root, "val", [RGB[ids]])
+    status, lines = check(["--data", str(root)], capsys)
+    assert status == 1 and "3 distinct colours" in "\n".join(lines)
+    table = tmp_path / "classes.csv"
+    status, lines = check(["--data", str(root), "--write-classes", str(table)], capsys)
+    assert status == 0 and lines[-1] == f"  python train_deeplab.py --data {root} --classes {table}"
+    rows = [line for line in table.read_text().splitlines() if not line.startswith("#")]
+    assert rows == ["name,r,g,b", "class_0,128,0,0", "class_1,0,0,200", "class_2,0,128,0"]  # most pixels first
+    assert "# (128, 0, 0): 6 pixels in 1 masks" in table.read_text()
+    before = table.read_bytes()
+    assert "exists" in run_cli(["--data", str(root), "--check", "--write-classes", str(table)])
+    assert table.read_bytes() == before
+
+
+CAMVID_COLOURS = (
+    "name,r,g,b\nSky,128,128,128\nBuilding,128,0,0\nPole,192,192,128\nRoad,128,64,128\nPavement,60,40,222\n"
+    "Tree,128,128,0\nSignSymbol,192,128,128\nFence,64,64,128\nCar,64,0,128\nPedestrian,64,64,0\nBicyclist,0,128,192\n"
+    "ignore,0,0,0\n"
+)
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is read from ../shared/data/camvid")
+def test_camvid_masks_re_encoded_as_colours_give_exactly_the_index_counts(tmp_path):
+    palette = np.array([row.split(",")[1:] for row in CAMVID_COLOURS.splitlines()[1:]], np.uint8)
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (tmp_path / split / sub).mkdir(parents=True)
+        for image in sorted((CAMVID / split / "images").iterdir())[:6]:
+            (tmp_path / split / "images" / image.name).symlink_to(image)
+            ids = read_mask(CAMVID / split / "masks" / image.name)
+            Image.fromarray(palette[ids]).save(tmp_path / split / "masks" / image.name)
+    (tmp_path / "camvid.csv").write_text(CAMVID_COLOURS)
+    coloured = build_dataset(tmp_path, "auto", "train", PLAIN, ClassOptions(table=tmp_path / "camvid.csv"))
+    assert coloured.class_map.encoding == "colour"
+    colour_stats = split_statistics(coloured.pairs, coloured.class_map)
+    index = build_dataset(CAMVID, "auto", "train", PLAIN, ClassOptions(num_classes=11))
+    index_stats = split_statistics(index.pairs[:6], index.class_map)
+    direct = sum(np.bincount(read_mask(mask).ravel(), minlength=12) for _, mask in index.pairs[:6])
+    assert colour_stats.pixels.tolist() == index_stats.pixels.tolist() == direct[:11].tolist()
+    assert colour_stats.images.tolist() == index_stats.images.tolist()
+    assert colour_stats.ignored == index_stats.ignored == direct[11] and colour_stats.unknown == 0
