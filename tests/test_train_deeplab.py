@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import CAMVID
+from conftest import CAMVID, write_folder
 
 import evaluate
 import train_deeplab
+import train_deeplab_finetune
 from dataset import make_demo
 from train_deeplab import csv_header, poly_lr_factor
 
@@ -247,3 +249,61 @@ def test_crop_larger_than_the_images_is_padded_and_ignored(tiny_demo, tmp_path):
     train_deeplab.train(train_args(tiny_demo, tmp_path / "r", "--crop", "80", "120"))  # images are 64x96
     row = read_log(tmp_path / "r" / "log.csv")[0]
     assert 0 <= float(row["train_mIoU"]) <= 1 and float(row["train_loss"]) > 0
+
+
+def binary_dataset(root: Path, high: int = 255) -> Path:
+    masks = []
+    for i in range(4):
+        mask = np.zeros((32, 48), np.uint8)
+        mask[4 + i : 20 + i, 8 : 30 + 2 * i] = high
+        masks.append(mask)
+    write_folder(root, "train", masks)
+    return write_folder(root, "val", masks[:2])
+
+
+def test_binary_masks_train_255_as_the_foreground_not_as_ignore(tmp_path, capsys):
+    root = binary_dataset(tmp_path / "data")
+    train_deeplab.train(train_args(root, tmp_path / "r", "--num-classes", "2"))
+    out = capsys.readouterr().out
+    assert "masks: binary, 2 classes from binary masks (0 and 255)" in out
+    row = read_log(tmp_path / "r" / "log.csv")[0]
+    assert row["class_1_val"] != "nan"  # the foreground is evaluated: it was read as a class
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(root, tmp_path / "s", "--num-classes", "11"))
+    message = str(e.value.code)
+    assert "hold only 0 and 255, and 255 is read as ignore" in message and "\n" not in message
+    assert not (tmp_path / "s" / "log.csv").exists()
+
+
+def test_training_refuses_one_class_and_warns_about_classes_it_can_never_learn(tmp_path, capsys):
+    one = write_folder(tmp_path / "one", "train", [np.zeros((16, 16), np.uint8)] * 4)
+    write_folder(one, "val", [np.zeros((16, 16), np.uint8)] * 2)
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(one, tmp_path / "r", "--num-classes", "3"))
+    assert "has only class 'class_0' in its masks" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    two = write_folder(tmp_path / "two", "train", [np.arange(256).reshape(16, 16) % 2] * 4)
+    write_folder(two, "val", [np.arange(256).reshape(16, 16) % 2] * 2)
+    train_deeplab.train(train_args(two, tmp_path / "s", "--num-classes", "3"))
+    out = capsys.readouterr().out
+    assert "warning: class 'class_2' never appears in split train" in out and "never be learned" in out
+
+
+def test_colour_masks_train_and_evaluate_from_the_checkpoint_alone(tmp_path, capsys):
+    palette = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], np.uint8)
+    ids = [np.add.outer(np.arange(32) // 11, np.arange(48) // 16 + i) % 3 for i in range(6)]
+    root = write_folder(tmp_path / "data", "train", [palette[m] for m in ids[:4]])
+    write_folder(root, "val", [palette[m] for m in ids[4:]])
+    table = tmp_path / "classes.csv"
+    table.write_text("name,r,g,b\nred,200,30,30\ngreen,30,200,30\nblue,30,30,200\n")
+    best = train_deeplab.train(train_args(root, tmp_path / "r", "--classes", str(table)))
+    assert "masks: colour, 3 classes from classes.csv" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "r" / "best.pth", weights_only=True)
+    assert checkpoint["class_map"]["encoding"] == "colour" and checkpoint["class_map"]["palette"] == palette.tolist()
+    finetune = ["--checkpoint", str(tmp_path / "r" / "best.pth"), "--out", str(tmp_path / "f"), "--workers", "0"]
+    train_deeplab_finetune.main(train_deeplab_finetune.get_args_parser().parse_args([*finetune, "--epochs", "1"]))
+    assert "masks: colour, 3 classes from classes.csv" in capsys.readouterr().out  # the table comes along
+    table.unlink()  # evaluation reads the masks with the checkpoint's own table
+    args = ["--checkpoint", str(tmp_path / "r" / "best.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]
+    evaluate.main(evaluate.get_args_parser().parse_args([*args, "--bootstrap", "10"]))
+    assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(best, abs=1e-12)
