@@ -1034,12 +1034,12 @@ def check_trainable(stats: SplitStats, class_map: ClassMap, where: str, pairs: l
                 for name, n in zip(class_map.names, stats.pixels) if n == 0]  # fmt: skip
     if stats.unknown > stats.unknown_lossy:
         warnings.append(
-            f"{stats.unknown - stats.unknown_lossy} pixels of {where} have values outside {class_map.source}; "
+            f"{stats.unknown - stats.unknown_lossy:,} pixels of {where} have values outside {class_map.source}; "
             "they are ignored (`python dataset.py --check` lists them)"
         )
     if stats.lossy:
         warnings.append(
-            f"{stats.lossy} masks of {where} are lossy (JPEG): {stats.unknown_lossy} of their pixels are no class's "
+            f"{stats.lossy} masks of {where} are lossy (JPEG): {stats.unknown_lossy:,} of their pixels are no class's "
             "value (compression noise at edges) and are ignored; save masks as PNG"
         )
     return warnings
@@ -1187,10 +1187,10 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
     elif absent:
         warnings.append(f"{split}: never present, so their IoU is n/a: {', '.join(absent)}")
     if stats.lossy:
-        warnings.append(f"{split}: {stats.lossy} masks are lossy (JPEG); {stats.unknown_lossy} of their pixels "
+        warnings.append(f"{split}: {stats.lossy} masks are lossy (JPEG); {stats.unknown_lossy:,} of their pixels "
                         "match no class (compression noise) and are ignored; save masks as PNG")  # fmt: skip
     for value, (pixels, masks) in sorted(stats.unknown_values.items(), key=lambda kv: -kv[1][0])[:5]:
-        warnings.append(f"{split}: value {value_name(value, colour)} is in no class: {pixels} pixels in "
+        warnings.append(f"{split}: value {value_name(value, colour)} is in no class: {pixels:,} pixels in "
                         + some([m.name for m in masks]))  # fmt: skip
     if len(stats.unknown_values) > 5:
         warnings.append(f"{split}: {len(stats.unknown_values) - 5} more values are in no class")
@@ -1405,7 +1405,7 @@ def main(args: argparse.Namespace) -> None:
         if args.check or args.write_classes:
             data = args.data if args.data is not None and args.layout != "demo" else None
             root = data if data is not None else make_demo(args.data or default_demo_root(args.seed), seed=args.seed)
-            layout = args.layout if data is not None else "offroad"
+            layout = args.layout if data is not None else "auto"
             sys.exit(check_dataset(Path(root), layout, options, args.write_classes))
         cfg = transform_from_args(args, train=args.benchmark is not None)  # the benchmark times training transforms
         dataset = build_dataset(args.data, args.layout, args.split, cfg, options, args.seed, args.cache)
