@@ -571,6 +571,8 @@ def resolve_class_map(
     """The ClassMap of a dataset and, in words, why its masks are read so: the class table (--classes, the
     layout's own, --num-classes, or binary) and the encoding, detected from a sample of `pairs` unless given."""
     table = given_table(layout, options)
+    if table is None and options.num_classes is None and options.names:
+        options = replace(options, num_classes=len(options.names))  # --class-names alone: ids 0..len-1
     count = len(table.names) if table else options.num_classes
     encoding, why, foreground = options.encoding, f"--mask-encoding {options.encoding}", 255
     if encoding in ("auto", "binary"):
@@ -1179,7 +1181,7 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
     if files.masks_without_image:
         warnings.append(f"{split}: {len(files.masks_without_image)} masks have no image: "
                         + some([m.name for m in files.masks_without_image]))  # fmt: skip
-    if stats.total and stats.ignored > stats.total / 2:
+    if stats.total / 2 < stats.ignored < stats.total:
         warnings.append(f"{split}: {stats.ignored / stats.total:.0%} of the pixels are ignored")
     absent = [n for n, p in zip(class_map.names, stats.pixels) if p == 0]
     if absent and split == train:

@@ -428,6 +428,7 @@ def test_check_reports_warnings_and_passes_a_dataset_that_can_train(tmp_path, ca
     root = write_folder(tmp_path, "train", [a, b])
     write_folder(root, "train", [a], suffix=".jpg", first=2)
     write_folder(root, "val", [np.array([[0, 1, 1, 0]] * 4)])
+    write_folder(root, "test", [np.array([[0, 1, 255, 255]] * 2 + [[255] * 4] * 2)])  # mostly ignored
     shutil.copy(root / "train" / "images" / "0.png", root / "val" / "images" / "5.png")  # a leaked image
     shutil.copy(root / "val" / "masks" / "0.png", root / "val" / "masks" / "5.png")
     shutil.copy(root / "val" / "masks" / "0.png", root / "train" / "masks" / "orphan.png")
@@ -437,12 +438,14 @@ def test_check_reports_warnings_and_passes_a_dataset_that_can_train(tmp_path, ca
     assert lines[1].startswith("masks: index, 3 classes from --num-classes 3")
     row = next(line for line in lines if line.split()[:2] == ["2", "class_2"])
     assert row.split("|")[1].split() == ["16", "36.36%", "2"] and row.split("|")[2].split() == ["0", "0.00%", "0"]
+    assert "ignored pixels: train 4 (8.3%; 4 of no class), val 0 (0.0%; 0 of no class), test 12 (75.0%;" in text
+    assert "warning: test: 75% of the pixels are ignored" in text
     assert "warning: val: never present, so their IoU is n/a: class_2" in text
     assert "warning: train: value 7 is in no class: 4 pixels in 1.png" in text
     assert "warning: train: 1 masks are lossy (JPEG)" in text
     assert "warning: train: 1 masks have no image: orphan.png" in text
     assert re.search(r"warning: the same image is in two splits .*train/images/0.png \(train\) = .*5.png \(val\)", text)
-    assert lines[-2] == "verdict: ready to train (5 warnings)"
+    assert lines[-2] == "verdict: ready to train (7 warnings)"  # test lacks class_2 too
     assert lines[-1] == f"  python train_deeplab.py --data {root} --num-classes 3"
 
 
