@@ -412,7 +412,9 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
         sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
     power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
-    classes = ClassMap.from_dict(resumed["class_map"]) if resumed else ClassOptions.from_args(args)
+    # a resumed run reads its masks exactly as before; every other run resolves its flags against the masks
+    resumed_map = resumed.get("class_map") if resumed else None
+    classes = ClassMap.from_dict(resumed_map) if resumed_map else ClassOptions.from_args(args)
     train_set, train_loader, val_loader = build_loaders(args, rank, world, classes)
     stats = check_training_data(args, train_set, say)
     class_map = train_set.class_map

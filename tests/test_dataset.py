@@ -432,21 +432,22 @@ def test_check_reports_warnings_and_passes_a_dataset_that_can_train(tmp_path, ca
     shutil.copy(root / "train" / "images" / "0.png", root / "val" / "images" / "5.png")  # a leaked image
     shutil.copy(root / "val" / "masks" / "0.png", root / "val" / "masks" / "5.png")
     shutil.copy(root / "val" / "masks" / "0.png", root / "train" / "masks" / "orphan.png")
-    status, lines = check(["--data", str(root), "--num-classes", "3"], capsys)
+    status, lines = check(["--data", str(root), "--num-classes", "4"], capsys)
     text = "\n".join(lines)
     assert status == 0
-    assert lines[1].startswith("masks: index, 3 classes from --num-classes 3")
+    assert lines[1].startswith("masks: index, 4 classes from --num-classes 4")
     row = next(line for line in lines if line.split()[:2] == ["2", "class_2"])
     assert row.split("|")[1].split() == ["16", "36.36%", "2"] and row.split("|")[2].split() == ["0", "0.00%", "0"]
     assert "ignored pixels: train 4 (8.3%; 4 of no class), val 0 (0.0%; 0 of no class), test 12 (75.0%;" in text
     assert "warning: test: 75% of the pixels are ignored" in text
-    assert "warning: val: never present, so their IoU is n/a: class_2" in text
+    assert "warning: train: never present, so never learned: class_3" in text
+    assert "warning: val: never present, so their IoU is n/a: class_2, class_3" in text
     assert "warning: train: value 7 is in no class: 4 pixels in 1.png" in text
     assert "warning: train: 1 masks are lossy (JPEG)" in text
     assert "warning: train: 1 masks have no image: orphan.png" in text
     assert re.search(r"warning: the same image is in two splits .*train/images/0.png \(train\) = .*5.png \(val\)", text)
-    assert lines[-2] == "verdict: ready to train (7 warnings)"  # test lacks class_2 too
-    assert lines[-1] == f"  python train_deeplab.py --data {root} --num-classes 3"
+    assert lines[-2] == "verdict: ready to train (8 warnings)"  # test lacks classes 2 and 3 too
+    assert lines[-1] == f"  python train_deeplab.py --data {root} --num-classes 4"
 
 
 def test_check_fails_on_what_would_stop_or_spoil_training(tmp_path, capsys):
