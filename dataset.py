@@ -541,9 +541,8 @@ class ClassOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ClassOptions":
-        table = getattr(args, "classes", None)
         names = tuple(args.class_names) if args.class_names else None
-        return cls(Path(table) if table else None, args.num_classes, names, getattr(args, "mask_encoding", "auto"))
+        return cls(Path(args.classes) if args.classes else None, args.num_classes, names, args.mask_encoding)
 
 
 def given_table(layout: str, options: ClassOptions) -> ClassTable | None:
