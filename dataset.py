@@ -968,9 +968,12 @@ def _pair_statistics(pair: tuple[Path, Path], class_map: ClassMap) -> tuple | st
     image, mask = pair
     try:
         values, pixels, (mw, mh) = mask_values(mask, class_map.encoding == "colour")
-        iw, ih = image_size(image)
     except DatasetError as e:
         return str(e)
+    try:
+        iw, ih = image_size(image)
+    except DatasetError:  # named where images are read (the dataset's own checks, --check's leak search)
+        iw, ih = mw, mh
     counts, strange = class_map.count(values, pixels, is_lossy(mask))
     mismatched = f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}" if (mw, mh) != (iw, ih) else None
     return counts, strange, is_lossy(mask), mismatched
@@ -1096,28 +1099,29 @@ def value_name(value: int, colour: bool) -> str:
     return "({}, {}, {})".format(*unpack_rgb(value)) if colour else str(value)
 
 
-def leaked_images(files: dict[str, SplitFiles]) -> list[str]:
-    """Images whose decoded pixels appear in more than one split, as 'A (split) = B (split)' lines."""
+def leaked_images(files: dict[str, SplitFiles]) -> tuple[list[str], list[str]]:
+    """Decode every image: those whose pixels appear in more than one split, as 'A (split) = B (split)' lines, and
+    the images that cannot be decoded, as error messages."""
 
-    def digest(image: Path) -> str | None:
+    def digest(image: Path) -> str:
         try:
             pixels = read_image(image)
-        except DatasetError:
-            return None
+        except DatasetError as e:
+            return f"error: {e}"
         return hashlib.sha1(str(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()
 
     first: dict[str, tuple[str, Path]] = {}
-    leaks = []
+    leaks, unreadable = [], []
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for split, split_files_ in files.items():
             images = [image for image, _ in split_files_.pairs]
             for image, key in zip(images, pool.map(digest, images)):
-                if key is None:
-                    continue
-                if key in first and first[key][0] != split:
+                if key.startswith("error: "):
+                    unreadable.append(key.removeprefix("error: "))
+                elif key in first and first[key][0] != split:
                     leaks.append(f"{first[key][1]} ({first[key][0]}) = {image} ({split})")
                 first.setdefault(key, (split, image))
-    return leaks
+    return leaks, unreadable
 
 
 def write_class_table(
@@ -1266,8 +1270,9 @@ def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes:
             errors, warnings = errors + found_errors, warnings + found_warnings
         problem = too_few_classes(stats[train], class_map, f"split {train}", files[train].pairs)
         errors += [problem] if problem else []
-    warnings += [f"the same image is in two splits (leakage inflates validation scores): {leak}"
-                 for leak in leaked_images(files)]  # fmt: skip
+    leaks, unreadable = leaked_images(files)
+    errors += unreadable
+    warnings += [f"the same image is in two splits (leakage inflates validation scores): {leak}" for leak in leaks]
     for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
         print(line)
     command = train_command(root, layout, options)

@@ -456,12 +456,15 @@ def test_check_fails_on_what_would_stop_or_spoil_training(tmp_path, capsys):
     Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / "train" / "masks" / "1.png")  # another size
     (root / "train" / "masks" / "2.png").write_bytes(b"not a png")
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(root / "train" / "images" / "lonely.png")
+    image = root / "train" / "images" / "0.png"
+    image.write_bytes(image.read_bytes()[:45])  # a valid header, then the data stops
     status, lines = check(["--data", str(root), "--num-classes", "2"], capsys)
     text = "\n".join(lines)
     assert status == 1
     assert "masks/1.png is 3x3 but image" in text and "cannot read mask" in text and "masks/2.png" in text
     assert "error: train: 1 images have no mask: lonely.png" in text and "error: val: every pixel is ignored" in text
-    assert lines[-2].startswith("verdict: training would fail or train wrongly (4 errors)")
+    assert re.search(r"error: cannot read image .*images/0.png", text)
+    assert lines[-2].startswith("verdict: training would fail or train wrongly (5 errors)")
 
 
 def test_check_catches_binary_masks_read_with_255_as_ignore(tmp_path, capsys):
