@@ -12,7 +12,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,16 @@ from dataset import (
     read_image,
     transform_pair,
 )
-from models import ARCHS, ModelError, build_model, count_macs, count_params, load_checkpoint, model_from_checkpoint
+from models import (
+    ARCHS,
+    ModelError,
+    aux_params,
+    build_model,
+    count_macs,
+    count_params,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 
 def per_image_confusion(
@@ -526,39 +535,48 @@ def train_benchmark(
     return {"images_per_s": batch_size / statistics.median(times), "peak_memory_gib": peak / 2**30}
 
 
-def print_cost_row(args: argparse.Namespace) -> None:
-    """The second study's results columns for one model: params, GMACs, latency, throughput."""
+def cost_models(args: argparse.Namespace) -> Iterator[tuple[str, nn.Module]]:
+    """(arch, model) to measure: the checkpoint's model, or --arch (`all`: each arch in turn, built when needed)."""
     if args.checkpoint is not None:
         checkpoint = load_checkpoint(args.checkpoint)
-        model, arch = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["args"]["arch"]
-    else:
-        arch = args.arch
-        model = build_model(arch, args.num_classes or 19)
+        yield checkpoint["args"]["arch"], model_from_checkpoint(checkpoint, args.checkpoint)
+        return
+    for arch in ARCHS if args.arch == "all" else (args.arch,):
+        stride = args.output_stride if "resnet" in arch and arch.startswith("deeplabv3") else None
+        yield arch, build_model(arch, args.num_classes or 19, output_stride=stride)
+
+
+def print_cost_row(args: argparse.Namespace) -> None:
+    """The second study's results columns, a row per model: params (an aux head's apart: only training uses it),
+    GMACs, latency, throughput."""
     size = hw_pair(args.size) or (512, 1024)
-    trainable, total = count_params(model)
-    macs = count_macs(model, size) / 1e9
     device = torch.device(args.device)
     amp_dtype = amp_dtype_for(args.amp, device)
-    model = model.eval().to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model = torch.compile(model)
-    if args.train:
-        print_train_row(args, model, arch, size, macs, device, amp_dtype)
-        return
-    timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
-        f"channels_last {args.channels_last}, compile {args.compile}, median of {args.runs} runs after {args.warmup}"
-    )
-    print("| arch | input | trainable params | total params | GMACs | latency (ms, batch 1) | images/s (batch) |")
-    print("|---|---|---|---|---|---|---|")
-    print(
-        f"| {arch} | {size[0]}x{size[1]} | {trainable:,} | {total:,} | {macs:.2f} | {timing['latency_ms']:.2f} | "
-        f"{timing['images_per_s']:.2f} ({args.batch_size}) |"
-    )
+    if not args.train:
+        print(
+            f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
+            f"channels_last {args.channels_last}, compile {args.compile}, "
+            f"median of {args.runs} runs after {args.warmup}"
+        )
+        print("| arch | input | trainable params | total params | GMACs | latency (ms, batch 1) | images/s (batch) |")
+        print("|---|---|---|---|---|---|---|")
+    for arch, model in cost_models(args):
+        (trainable, total), aux = count_params(model), aux_params(model)
+        macs = count_macs(model, size) / 1e9
+        model = model.eval().to(device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model = torch.compile(model)
+        if args.train:
+            print_train_row(args, model, arch, size, macs, device, amp_dtype)
+            continue
+        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last)
+        print(
+            f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
+            f"{macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} ({args.batch_size}) |"
+        )
 
 
 def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
@@ -716,7 +734,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
     parser.add_argument("--benchmark", action="store_true", help="print the cost row: params, GMACs, latency")
     parser.add_argument("--train", action="store_true", help="--benchmark training steps instead of inference")
-    parser.add_argument("--arch", default="deeplabv2_resnet101", choices=ARCHS, help="model for --benchmark")
+    parser.add_argument(
+        "--arch", default="deeplabv2_resnet101", choices=(*ARCHS, "all"), help="model for --benchmark (all: each)"
+    )
+    parser.add_argument(
+        "--output-stride",
+        type=int,
+        default=None,
+        choices=(8, 16),
+        help="--benchmark: of the ResNet DeepLabV3/V3+ archs",
+    )
     parser.add_argument("--channels-last", action="store_true", help="--benchmark in channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
     parser.add_argument("--warmup", type=int, default=3, help="--benchmark passes before timing")

@@ -1,7 +1,10 @@
-"""DeepLab models: torchvision's DeepLabV3 variants and DeepLabV2 (ResNet-101 + ASPP) as in the original paper.
+"""DeepLab models: DeepLabV3 and DeepLabV3+ on torchvision's backbones, and DeepLabV2 (ResNet-101 + ASPP) as in
+the original paper.
 
-Every model is a `SegmentationModel`: `backbone` -> `classifier` -> bilinear upsampling, so `forward` returns
-logits [B, C, H, W] at the input resolution and the optimizer can give the head its own learning rate.
+Every model is a `SegmentationModel`: `backbone` -> `classifier` (the head: ASPP, and DeepLabV3+'s decoder) ->
+bilinear upsampling, so `forward` returns logits [B, C, H, W] at the input resolution and the optimizer can give the
+head its own learning rate. An optional `aux_classifier` (torchvision's FCN head) is trained beside it and is used
+by nothing else.
 """
 
 import copy
@@ -11,16 +14,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights
-from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    mobilenet_v3_large,
+    resnet50,
+    resnet101,
+)
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
+from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-ARCHS = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv2_resnet101")
-OUTPUT_STRIDE = {
-    "deeplabv3_mobilenet_v3_large": 16,
-    "deeplabv3_resnet50": 8,
-    "deeplabv3_resnet101": 8,
-    "deeplabv2_resnet101": 8,
+ARCHS = (
+    "deeplabv3_mobilenet_v3_large",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3plus_mobilenet_v3_large",
+    "deeplabv3plus_resnet50",
+    "deeplabv3plus_resnet101",
+    "deeplabv2_resnet101",
+)
+RESNETS = {
+    "resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (resnet101, ResNet101_Weights.IMAGENET1K_V1),
 }
 
 
@@ -28,21 +46,70 @@ class ModelError(Exception):
     """A model cannot be built or initialised as asked; the message is shown to the user as one line."""
 
 
+def default_output_stride(arch: str) -> int:
+    """8 for DeepLabV2 and DeepLabV3 on a ResNet (torchvision's choice), 16 for DeepLabV3+ (the paper's training
+    setting) and for MobileNetV3 (torchvision's dilated MobileNetV3 has no other)."""
+    return 16 if "plus" in arch or "mobilenet" in arch else 8
+
+
+def output_stride_of(arch: str, requested: int | None) -> int:
+    """The output stride an arch is built with; only the ResNet DeepLabV3 and DeepLabV3+ archs can change it."""
+    stride = default_output_stride(arch) if requested is None else requested
+    if stride != default_output_stride(arch) and not (arch.startswith("deeplabv3") and "resnet" in arch):
+        raise ModelError(f"--output-stride {stride}: {arch} has output stride {default_output_stride(arch)} only")
+    if stride not in (8, 16):
+        raise ModelError(f"--output-stride must be 8 or 16, not {stride}")
+    return stride
+
+
+def logit_stride(arch: str, output_stride: int) -> int:
+    """The stride of the head's logits before upsampling: 4 behind DeepLabV3+'s decoder, else the output stride."""
+    return 4 if "plus" in arch else output_stride
+
+
 class SegmentationModel(nn.Module):
-    def __init__(self, backbone: nn.Module, classifier: nn.Module):
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
+        self.aux_classifier = aux_classifier
 
-    def forward(self, x: torch.Tensor, upsample: bool = True) -> torch.Tensor:
-        """Logits at the input resolution, or at the feature resolution (1 / output stride) with upsample=False."""
+    def forward(
+        self, x: torch.Tensor, upsample: bool = True, aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the input resolution, or at the head's own resolution with upsample=False. With aux=True (in
+        training, with an aux head) also the aux head's logits, at the same resolution as the main ones."""
         features = self.backbone(x)
-        if isinstance(features, dict):  # torchvision's IntermediateLayerGetter
-            features = features["out"]
-        logits = self.classifier(features)
-        if not upsample:
+        if not isinstance(features, dict):  # DeepLabV2's backbone returns its last stage
+            features = {"out": features}
+        low = features.get("low")  # DeepLabV3+'s decoder also takes the stride-4 features
+        logits = self.classifier(features["out"]) if low is None else self.classifier(features["out"], low)
+        size = x.shape[-2:] if upsample else logits.shape[-2:]
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if upsample else logits
+        if not aux:
             return logits
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        aux_logits = self.aux_classifier(features["aux"])
+        return logits, F.interpolate(aux_logits, size=size, mode="bilinear", align_corners=False)
+
+
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabV3+'s head (Chen et al., ECCV 2018): ASPP on the last stage (1x1, three 3x3 atrous convs and image
+    pooling, 256 channels each, projected to 256), upsampled bilinearly to stride 4 and concatenated with the
+    stride-4 features projected to 48 channels, then two 3x3 convs of 256 channels and a 1x1 classifier."""
+
+    def __init__(self, in_channels: int, low_channels: int, num_classes: int, rates: tuple[int, int, int]):
+        super().__init__()
+        self.aspp = ASPP(in_channels, rates)
+        self.low = nn.Sequential(nn.Conv2d(low_channels, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+        )  # fmt: skip
+        self.classify = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.aspp(x), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classify(self.fuse(torch.cat([x, self.low(low)], dim=1)))
 
 
 class Bottleneck(nn.Module):
@@ -120,38 +187,63 @@ class ASPPV2(nn.Module):
         return sum(conv(x) for conv in self.conv2d_list)
 
 
-def _download_failed(arch: str, error: Exception) -> ModelError:
-    return ModelError(
-        f"could not get the ImageNet weights for {arch} ({type(error).__name__}: {error}); "
-        "offline, train from scratch with --no-pretrained or start from a local file with --init PATH"
-    )
-
-
-def build_model(arch: str, num_classes: int, pretrained_backbone: bool = False) -> SegmentationModel:
-    """A DeepLab model whose forward gives logits [B, num_classes, H, W] at the input resolution."""
+def build_model(
+    arch: str, num_classes: int, pretrained_backbone: bool = False, output_stride: int | None = None, aux: bool = False
+) -> SegmentationModel:
+    """A DeepLab model whose forward gives logits [B, num_classes, H, W] at the input resolution; `aux` adds the
+    auxiliary FCN head (DeepLabV3 and DeepLabV3+)."""
     if arch not in ARCHS:
         raise ModelError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
-    try:
-        if arch == "deeplabv2_resnet101":
-            model = SegmentationModel(DeepLabV2ResNet(), ASPPV2(2048, num_classes))
-            if pretrained_backbone:
-                state = ResNet101_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-                model.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
-            return model
-        builder, weights = {
-            "deeplabv3_mobilenet_v3_large": (deeplabv3_mobilenet_v3_large, MobileNet_V3_Large_Weights.IMAGENET1K_V1),
-            "deeplabv3_resnet50": (deeplabv3_resnet50, ResNet50_Weights.IMAGENET1K_V1),
-            "deeplabv3_resnet101": (deeplabv3_resnet101, ResNet101_Weights.IMAGENET1K_V1),
-        }[arch]
-        net = builder(weights=None, weights_backbone=weights if pretrained_backbone else None, num_classes=num_classes)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a broken download fails its hash check
-        raise _download_failed(arch, e) from None
-    for m in net.modules():
+    stride = output_stride_of(arch, output_stride)
+    if arch == "deeplabv2_resnet101":
+        if aux:
+            raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch")
+        model = SegmentationModel(DeepLabV2ResNet(), ASPPV2(2048, num_classes))
+        if pretrained_backbone:
+            state = _download(arch, ResNet101_Weights.IMAGENET1K_V1.get_state_dict, progress=False)
+            model.backbone.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+        return model
+    if "mobilenet" in arch:
+        weights = MobileNet_V3_Large_Weights.IMAGENET1K_V1 if pretrained_backbone else None
+        features = _download(arch, mobilenet_v3_large, weights=weights, dilated=True).features
+        stages = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
+        layers = {"out": stages[-1], "aux": stages[-4], "low": stages[2] - 1}  # torchvision's picks; low: stride 4
+        channels = {name: features[i].out_channels for name, i in layers.items()}
+        layers = {name: str(i) for name, i in layers.items()}
+        trunk = features
+    else:
+        builder, weights = RESNETS[arch.rsplit("_", 1)[1]]
+        dilate = [False, stride == 8, True]
+        trunk = _download(
+            arch, builder, weights=weights if pretrained_backbone else None, replace_stride_with_dilation=dilate
+        )
+        layers, channels = {"out": "layer4", "aux": "layer3", "low": "layer1"}, {"out": 2048, "aux": 1024, "low": 256}
+    plus = "plus" in arch
+    wanted = {"out"} | ({"aux"} if aux else set()) | ({"low"} if plus else set())
+    backbone = IntermediateLayerGetter(trunk, return_layers={layers[name]: name for name in wanted})
+    rates = (6, 12, 18) if stride == 16 else (12, 24, 36)
+    if plus:
+        head = DeepLabV3PlusHead(channels["out"], channels["low"], num_classes, rates)
+    else:
+        head = DeepLabHead(channels["out"], num_classes, (12, 24, 36) if "mobilenet" in arch else rates)
+    model = SegmentationModel(backbone, head, FCNHead(channels["aux"], num_classes) if aux else None)
+    for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             # MobileNetV3's momentum of 0.01 suits 600 ImageNet epochs; in runs of a few hundred steps the running
             # statistics would stay near their initial values and wreck every eval-mode prediction
             m.momentum = 0.1
-    return SegmentationModel(net.backbone, net.classifier)
+    return model
+
+
+def _download(arch: str, build, *args, **kwargs):
+    """build(*args, **kwargs), where a failure to download ImageNet weights is one line saying what to do."""
+    try:
+        return build(*args, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a broken download fails its hash check
+        raise ModelError(
+            f"could not get the ImageNet weights for {arch} ({type(e).__name__}: {e}); "
+            "offline, train from scratch with --no-pretrained or start from a local file with --init PATH"
+        ) from None
 
 
 def default_head_lr_mult(arch: str) -> float:
@@ -170,14 +262,15 @@ def default_lr(arch: str, from_scratch: bool) -> float:
 def param_groups(
     model: SegmentationModel, lr: float, head_lr_mult: float, backbone_lr: float | None = None
 ) -> list[dict]:
-    """Optimizer groups: backbone at `backbone_lr` (default `lr`), head at `lr * head_lr_mult`; frozen
-    parameters are left out."""
+    """Optimizer groups: backbone at `backbone_lr` (default `lr`), head (ASPP, DeepLabV3+'s decoder, the aux head)
+    at `lr * head_lr_mult`; frozen parameters are left out."""
     backbone_lr = lr if backbone_lr is None else backbone_lr
+    heads = [model.classifier] + ([model.aux_classifier] if model.aux_classifier is not None else [])
     groups = [
         {"name": "backbone", "params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr},
         {
             "name": "head",
-            "params": [p for p in model.classifier.parameters() if p.requires_grad],
+            "params": [p for h in heads for p in h.parameters() if p.requires_grad],
             "lr": lr * head_lr_mult,
         },
     ]
@@ -245,13 +338,26 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
-    """The checkpoint's model, with its weights."""
-    model = build_model(checkpoint["args"]["arch"], checkpoint["num_classes"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        raise ModelError(f"checkpoint {path}: weights do not fit {checkpoint['args']['arch']}") from None
+    """The checkpoint's model (arch, output stride, aux head as it was trained), with its weights."""
+    run = checkpoint["args"]
+    model = build_model(run["arch"], checkpoint["num_classes"], output_stride=run.get("output_stride"),
+                        aux=bool(run.get("aux_loss")))  # fmt: skip
+    load_weights(model, checkpoint, path)
     return model
+
+
+def load_weights(model: SegmentationModel, checkpoint: dict, path: Path) -> None:
+    """A checkpoint's weights into `model`, which may have another output stride (the weights are the same) or
+    gain or lose the aux head (a fine-tuning run may add or drop it); anything else that does not fit is an error."""
+    state = checkpoint["model"]
+    if model.aux_classifier is None:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # a tensor of another shape
+        missing, unexpected = ["?"], []
+    if unexpected or any(not k.startswith("aux_classifier.") for k in missing):
+        raise ModelError(f"checkpoint {path}: weights do not fit {checkpoint['args']['arch']}")
 
 
 def load_init(model: SegmentationModel, path: Path) -> str:
@@ -282,9 +388,14 @@ def load_init(model: SegmentationModel, path: Path) -> str:
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts of the model that predicts: an aux head is not counted (aux_params)."""
+    params = [p for name, p in model.named_parameters() if not name.startswith("aux_classifier.")]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def aux_params(model: SegmentationModel) -> int:
+    """Parameters of the aux head, which only training uses."""
+    return sum(p.numel() for p in model.aux_classifier.parameters()) if model.aux_classifier is not None else 0
 
 
 def count_macs(model: nn.Module, size: tuple[int, int], batch: int = 1) -> float:

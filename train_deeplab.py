@@ -51,8 +51,8 @@ from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_
 from losses import LossSpecError, build_loss
 from models import (
     ARCHS,
-    OUTPUT_STRIDE,
     ModelError,
+    aux_params,
     backbone_frozen,
     build_model,
     count_params,
@@ -61,10 +61,14 @@ from models import (
     freeze_backbone,
     load_checkpoint,
     load_init,
-    model_from_checkpoint,
+    load_weights,
+    logit_stride,
+    output_stride_of,
     param_groups,
     set_train_mode,
 )
+
+RUNS = Path("runs")  # where runs go without --out, and where fine-tuning looks for the newest one
 
 
 def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0) -> float:
@@ -95,13 +99,15 @@ def train_one_epoch(
     loss_at_feature_resolution: bool = False,
     skip_nonfinite: bool = False,
     show_progress: bool = True,
+    aux_weight: float = 0.0,
 ) -> dict:
     """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
     metrics accumulate on the device, so the step never waits for the host. With loss_at_feature_resolution
-    (DeepLabV2's recipe) the logits stay at 1/output-stride and the target is downsampled to them (nearest).
-    data_wait is the share of the pass spent waiting for the loader. A non-finite loss is recorded on the device
-    (nonfinite_step: the first such step, or -1) and its step is still taken, unless skip_nonfinite, which checks
-    every step on the host and skips those steps. Under DDP the metrics are summed over the processes."""
+    (DeepLabV2's recipe) the logits stay at the head's resolution and the target is downsampled to them (nearest);
+    aux_weight adds that multiple of the aux head's loss. data_wait is the share of the pass spent waiting for the
+    loader. A non-finite loss is recorded on the device (nonfinite_step: the first such step, or -1) and its step is
+    still taken, unless skip_nonfinite, which checks every step on the host and skips those steps. Under DDP the
+    metrics are summed over the processes."""
     set_train_mode(model)
     cm = ConfusionMatrix(num_classes)
     loss_sum, images, waited = torch.zeros((), device=device), torch.zeros((), device=device), 0.0
@@ -116,10 +122,13 @@ def train_one_epoch(
             image = image.contiguous(memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(image, upsample=not loss_at_feature_resolution)
+            out = model(image, upsample=not loss_at_feature_resolution, aux=aux_weight > 0)
+        logits, aux_logits = out if aux_weight > 0 else (out, None)
         if loss_at_feature_resolution:
             target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
         loss = criterion(logits, target)
+        if aux_logits is not None:  # the aux head helps the backbone train; evaluation never sees it
+            loss = loss + aux_weight * criterion(aux_logits, target)
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         optimizer.zero_grad(set_to_none=True)
@@ -169,8 +178,14 @@ def plain_args(args: argparse.Namespace) -> dict:
 def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], model: nn.Module) -> None:
     """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
     trainable, total = count_params(model)
-    info = {"class_names": class_names, "trainable_params": trainable, "total_params": total, "args": plain_args(args)}
+    info = {"class_names": class_names, "trainable_params": trainable, "total_params": total,
+            "aux_params": aux_params(model), "args": plain_args(args)}  # fmt: skip
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def aux_note(model: nn.Module) -> str:
+    """The aux head's parameters, reported apart: only training uses them."""
+    return f" (+ aux head {aux_params(model)}, training only)" if aux_params(model) else ""
 
 
 def csv_header(num_classes: int) -> list[str]:
@@ -293,11 +308,15 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
         args.head_lr_mult = default_head_lr_mult(args.arch)
     if args.lr is None:
         args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None and checkpoint is None)
-    if args.downsample_gt is not None and args.downsample_gt != OUTPUT_STRIDE[args.arch]:
+    args.output_stride = output_stride_of(args.arch, args.output_stride)
+    stride = logit_stride(args.arch, args.output_stride)
+    if args.downsample_gt is not None and args.downsample_gt != stride:
         raise ModelError(
-            f"--downsample-gt {args.downsample_gt} does not match the output stride of {args.arch} "
-            f"({OUTPUT_STRIDE[args.arch]}): the loss is computed at the logits' own resolution"
+            f"--downsample-gt {args.downsample_gt} does not match the stride of the logits of {args.arch} at output "
+            f"stride {args.output_stride} ({stride}): the loss is computed at the logits' own resolution"
         )
+    if args.aux_loss and args.arch == "deeplabv2_resnet101":
+        raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch (DeepLabV2 has no aux head)")
 
 
 def build_optimizer(
@@ -408,7 +427,7 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     say = print if rank == 0 else lambda *a, **k: None
     say(args)
     seed_everything(args.seed)
-    out = args.out = Path(args.out or Path("runs") / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out = Path(args.out or RUNS / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
         sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
     power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
@@ -437,12 +456,12 @@ def build_network(
     """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
     and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
     source = resumed or checkpoint
-    if source is None:
-        model = build_model(args.arch, num_classes, pretrained_backbone=args.pretrained)
-    else:
-        if source["num_classes"] != num_classes:
-            raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
-        model = model_from_checkpoint(source, args.resume or args.checkpoint)
+    if source is not None and source["num_classes"] != num_classes:
+        raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
+    pretrained = args.pretrained and source is None
+    model = build_model(args.arch, num_classes, pretrained, args.output_stride, aux=args.aux_loss > 0)
+    if source is not None:
+        load_weights(model, source, args.resume or args.checkpoint)
         say(f"Loaded checkpoint of epoch {source['epoch']} (best val mIoU {source['best_miou']:.4f})")
     if args.init and resumed is None:
         say(load_init(model, args.init))
@@ -506,7 +525,7 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     train_m = train_one_epoch(
         run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device, num_classes,
         run.amp_dtype, f"Epoch {epoch}/{args.epochs}", loss_at_feature_resolution=args.downsample_gt is not None,
-        skip_nonfinite=args.skip_nonfinite, show_progress=run.rank == 0,
+        skip_nonfinite=args.skip_nonfinite, show_progress=run.rank == 0, aux_weight=args.aux_loss,
     )  # fmt: skip
     if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
         raise NonFiniteLoss(
@@ -556,7 +575,8 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
     run.say(
         f"Using device: {run.device} ({run.amp_dtype or 'float32'}) x {run.world} | arch {args.arch} | "
         f"pretrained {args.pretrained} | train size {len(run.train_set)} | val size {len(run.val_loader.dataset)} | "
-        f"classes {run.class_map.num_classes} | trainable params {count_params(run.model)[0]} | out {run.out}"
+        f"classes {run.class_map.num_classes} | trainable params {count_params(run.model)[0]}{aux_note(run.model)} | "
+        f"out {run.out}"
     )
     start_log(run, resumed is not None)
     if resumed is not None:
@@ -624,6 +644,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="val")
     parser.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
+    parser.add_argument(
+        "--output-stride", type=int, default=None, choices=(8, 16),
+        help="ResNet DeepLabV3/V3+ only (default: 8 for DeepLabV3, 16 for DeepLabV3+)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--aux-loss", type=float, default=0.0, metavar="WEIGHT",
+        help="train an auxiliary FCN head on intermediate features, its loss times WEIGHT (torchvision: 0.5)",
+    )  # fmt: skip
     parser.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,

@@ -1,5 +1,6 @@
 """Fine-tune a trained DeepLab checkpoint: the phases of the off-road study, on the shared training loop.
 
+    python train_deeplab_finetune.py --unfreeze --lr-backbone 1e-5      # the newest runs/*/best.pth
     python train_deeplab_finetune.py --checkpoint runs/base/best.pth --freeze-backbone          # phase 2.1
     python train_deeplab_finetune.py --checkpoint runs/head/best.pth --unfreeze --lr-backbone 1e-5  # phase 2.2
 
@@ -13,11 +14,11 @@ from pathlib import Path
 
 from dataset import ArgumentParser
 from models import ModelError, load_checkpoint
+from train_deeplab import RUNS, resume_run, run
 from train_deeplab import get_args_parser as get_train_parser
-from train_deeplab import resume_run, run
 
 # flags that, when not given, are taken from the checkpoint's own run; with its data (no --data), also DATA_FLAGS
-INHERITED = ("num_classes", "class_names", "classes", "size")
+INHERITED = ("num_classes", "class_names", "classes", "size", "output_stride")
 DATA_FLAGS = ("layout", "mask_encoding")
 
 
@@ -39,11 +40,22 @@ def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
             setattr(args, name, Path(value) if name == "classes" and value else value)
 
 
+def newest_best(runs: Path) -> Path:
+    """The best.pth under `runs` that its run wrote last: the study fine-tunes the model it has just trained."""
+    found = max(runs.glob("**/best.pth"), key=lambda path: path.stat().st_mtime, default=None)
+    if found is None:
+        sys.exit(
+            f"error: no --checkpoint given and no {runs}/*/best.pth to fine-tune; train first (python train_deeplab.py)"
+        )
+    return found
+
+
 def main(args: argparse.Namespace) -> None:
     if args.unfreeze and args.freeze_backbone:
         sys.exit("error: --unfreeze and --freeze-backbone exclude each other")
     if args.checkpoint is None and args.resume is None:
-        sys.exit("error: --checkpoint is required (the model to fine-tune), or --resume to continue a run")
+        args.checkpoint = newest_best(RUNS)
+        print(f"Fine-tuning {args.checkpoint}, the newest best.pth under {RUNS}/ (--checkpoint picks another)")
 
     def prepare() -> tuple[argparse.Namespace, dict | None, dict | None]:
         if args.resume:  # the interrupted run's own flags and state; its starting checkpoint is not needed again
