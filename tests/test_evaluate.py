@@ -23,7 +23,7 @@ from evaluate import (
     sliding_window,
 )
 from losses import CrossEntropyLoss
-from models import build_model
+from models import ARCHS, build_model
 
 
 def test_confusion_matrix_metrics_on_a_hand_made_case():
@@ -241,3 +241,13 @@ def test_training_benchmark_prints_throughput_and_memory(capsys):
             "--size", "32", "32", "--batch-size", "2", "--warmup", "0", "--runs", "1", "--device", "cpu")  # fmt: skip
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("train: ") and "images/s" in line and "peak memory" in line
+
+
+def test_cost_table_lists_every_arch(capsys):
+    run_cli("--benchmark", "--arch", "all", "--num-classes", "19", "--size", "64", "64",
+            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| deeplab")]
+    assert [row.split("|")[1].strip() for row in rows] == list(ARCHS)
+    for arch, row in zip(ARCHS, rows):
+        params = sum(p.numel() for p in build_model(arch, 19).parameters() if p.requires_grad)
+        assert row.split("|")[3].strip() == f"{params:,}"

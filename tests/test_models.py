@@ -112,3 +112,118 @@ def test_a_truncated_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:100_000])
     with pytest.raises(ModelError, match="cut.pth cannot be loaded safely"):
         load_checkpoint(tmp_path / "cut.pth")
+
+
+# ---- DeepLabV3+, output stride and the aux head ---------------------------------------------------------------------
+
+PLUS = ["deeplabv3plus_mobilenet_v3_large", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101"]
+
+
+def ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+@pytest.mark.parametrize(
+    "arch, stride",
+    [(PLUS[0], None), (PLUS[1], 8), (PLUS[1], 16), (PLUS[2], 8), (PLUS[2], 16), ("deeplabv3_resnet50", 16)],
+)
+def test_logits_come_at_odd_input_sizes_at_both_output_strides(arch, stride):
+    model = build_model(arch, 4, output_stride=stride).eval()
+    x = torch.randn(2, 3, 37, 53)
+    with torch.no_grad():
+        out = model.backbone(x)["out"]
+        assert model(x).shape == (2, 4, 37, 53)
+        head = model(x, upsample=False)
+    expected = stride or 16
+    assert out.shape[-2:] == (ceil_div(37, expected), ceil_div(53, expected))  # the last stage at the output stride
+    decoder = 4 if "plus" in arch else expected  # DeepLabV3+'s decoder works at stride 4
+    assert head.shape[-2:] == (ceil_div(37, decoder), ceil_div(53, decoder))
+
+
+def test_deeplabv3plus_head_has_the_papers_layers():
+    # the head's parameters counted by hand from the paper's description, for 2048 ASPP and 256 low-level channels
+    c, aspp, low = 6, 2048, 256
+    bn = lambda n: 2 * n  # noqa: E731  (weight and bias)
+    expected = (
+        aspp * 256 + bn(256)  # ASPP 1x1
+        + 3 * (aspp * 256 * 9 + bn(256))  # three 3x3 atrous convs
+        + aspp * 256 + bn(256)  # image pooling
+        + 5 * 256 * 256 + bn(256)  # projection of the five branches
+        + low * 48 + bn(48)  # low-level features to 48 channels
+        + (256 + 48) * 256 * 9 + bn(256) + 256 * 256 * 9 + bn(256)  # two 3x3 convs
+        + 256 * c + c  # classifier
+    )  # fmt: skip
+    model = build_model("deeplabv3plus_resnet50", c)
+    assert sum(p.numel() for p in model.classifier.parameters()) == expected
+    assert [m[0].dilation for m in model.classifier.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]  # at 16
+    at_8 = build_model("deeplabv3plus_resnet50", c, output_stride=8)
+    assert [m[0].dilation for m in at_8.classifier.aspp.convs[1:4]] == [(12, 12), (24, 24), (36, 36)]
+
+
+@pytest.mark.parametrize("arch", PLUS)
+def test_param_groups_cover_every_trainable_parameter_once_the_decoder_and_aux_head_in_the_head(arch):
+    model = build_model(arch, 3, aux=True)
+    backbone, head = param_groups(model, 0.01, 10.0)
+    ids = [id(p) for g in (backbone, head) for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in head["params"]} == {
+        id(p) for name, p in model.named_parameters() if name.startswith(("classifier.", "aux_classifier."))
+    }
+    assert head["lr"] == pytest.approx(0.1) and backbone["lr"] == 0.01
+
+
+def test_a_frozen_backbone_stays_bit_identical_through_a_step_while_the_decoder_learns():
+    model = build_model(PLUS[0], 3)
+    models.freeze_backbone(model)
+    models.set_train_mode(model)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}  # weights and BatchNorm statistics
+    head = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    optimizer = torch.optim.SGD(param_groups(model, 0.1, 1.0), lr=0.1, momentum=0.9)
+    x, y = torch.randn(2, 3, 48, 64), torch.randint(0, 3, (2, 48, 64))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())
+    assert not all(torch.equal(v, model.classifier.state_dict()[k]) for k, v in head.items())
+
+
+def test_the_aux_loss_moves_the_backbone_but_not_what_the_model_predicts():
+    torch.manual_seed(0)
+    model = build_model(PLUS[0], 3, aux=True).train()
+    x, y = torch.randn(2, 3, 48, 64), torch.randint(0, 3, (2, 48, 64))
+
+    def backbone_grad(aux_weight: float) -> torch.Tensor:
+        model.zero_grad()
+        logits, aux_logits = model(x, aux=True)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        (loss + aux_weight * torch.nn.functional.cross_entropy(aux_logits, y)).backward()
+        return torch.cat([p.grad.flatten() for p in model.backbone.parameters() if p.grad is not None])
+
+    torch.manual_seed(1)
+    plain = backbone_grad(0.0)
+    torch.manual_seed(1)
+    assert not torch.allclose(plain, backbone_grad(0.5))
+
+    without = build_model(PLUS[0], 3).eval()
+    checkpoint = {"model": model.state_dict(), "args": {"arch": PLUS[0]}}
+    models.load_weights(without, checkpoint, Path("x.pth"))  # the same weights, no aux head
+    calls = []
+    model.aux_classifier.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), without(x)) and calls == []  # evaluation never runs the aux head
+    assert count_params(model) == count_params(without) and models.aux_params(model) > 0
+
+
+def test_a_checkpoint_rebuilds_its_output_stride_and_aux_head():
+    args = {"arch": "deeplabv3plus_resnet50", "output_stride": 8, "aux_loss": 0.5}
+    trained = build_model("deeplabv3plus_resnet50", 3, output_stride=8, aux=True)
+    checkpoint = {"model": trained.state_dict(), "args": args, "num_classes": 3, "class_names": ["a", "b", "c"]}
+    model = models.model_from_checkpoint(checkpoint, Path("x.pth"))
+    assert model.backbone.layer3[0].conv2.stride == (1, 1) and model.aux_classifier is not None  # dilated, not strided
+    assert build_model("deeplabv3plus_resnet50", 3).backbone.layer3[0].conv2.stride == (2, 2)  # the default: 16
+
+
+def test_output_stride_is_refused_where_the_arch_has_one_only():
+    for arch, stride in (("deeplabv3_mobilenet_v3_large", 8), ("deeplabv2_resnet101", 16)):
+        with pytest.raises(ModelError, match=f"--output-stride {stride}: {arch} has output stride"):
+            build_model(arch, 3, output_stride=stride)

@@ -307,3 +307,16 @@ def test_colour_masks_train_and_evaluate_from_the_checkpoint_alone(tmp_path, cap
     args = ["--checkpoint", str(tmp_path / "r" / "best.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]
     evaluate.main(evaluate.get_args_parser().parse_args([*args, "--bootstrap", "10"]))
     assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(best, abs=1e-12)
+
+
+def test_downsample_gt_follows_the_stride_of_the_logits():
+    parse = lambda *flags: train_deeplab.get_args_parser().parse_args(["--no-pretrained", *flags])  # noqa: E731
+    args = parse("--arch", "deeplabv3plus_resnet50", "--downsample-gt", "16")
+    with pytest.raises(train_deeplab.ModelError, match=r"output stride 16 \(4\)"):  # behind the decoder: stride 4
+        train_deeplab.resolve_defaults(args)
+    args = parse("--arch", "deeplabv3_resnet50", "--output-stride", "16", "--downsample-gt", "16")
+    train_deeplab.resolve_defaults(args)
+    assert args.output_stride == 16
+    args = parse("--arch", "deeplabv3plus_resnet101")
+    train_deeplab.resolve_defaults(args)
+    assert args.output_stride == 16  # the paper's training stride is the default

@@ -1,7 +1,12 @@
 import argparse
 import copy
 import csv
+import json
+import os
 import re
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +29,9 @@ def finetune(checkpoint, out, *extra):
     train_deeplab_finetune.main(args)
 
 
-def train(data, out, *extra):
+def train(data, out, *extra) -> float:
     args = ["--data", str(data), "--out", str(out), *FIXED, *extra]
-    train_deeplab.train(train_deeplab.get_args_parser().parse_args(args))
+    return train_deeplab.train(train_deeplab.get_args_parser().parse_args(args))
 
 
 def split_state(state: dict) -> tuple[dict, dict]:
@@ -188,3 +193,37 @@ def test_compare_writes_the_summary_and_every_plot(base_run, tmp_path, capsys):
     assert f"| {best:.4f} |" in head_row
     trainable = int(re.search(r"trainable params (\d+)", capsys.readouterr().out).group(1))
     assert f"| {trainable} |" in head_row
+
+
+def test_without_checkpoint_the_newest_best_pth_under_runs_is_fine_tuned(base_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = train_deeplab_finetune.get_args_parser().parse_args([*FIXED, "--out", "out"])
+    with pytest.raises(SystemExit) as e:
+        train_deeplab_finetune.main(args)
+    assert "train first (python train_deeplab.py)" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    for name, age in (("b", 100), ("a", 50)):  # a is the newer, though b sorts last
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        shutil.copy(base_run / "best.pth", tmp_path / "runs" / name / "best.pth")
+        stamp = time.time() - age
+        os.utime(tmp_path / "runs" / name / "best.pth", (stamp, stamp))
+    for newest, out in (("a", "out1"), ("b", "out2")):
+        args = train_deeplab_finetune.get_args_parser().parse_args([*FIXED, "--out", out, "--unfreeze"])
+        train_deeplab_finetune.main(args)
+        first = capsys.readouterr().out.splitlines()[0]
+        taken = Path("runs") / newest / "best.pth"
+        assert first == f"Fine-tuning {taken}, the newest best.pth under runs/ (--checkpoint picks another)"
+        assert torch.load(Path(out) / "last.pth", weights_only=True)["args"]["checkpoint"] == str(taken)
+        os.utime(tmp_path / "runs" / "b" / "best.pth")  # now b is the newest
+
+
+def test_aux_loss_trains_an_aux_head_that_evaluation_leaves_out(tiny_demo, tmp_path, capsys):
+    best = train(tiny_demo, tmp_path / "r", "--arch", "deeplabv3plus_mobilenet_v3_large", "--aux-loss", "0.5")
+    out = capsys.readouterr().out
+    aux = 40 * 10 * 9 + 2 * 10 + 10 * 10 + 10  # FCN head on 40 channels: 3x3 conv to 10, BatchNorm, 1x1 to 10 classes
+    assert re.search(rf"trainable params \d+ \(\+ aux head {aux}, training only\)", out)
+    checkpoint = torch.load(tmp_path / "r" / "best.pth", weights_only=True)
+    assert any(k.startswith("aux_classifier.") for k in checkpoint["model"]) and checkpoint["args"]["aux_loss"] == 0.5
+    args = ["--checkpoint", str(tmp_path / "r" / "best.pth"), "--workers", "0", "--json", str(tmp_path / "m.json")]
+    evaluate.main(evaluate.get_args_parser().parse_args([*args, "--bootstrap", "10"]))
+    assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(best, abs=1e-12)
