@@ -84,18 +84,19 @@ class SegmentationModel(nn.Module):
             features = {"out": features}
         low = features.get("low")  # DeepLabV3+'s decoder also takes the stride-4 features
         logits = self.classifier(features["out"]) if low is None else self.classifier(features["out"], low)
-        size = x.shape[-2:] if upsample else logits.shape[-2:]
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False) if upsample else logits
+        if upsample:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if not aux:
             return logits
         aux_logits = self.aux_classifier(features["aux"])
-        return logits, F.interpolate(aux_logits, size=size, mode="bilinear", align_corners=False)
+        return logits, F.interpolate(aux_logits, size=logits.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class DeepLabV3PlusHead(nn.Module):
     """DeepLabV3+'s head (Chen et al., ECCV 2018): ASPP on the last stage (1x1, three 3x3 atrous convs and image
-    pooling, 256 channels each, projected to 256), upsampled bilinearly to stride 4 and concatenated with the
-    stride-4 features projected to 48 channels, then two 3x3 convs of 256 channels and a 1x1 classifier."""
+    pooling, 256 channels each, projected to 256; torchvision's ASPP, as in DeepLabV3, with its dropout of 0.5),
+    upsampled bilinearly to stride 4 and concatenated with the stride-4 features projected to 48 channels, then two
+    3x3 convs of 256 channels with BatchNorm and ReLU and a 1x1 classifier."""
 
     def __init__(self, in_channels: int, low_channels: int, num_classes: int, rates: tuple[int, int, int]):
         super().__init__()
@@ -354,9 +355,10 @@ def load_weights(model: SegmentationModel, checkpoint: dict, path: Path) -> None
         state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        fits = not unexpected and all(k.startswith("aux_classifier.") for k in missing)
     except RuntimeError:  # a tensor of another shape
-        missing, unexpected = ["?"], []
-    if unexpected or any(not k.startswith("aux_classifier.") for k in missing):
+        fits = False
+    if not fits:
         raise ModelError(f"checkpoint {path}: weights do not fit {checkpoint['args']['arch']}")
 
 
