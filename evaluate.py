@@ -559,23 +559,25 @@ def print_cost_row(args: argparse.Namespace) -> None:
             f"channels_last {args.channels_last}, compile {args.compile}, "
             f"median of {args.runs} runs after {args.warmup}"
         )
-        print("| arch | input | trainable params | total params | GMACs | latency (ms, batch 1) | images/s (batch) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
+              "images/s (batch) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
     for arch, model in cost_models(args):
         (trainable, total), aux = count_params(model), aux_params(model)
-        macs = count_macs(model, size) / 1e9
+        macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
         model = model.eval().to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if args.compile:
             model = torch.compile(model)
         if args.train:
-            print_train_row(args, model, arch, size, macs, device, amp_dtype)
+            print_train_row(args, model, arch, size, conv_macs, device, amp_dtype)
             continue
         timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last)
         print(
             f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
-            f"{macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} ({args.batch_size}) |"
+            f"{macs:.2f} | {conv_macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} "
+            f"({args.batch_size}) |"
         )
 
 

@@ -8,6 +8,7 @@ by nothing else.
 """
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -400,9 +401,24 @@ def aux_params(model: SegmentationModel) -> int:
     return sum(p.numel() for p in model.aux_classifier.parameters()) if model.aux_classifier is not None else 0
 
 
-def count_macs(model: nn.Module, size: tuple[int, int], batch: int = 1) -> float:
-    """Multiply-accumulates of one forward pass at `size`, counted on the meta device (no compute)."""
+def count_macs(model: nn.Module, size: tuple[int, int], batch: int = 1) -> tuple[float, float]:
+    """Multiply-accumulates of one forward pass at `size`, counted on the meta device (no compute): (the second
+    study's convention, which is fvcore's: convolutions and matrix products, plus two per output element of an
+    affine BatchNorm (scale and shift; one without) and four per output element of bilinear upsampling;
+    convolutions and matrix products alone)."""
     meta = copy.deepcopy(model).to("meta").eval()
-    with FlopCounterMode(display=False) as counter:
+    norm_elements = []
+
+    def count_norm(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+        norm_elements.append((2 if getattr(module, "affine", True) else 1) * out.numel())  # Frozen: always affine
+
+    for module in meta.modules():
+        if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            module.register_forward_hook(count_norm)
+    upsample = torch.ops.aten.upsample_bilinear2d
+    bilinear = {upsample: lambda *args, out_shape, **kwargs: 2 * 4 * math.prod(out_shape)}  # in FLOPs: 2 per MAC
+    with FlopCounterMode(display=False, custom_mapping=bilinear) as counter:
         meta(torch.empty(batch, 3, *size, device="meta"))
-    return counter.get_total_flops() / 2
+    flops = counter.get_flop_counts()["Global"]
+    convolutions = sum(n for op, n in flops.items() if op is not upsample) / 2
+    return convolutions + flops.get(upsample, 0) / 2 + sum(norm_elements), convolutions
