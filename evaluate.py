@@ -468,36 +468,43 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
     return written
 
 
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int, runs: int, limit: float | None) -> dict:
+    """Median seconds of `step` over up to `runs` timed calls after `warmup` untimed ones (synchronised on CUDA);
+    timing stops early once the timed calls have taken `limit` seconds, after at least one."""
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            if limit is not None and sum(times) >= limit:
+                break
+    return {"seconds": statistics.median(times), "runs": len(times), "warmup": warmup}
+
+
 def benchmark(
-    model: nn.Module,
-    size: tuple[int, int],
-    batch_size: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    warmup: int,
-    runs: int,
-    channels_last: bool = False,
-) -> dict:
-    """Median latency (ms) of a batch-1 forward pass, and images/s at `batch_size`, after `warmup` passes."""
+    model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
+    warmup: int, runs: int, channels_last: bool = False, limit: float | None = None,
+) -> dict:  # fmt: skip
+    """Median latency (ms) of a batch-1 forward pass and images/s at `batch_size`, with how many runs each timed."""
 
     @torch.inference_mode()
-    def seconds(batch: int) -> float:
+    def timed(batch: int) -> dict:
         x = torch.randn(batch, 3, *size, device=device)
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        times = []
-        for i in range(warmup + runs):
-            start = time.perf_counter()
+
+        def forward() -> None:
             with autocast(device, amp_dtype):
                 model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
 
-    latency = seconds(1)
-    per_batch = latency if batch_size == 1 else seconds(batch_size)
-    return {"latency_ms": 1000 * latency, "images_per_s": batch_size / per_batch}
+        return time_steps(forward, device, warmup, runs, limit)
+
+    latency = timed(1)
+    per_batch = latency if batch_size == 1 else timed(batch_size)
+    return {"latency_ms": 1000 * latency["seconds"], "images_per_s": batch_size / per_batch["seconds"],
+            "timed": (latency["runs"], per_batch["runs"])}  # fmt: skip
 
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the model-FLOPs utilisation
@@ -506,7 +513,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def train_benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    warmup: int, runs: int, channels_last: bool = False,
+    warmup: int, runs: int, channels_last: bool = False, limit: float | None = None,
 ) -> dict:  # fmt: skip
     """Images/s of full training steps (forward, cross-entropy, backward, SGD) on random data, and peak memory."""
     model.train()
@@ -516,23 +523,20 @@ def train_benchmark(
     y = torch.randint(0, 2, (batch_size, *size), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
+
+    def step() -> None:
         with autocast(device, amp_dtype):
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+
+    timing = time_steps(step, device, warmup, runs, limit)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:  # the whole process's peak resident memory (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"images_per_s": batch_size / statistics.median(times), "peak_memory_gib": peak / 2**30}
+    return {"images_per_s": batch_size / timing["seconds"], "peak_memory_gib": peak / 2**30, "timed": timing["runs"]}
 
 
 def cost_models(args: argparse.Namespace) -> Iterator[tuple[str, nn.Module]]:
@@ -546,22 +550,33 @@ def cost_models(args: argparse.Namespace) -> Iterator[tuple[str, nn.Module]]:
         yield arch, build_model(arch, args.num_classes or 19, output_stride=stride)
 
 
+def timing_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """--warmup, --runs and --time-limit left unset: on CUDA 3 warm-up passes and 10 timed runs (a stable median);
+    on the CPU 1 and 3, timing stopped after 30 s, so the slowest arch at 512x1024 takes about a minute."""
+    cuda = device.type == "cuda"
+    args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
+    args.runs = (10 if cuda else 3) if args.runs is None else args.runs
+    args.time_limit = (None if cuda else 30.0) if args.time_limit is None else args.time_limit or None
+
+
 def print_cost_row(args: argparse.Namespace) -> None:
     """The second study's results columns, a row per model: params (an aux head's apart: only training uses it),
-    GMACs, latency, throughput."""
+    GMACs, latency, throughput, and how many runs each timing took."""
     size = hw_pair(args.size) or (512, 1024)
     device = torch.device(args.device)
     amp_dtype = amp_dtype_for(args.amp, device)
+    timing_defaults(args, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     if not args.train:
+        limit = f", each timing stopped after {args.time_limit:g} s" if args.time_limit else ""
         print(
             f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
             f"channels_last {args.channels_last}, compile {args.compile}, "
-            f"median of {args.runs} runs after {args.warmup}"
+            f"median of up to {args.runs} runs after {args.warmup}{limit}"
         )
         print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
-              "images/s (batch) |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+              "images/s (batch) | runs timed |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
     for arch, model in cost_models(args):
         (trainable, total), aux = count_params(model), aux_params(model)
         macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
@@ -573,11 +588,12 @@ def print_cost_row(args: argparse.Namespace) -> None:
         if args.train:
             print_train_row(args, model, arch, size, conv_macs, device, amp_dtype)
             continue
-        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last)
+        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs,
+                           args.channels_last, args.time_limit)  # fmt: skip
         print(
             f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
             f"{macs:.2f} | {conv_macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} "
-            f"({args.batch_size}) |"
+            f"({args.batch_size}) | {' / '.join(map(str, timing['timed']))} |"
         )
 
 
@@ -585,10 +601,10 @@ def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
     """Training throughput; on CUDA also the achieved TFLOP/s (a training step is counted as 3x the forward
     FLOPs) beside the GPU's dense bf16 peak, which gives the model-FLOPs utilisation."""
     result = train_benchmark(
-        model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last
+        model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last, args.time_limit
     )
     where = f"{device}, dtype {amp_dtype or torch.float32}, batch {args.batch_size}"
-    print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {args.runs} after {args.warmup}")
+    print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {result['timed']} after {args.warmup}")
     line = f"train: {result['images_per_s']:.2f} images/s | peak memory {result['peak_memory_gib']:.2f} GiB"
     if device.type == "cuda":
         achieved = 3 * 2 * macs * 1e9 * result["images_per_s"] / 1e12
@@ -748,8 +764,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--channels-last", action="store_true", help="--benchmark in channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
-    parser.add_argument("--warmup", type=int, default=3, help="--benchmark passes before timing")
-    parser.add_argument("--runs", type=int, default=10, help="--benchmark timed passes")
+    parser.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
+    parser.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")
+    parser.add_argument(
+        "--time-limit", type=float, default=None, metavar="S", help="stop timing after S s (CPU 30; 0: never)"
+    )
     return parser
 
 
