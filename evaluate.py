@@ -52,7 +52,9 @@ from models import (
     count_macs,
     count_params,
     load_checkpoint,
+    memory_format_of,
     model_from_checkpoint,
+    place,
 )
 
 
@@ -197,13 +199,11 @@ def evaluate(
     share of the images and the totals are summed over the processes, so the metrics are exact."""
     model.eval()
     loss_sum, confusions = torch.zeros((), device=device), []
-    channels_last = device.type == "cuda"
+    memory_format = memory_format_of(model)  # the data follows the model
     for raw, target in tqdm(
         loader, desc="val", leave=False, dynamic_ncols=True, disable=None if show_progress else True
     ):
-        image = normalize(raw.to(device, non_blocking=True))
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = normalize(raw.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = predict_logits(model, image, tta, window, stride)
@@ -486,14 +486,14 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, ru
 
 def benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    warmup: int, runs: int, channels_last: bool = False, limit: float | None = None,
+    warmup: int, runs: int, limit: float | None = None,
 ) -> dict:  # fmt: skip
-    """Median latency (ms) of a batch-1 forward pass and images/s at `batch_size`, with how many runs each timed."""
+    """Median latency (ms) of a batch-1 forward pass and images/s at `batch_size`, with how many runs each timed;
+    the input in the model's memory format."""
 
     @torch.inference_mode()
     def timed(batch: int) -> dict:
-        x = torch.randn(batch, 3, *size, device=device)
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        x = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=memory_format_of(model))
 
         def forward() -> None:
             with autocast(device, amp_dtype):
@@ -513,13 +513,12 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def train_benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
-    warmup: int, runs: int, channels_last: bool = False, limit: float | None = None,
+    warmup: int, runs: int, limit: float | None = None,
 ) -> dict:  # fmt: skip
     """Images/s of full training steps (forward, cross-entropy, backward, SGD) on random data, and peak memory."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-    x = torch.randn(batch_size, 3, *size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x = torch.randn(batch_size, 3, *size, device=device).contiguous(memory_format=memory_format_of(model))
     y = torch.randint(0, 2, (batch_size, *size), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -575,37 +574,42 @@ def print_cost_row(args: argparse.Namespace) -> None:
             f"median of up to {args.runs} runs after {args.warmup}{limit}"
         )
         print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
-              "images/s (batch) | runs timed |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+              "images/s (batch) | runs timed | memory format |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for arch, model in cost_models(args):
         (trainable, total), aux = count_params(model), aux_params(model)
         macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
-        model = model.eval().to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = place(model.eval(), arch, args.channels_last, device)
         if args.compile:
             model = torch.compile(model)
         if args.train:
             print_train_row(args, model, arch, size, conv_macs, device, amp_dtype)
             continue
-        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs,
-                           args.channels_last, args.time_limit)  # fmt: skip
+        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.time_limit)
         print(
             f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
             f"{macs:.2f} | {conv_macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} "
-            f"({args.batch_size}) | {' / '.join(map(str, timing['timed']))} |"
+            f"({args.batch_size}) | {' / '.join(map(str, timing['timed']))} | {format_name(model)} |"
         )
 
 
+def format_name(model: nn.Module) -> str:
+    return "channels_last" if memory_format_of(model) == torch.channels_last else "contiguous"
+
+
 def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
-    """Training throughput; on CUDA also the achieved TFLOP/s (a training step is counted as 3x the forward
-    FLOPs) beside the GPU's dense bf16 peak, which gives the model-FLOPs utilisation."""
-    result = train_benchmark(
-        model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.channels_last, args.time_limit
-    )
+    """Training throughput (in channels_last also the contiguous figure, measured after it, for comparison); on CUDA
+    also the achieved TFLOP/s (a training step is counted as 3x the forward FLOPs) beside the GPU's dense bf16
+    peak, which gives the model-FLOPs utilisation."""
+    timing = (size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.time_limit)
+    result, chosen = train_benchmark(model, *timing), format_name(model)
     where = f"{device}, dtype {amp_dtype or torch.float32}, batch {args.batch_size}"
     print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {result['timed']} after {args.warmup}")
-    line = f"train: {result['images_per_s']:.2f} images/s | peak memory {result['peak_memory_gib']:.2f} GiB"
+    line = f"train: {result['images_per_s']:.2f} images/s ({chosen})"
+    if chosen == "channels_last":
+        contiguous = train_benchmark(model.to(memory_format=torch.contiguous_format), *timing)
+        line += f" | contiguous {contiguous['images_per_s']:.2f} images/s"
+    line += f" | peak memory {result['peak_memory_gib']:.2f} GiB"
     if device.type == "cuda":
         achieved = 3 * 2 * macs * 1e9 * result["images_per_s"] / 1e12
         name = torch.cuda.get_device_name(device)
@@ -625,7 +629,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
     layout = args.layout if args.data is not None else run.get("layout", "auto")
     device = torch.device(args.device)
-    model.to(device)
+    model = place(model, run["arch"], args.channels_last, device)
     window = hw_pair(args.sliding_window, "--sliding-window")
     stride = args.stride or (min(window) // 2 if window else 0)
     infer = lambda m, x: predict_logits(m, x, args.tta, window, stride)  # noqa: E731
@@ -668,7 +672,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         other = load_checkpoint(args.compare_checkpoint)
         if other["num_classes"] != len(names):
             raise ModelError(f"--compare-checkpoint has {other['num_classes']} classes, --checkpoint {len(names)}")
-        other_model = model_from_checkpoint(other, args.compare_checkpoint).to(device)
+        other_model = place(model_from_checkpoint(other, args.compare_checkpoint), other["args"]["arch"],
+                            args.channels_last, device)  # fmt: skip
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
         theirs = evaluate(other_model, loader, None, device, len(names), amp_dtype, args.tta, window, stride)
         result["comparison"] = compare_verdict(confusions, theirs["confusions"], args.bootstrap, args.seed)
@@ -762,7 +767,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         choices=(8, 16),
         help="--benchmark: of the ResNet DeepLabV3/V3+ archs",
     )
-    parser.add_argument("--channels-last", action="store_true", help="--benchmark in channels_last memory format")
+    parser.add_argument(
+        "--channels-last", default="auto", choices=("auto", "on", "off"),
+        help="memory format (auto: channels_last where measured faster for the arch and device)",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
     parser.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
     parser.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")

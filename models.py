@@ -43,6 +43,11 @@ RESNETS = {
 }
 
 
+# channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
+# every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
+CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
+
+
 class ModelError(Exception):
     """A model cannot be built or initialised as asked; the message is shown to the user as one line."""
 
@@ -246,6 +251,30 @@ def _download(arch: str, build, *args, **kwargs):
             f"could not get the ImageNet weights for {arch} ({type(e).__name__}: {e}); "
             "offline, train from scratch with --no-pretrained or start from a local file with --init PATH"
         ) from None
+
+
+def use_channels_last(choice: str, arch: str, device: torch.device) -> bool:
+    """--channels-last {auto,on,off}: auto is the measured choice for the arch on this kind of device."""
+    if choice != "auto":
+        return choice == "on"
+    return device.type == "cuda" or CHANNELS_LAST_ON_CPU[arch]
+
+
+def place(model: nn.Module, arch: str, channels_last: str, device: torch.device) -> nn.Module:
+    """The model on `device`, in the memory format that --channels-last {auto,on,off} picks for it there."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if use_channels_last(channels_last, arch, device) else model
+
+
+def memory_format_of(model: nn.Module) -> torch.memory_format:
+    """The memory format the model's convolutions are in, for its inputs to follow (its first conv wider than 1x1:
+    a 1x1 weight is laid out the same either way)."""
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
+            w = module.weight
+            channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def default_head_lr_mult(arch: str) -> float:

@@ -63,8 +63,10 @@ from models import (
     load_init,
     load_weights,
     logit_stride,
+    memory_format_of,
     output_stride_of,
     param_groups,
+    place,
     set_train_mode,
 )
 
@@ -112,14 +114,12 @@ def train_one_epoch(
     cm = ConfusionMatrix(num_classes)
     loss_sum, images, waited = torch.zeros((), device=device), torch.zeros((), device=device), 0.0
     first_bad, skipped = torch.full((), -1, device=device), 0
-    channels_last = device.type == "cuda"
+    memory_format = memory_format_of(model)  # the data follows the model
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show_progress else True)
     start = ready = time.perf_counter()
     for step, (image, target) in enumerate(bar):
         waited += time.perf_counter() - ready
-        image = normalize(image.to(device, non_blocking=True))
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             out = model(image, upsample=not loss_at_feature_resolution, aux=aux_weight > 0)
@@ -469,9 +469,7 @@ def build_network(
         freeze_backbone(model)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, args.arch, args.channels_last, device)
     net = model
     if world > 1:  # a backbone frozen mid-run stops producing gradients, which DDP must be told to expect
         ids = [device.index] if device.type == "cuda" else None
@@ -691,6 +689,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--patience", type=int, default=5, help="early stopping after this many epochs without gain (0: off)"
     )
     parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    parser.add_argument(
+        "--channels-last", default="auto", choices=("auto", "on", "off"),
+        help="memory format (auto: channels_last where measured faster for the arch and device)",
+    )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
     parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     parser.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
