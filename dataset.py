@@ -974,9 +974,10 @@ def _pair_statistics(pair: tuple[Path, Path], class_map: ClassMap) -> tuple | st
         iw, ih = image_size(image)
     except DatasetError:  # named where images are read (the dataset's own checks, --check's leak search)
         iw, ih = mw, mh
-    counts, strange = class_map.count(values, pixels, is_lossy(mask))
+    lossy = is_lossy(mask)
+    counts, strange = class_map.count(values, pixels, lossy)
     mismatched = f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}" if (mw, mh) != (iw, ih) else None
-    return counts, strange, is_lossy(mask), mismatched
+    return counts, strange, lossy, mismatched
 
 
 def split_statistics(pairs: list[tuple[Path, Path]], class_map: ClassMap, desc: str = "reading masks") -> SplitStats:

@@ -711,7 +711,8 @@ def predict_files(model, paths, size, out, device, palette, infer) -> dict:
             raw, torch.zeros(raw.shape[-2:], dtype=torch.uint8), TransformConfig(size=size, train=False)
         )
         with torch.no_grad():
-            pred = infer(model, normalize(image[None].to(device))).argmax(1)[0].cpu().numpy()
+            x = normalize(image[None].to(device)).contiguous(memory_format=memory_format_of(model))
+            pred = infer(model, x).argmax(1)[0].cpu().numpy()
         save_prediction(out, Path(path).stem, image.permute(1, 2, 0).numpy(), pred, palette)
     print(f"wrote predictions of {len(paths)} images to {out}")
     return {"predicted": [str(p) for p in paths]}
