@@ -1,3 +1,4 @@
+import colorsys
 import re
 import shutil
 from pathlib import Path
@@ -161,6 +162,21 @@ def test_crop_at_a_large_scale_matches_resizing_first_then_cropping():
     assert out.shape == (8, 16)
     columns = out[0].tolist()
     assert columns == [columns[0] + i // 2 for i in range(16)]
+
+
+def test_hue_rotation_moves_the_hsv_hue_by_the_factor_and_keeps_greys():
+    # colorsys computes the hue independently of the rotation matrix
+    colours = [(200, 50, 50), (50, 200, 50), (50, 50, 200), (200, 200, 50), (200, 120, 50), (90, 60, 200), (128,) * 3]
+    image = torch.tensor(colours, dtype=torch.uint8).T.reshape(3, 1, len(colours))
+    for factor in (-0.02, -0.01, 0.0, 0.01, 0.02):
+        out = dataset.rotate_hue(image, factor)[:, 0].T.tolist()
+        for before, after in zip(colours, out):
+            if len(set(before)) == 1:
+                assert after == list(before)
+                continue
+            h0 = colorsys.rgb_to_hsv(*(v / 255 for v in before))[0]
+            h1 = colorsys.rgb_to_hsv(*(v / 255 for v in after))[0]
+            assert abs((h1 - h0 + 0.5) % 1 - 0.5 - factor) < 0.003, (before, factor)
 
 
 def test_collate_pads_images_of_different_sizes():
@@ -405,13 +421,58 @@ def test_mask_values_count_exactly_what_read_mask_reads(tmp_path):
 
 def test_counting_by_histogram_equals_mapping_every_pixel(tmp_path):
     raw = np.random.default_rng(0).integers(0, 40, (30, 30))
-    for class_map in (numbered_table(12).class_map("index"), offroad_table().class_map("index")):
+    # 254 classes: too many for apply's one-step lookup (its marker for unknown values is 254), so the other path
+    for class_map in (numbered_table(12).class_map("index"), offroad_table().class_map("index"),
+                      numbered_table(254).class_map("index")):  # fmt: skip
         values, pixels = np.unique(raw, return_counts=True)
         counts, strange = class_map.count(values, pixels)
         mapped, unknown = class_map.apply(raw)
         by_pixel = np.bincount(mapped.ravel(), minlength=256)
         assert counts.tolist() == [*by_pixel[: class_map.num_classes].tolist(), by_pixel[IGNORE_INDEX]]
         assert sum(strange.values()) == unknown
+
+
+def test_fast_png_decoding_gives_exactly_pillows_pixels(tmp_path, monkeypatch):
+    pytest.importorskip("pyspng")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    ids16 = rng.integers(0, 65536, (37, 53)).astype(np.uint16)
+    palette = Image.fromarray(rgb[..., 0] % 7, "P")
+    palette.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tolist())
+    files = {
+        "rgb.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., 1]]), "RGBA"),
+        "grey.png": Image.fromarray(rgb[..., 0]),
+        "palette.png": palette,
+        "grey16.png": Image.fromarray(ids16),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    kinds = ((8, 0), (8, 2), (8, 6))
+    fast_path = {name for name in files if dataset.fast_png((tmp_path / name).read_bytes(), kinds, "RGB") is not None}
+    assert fast_path == {"rgb.png", "rgba.png", "grey.png"}  # palettes and 16-bit files stay with Pillow
+
+    def decode_all() -> dict[str, np.ndarray]:
+        out = {name: dataset.read_image(tmp_path / name).permute(1, 2, 0).numpy() for name in files}
+        out |= {f"{name} ids": read_mask(tmp_path / name) for name in ("grey.png", "palette.png", "grey16.png")}
+        return out | {"rgb.png colours": read_mask(tmp_path / "rgb.png", colour=True)}
+
+    fast = decode_all()
+    monkeypatch.setattr(dataset, "pyspng", None)
+    pillow = decode_all()
+    for name in fast:
+        assert fast[name].dtype == pillow[name].dtype and np.array_equal(fast[name], pillow[name]), name
+    assert np.array_equal(fast["rgb.png"], rgb) and np.array_equal(fast["rgba.png"], rgb)  # what was written
+    assert np.array_equal(fast["grey.png ids"], rgb[..., 0]) and np.array_equal(fast["grey16.png ids"], ids16)
+    assert np.array_equal(fast["palette.png ids"], rgb[..., 0] % 7)
+
+
+def test_a_file_the_fast_decoder_refuses_is_named_in_one_line(tmp_path):
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])  # a valid header, a truncated image
+    with pytest.raises(DatasetError, match="cannot read image .*broken.png"):
+        dataset.read_image(path)
 
 
 # ---- the dataset doctor (--check) --------------------------------------------------------------------------------
