@@ -725,11 +725,15 @@ def rotate_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
     return rgb.add_(0.5).clamp_(0, 255).to(torch.uint8).view(image.shape)
 
 
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 image(s) [..., 3, H, W] at `size` (H, W), antialiased: as training, evaluation and prediction see them."""
+    return image if tuple(image.shape[-2:]) == tuple(size) else TF.resize(image, list(size), antialias=True)
+
+
 def _resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     if tuple(image.shape[-2:]) == tuple(size):
         return image, mask
-    image = TF.resize(image, list(size), antialias=True)
-    return image, TF.resize(mask, list(size), interpolation=T.InterpolationMode.NEAREST)
+    return resize_image(image, size), TF.resize(mask, list(size), interpolation=T.InterpolationMode.NEAREST)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

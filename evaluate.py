@@ -6,13 +6,16 @@ python evaluate.py --checkpoint runs/x/best.pth [--data ROOT] [--split val]
 import argparse
 import contextlib
 import csv
+import glob
 import json
 import math
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import (
     IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ArgumentParser,
     ClassMap,
     DatasetError,
@@ -37,12 +43,13 @@ from dataset import (
     cityscapes_table,
     collate,
     hw_pair,
+    image_size,
     normalize,
     numbered_table,
     offroad_table,
     one_line,
     read_image,
-    transform_pair,
+    resize_image,
 )
 from models import (
     ARCHS,
@@ -56,6 +63,8 @@ from models import (
     model_from_checkpoint,
     place,
 )
+
+# ---- metrics: confusion matrices, IoU, precision and recall ----------------------------------------------------------
 
 
 def per_image_confusion(
@@ -115,6 +124,9 @@ def metrics_from_confusion(mat: torch.Tensor) -> dict:
         "recall": torch.where(truth > 0, diag / truth.clamp_min(1), nan).tolist(),
         "share": (truth / total.clamp_min(1)).tolist(),
     }
+
+
+# ---- evaluation: mixed precision, sliding windows, test-time augmentation, the validation loop -----------------------
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
@@ -194,7 +206,7 @@ def evaluate(
     show_progress: bool = True,
 ) -> dict:
     """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, and `confusions`,
-    the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, pred, target) sees
+    the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, logits, target) sees
     every batch (the uint8 images), e.g. to save pictures. Under torch.distributed each process evaluates its own
     share of the images and the totals are summed over the processes, so the metrics are exact."""
     model.eval()
@@ -212,7 +224,7 @@ def evaluate(
         pred = logits.argmax(1)
         confusions.append(per_image_confusion(pred, target, num_classes))
         if on_batch is not None:
-            on_batch(raw, pred, target)
+            on_batch(raw, logits, target)
     confusions = torch.cat(confusions) if confusions else torch.zeros(0, num_classes, num_classes, dtype=torch.int64)
     total, images = confusions.sum(0).to(device), torch.tensor(float(len(confusions)), device=device)
     if dist.is_initialized():  # each process saw its own share of the images: sum the counts, not the metrics
@@ -220,6 +232,9 @@ def evaluate(
             dist.all_reduce(value)
     metrics = metrics_from_confusion(total)
     return {"loss": float(loss_sum / images.clamp_min(1)), **metrics, "confusions": confusions.cpu()}
+
+
+# ---- paired comparison: bootstrap over the images --------------------------------------------------------------------
 
 
 def bootstrap_miou(*confusions: torch.Tensor, resamples: int = 1000, seed: int = 0) -> list[torch.Tensor]:
@@ -255,6 +270,9 @@ def compare_verdict(a: torch.Tensor, b: torch.Tensor, resamples: int, seed: int)
     return {"diff": diff, "ci": [lo, hi], "share_above_zero": above, "verdict": verdict}
 
 
+# ---- pictures: coloured masks, overlays with a legend, the confusion matrix ------------------------------------------
+
+
 def colourize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Class-index mask [H, W] -> RGB [H, W, 3]; ignored pixels are black."""
     lut = np.zeros((256, 3), np.uint8)
@@ -262,16 +280,57 @@ def colourize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return lut[mask.astype(np.uint8)]
 
 
-def save_prediction(
-    out: Path, stem: str, image: np.ndarray, pred: np.ndarray, palette: np.ndarray, target=None
-) -> None:
-    """STEM_pred.png (the coloured prediction) and STEM_overlay.png (the image blended with it, then the coloured
-    ground truth beside it when there is one)."""
-    coloured = colourize(pred, palette)
-    blend = (0.5 * image + 0.5 * coloured).round().astype(np.uint8)
-    panels = [blend] if target is None else [blend, colourize(target, palette)]
-    Image.fromarray(coloured).save(out / f"{stem}_pred.png")
-    Image.fromarray(np.concatenate(panels, axis=1)).save(out / f"{stem}_overlay.png")
+def with_legend(picture: np.ndarray, classes: list[int], class_map: ClassMap) -> np.ndarray:
+    """The picture [H, W, 3] with a white panel on its right naming `classes` beside their colours, so that it
+    can be read without the class table (the picture is padded below when the list is the taller)."""
+    font = ImageFont.load_default()
+    names = [class_map.names[c] for c in classes]
+    row, width = 14, 28 + max((int(font.getlength(name)) for name in names), default=0)
+    panel = Image.new("RGB", (width, max(picture.shape[0], 8 + row * len(classes))), "white")
+    draw = ImageDraw.Draw(panel)
+    for k, (c, name) in enumerate(zip(classes, names)):
+        y = 4 + k * row
+        draw.rectangle((4, y, 15, y + 11), fill=tuple(int(v) for v in class_map.palette[c]), outline="black")
+        draw.text((20, y), name, fill="black", font=font)
+    picture = np.pad(picture, ((0, panel.height - picture.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    return np.concatenate([picture, np.asarray(panel)], axis=1)
+
+
+def class_ids(class_map: ClassMap) -> np.ndarray:
+    """Each class's raw mask value as the dataset's masks store it (the smallest, where a class has several): for
+    a Cityscapes model the labelIds of its trainIds, which the official benchmark server expects."""
+    if class_map.encoding == "colour":
+        raise DatasetError("--label-ids: this model's masks are colours; NAME_color.png holds its predictions in them")
+    ids = np.zeros(class_map.num_classes, np.int64)
+    for key, c in sorted(zip(class_map.keys, class_map.classes), reverse=True):
+        if c < class_map.num_classes:
+            ids[c] = key
+    return ids
+
+
+def write_prediction(
+    path: Path, image: np.ndarray, pred: np.ndarray, class_map: ClassMap, conf: np.ndarray | None = None,
+    target: np.ndarray | None = None, ids: np.ndarray | None = None,
+) -> None:  # fmt: skip
+    """For path `DIR/NAME`: NAME.png, the class indices as an 8-bit single-channel PNG (`ids`: each class's raw
+    id instead, 16-bit where they need it); NAME_color.png, the prediction in the class colours; NAME_overlay.png,
+    the image blended with it (the coloured ground truth beside it when there is one), both with a legend of the
+    classes present; with `conf` (max softmax, 0-1) NAME_conf.png; with a target NAME_gt.png (indices, 255 ignored)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = pred.astype(np.uint8) if ids is None else ids[pred]
+    Image.fromarray(raw.astype(np.uint16) if raw.max(initial=0) > 255 else raw.astype(np.uint8)).save(f"{path}.png")
+    coloured = colourize(pred, class_map.palette)
+    panels = [(0.5 * image + 0.5 * coloured).round().astype(np.uint8)]
+    present = set(np.unique(pred).tolist())
+    if target is not None:
+        panels.append(colourize(target, class_map.palette))
+        present |= set(np.unique(target).tolist()) - {IGNORE_INDEX}
+        Image.fromarray(target.astype(np.uint8)).save(f"{path}_gt.png")
+    present = sorted(present)
+    Image.fromarray(with_legend(coloured, present, class_map)).save(f"{path}_color.png")
+    Image.fromarray(with_legend(np.concatenate(panels, axis=1), present, class_map)).save(f"{path}_overlay.png")
+    if conf is not None:
+        Image.fromarray((conf * 255).round().astype(np.uint8)).save(f"{path}_conf.png")
 
 
 def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
@@ -298,6 +357,250 @@ def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (rows normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save(fig, path)
+
+
+# ---- prediction: images, folders and patterns in; index, colour, overlay and confidence PNGs out ---------------------
+
+
+def find_images(paths: list[str], recursive: bool = False) -> list[tuple[Path, Path]]:
+    """(image, where its outputs go relative to --out) for each of `paths`: a file (its name), a folder (its
+    images, sorted, by their path inside it; with `recursive` its subfolders' too) or a glob pattern (its
+    matches, by their path below the pattern's first wildcard)."""
+    found = []
+    for given in paths:
+        path = Path(given)
+        if path.is_file():
+            found.append((path, Path(path.name)))
+            continue
+        if path.is_dir():
+            base, candidates = path, path.rglob("*") if recursive else path.iterdir()
+        elif any(c in given for c in "*?["):
+            first = next(i for i, part in enumerate(path.parts) if any(c in part for c in "*?["))
+            base, candidates = Path(*path.parts[:first]), (Path(p) for p in glob.glob(given, recursive=True))
+        else:
+            raise DatasetError(f"--predict {given}: no such file or folder")
+        images = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            deeper = (
+                path.is_dir() and not recursive and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
+            )
+            what = f"folder {given} holds no images" if path.is_dir() else f"{given!r} matches no image"
+            hint = " (its subfolders do: add --recursive)" if deeper else f" ({', '.join(IMAGE_SUFFIXES)})"
+            raise DatasetError(f"--predict {what}{hint}")
+        found += [(p, p.relative_to(base)) for p in images]
+    outputs = {}
+    for image, relative in found:
+        if relative.with_suffix("") in outputs:
+            raise DatasetError(
+                f"--predict: {outputs[relative.with_suffix('')]} and {image} would write the same files "
+                f"{relative.with_suffix('')}*.png; predict them into different --out folders"
+            )
+        outputs[relative.with_suffix("")] = image
+    return found
+
+
+class ImageFiles(Dataset):
+    """Images to predict: (the uint8 image [3, h, w] at `size`, or as it is with size None; the original; index)."""
+
+    def __init__(self, files: list[Path], size: tuple[int, int] | None):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = read_image(self.files[index])
+        return (resize_image(image, self.size) if self.size else image), image, index
+
+
+def same_size_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of images of one size: nothing is padded, so each prediction is the image's own."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def stack_batch(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, list, list[int]]:
+    inputs, originals, indices = zip(*batch)
+    return torch.stack(inputs), list(originals), list(indices)
+
+
+@torch.no_grad()
+def predict_images(
+    model: nn.Module, paths: list[str], out: Path, size: tuple[int, int] | None, args: argparse.Namespace,
+    class_map: ClassMap,
+) -> dict:  # fmt: skip
+    """Predict every image of `paths` (find_images) in same-size batches and write its files (write_prediction)
+    under `out`, mirroring the inputs' relative paths; logits are resized to each image's own size first."""
+    found = find_images(paths, args.recursive)
+    for image, relative in found:
+        if (out / relative).with_suffix(".png").resolve() == image.resolve():
+            raise DatasetError(f"--out {out} would overwrite the input image {image}; choose another --out")
+    files = [image for image, _ in found]
+    sizes = [size or image_size(path)[::-1] for path in files]
+    loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, args.batch_size),
+                        num_workers=args.workers, collate_fn=stack_batch)  # fmt: skip
+    device, ids = torch.device(args.device), class_ids(class_map) if args.label_ids else None
+    infer = inference(args)
+    model.eval()
+    memory_format = memory_format_of(model)
+    for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
+        x = normalize(inputs.to(device)).contiguous(memory_format=memory_format)
+        with autocast(device, amp_dtype_for(args.amp, device)):
+            logits = infer(model, x).float()
+        for logit, original, index in zip(logits, originals, indices):
+            if logit.shape[-2:] != original.shape[-2:]:
+                logit = F.interpolate(logit[None], size=original.shape[-2:], mode="bilinear", align_corners=False)[0]
+            conf, pred = logit.softmax(0).max(0)
+            write_prediction(
+                out / found[index][1].with_suffix(""), original.permute(1, 2, 0).numpy(), pred.cpu().numpy(),
+                class_map, conf.cpu().numpy() if args.save_probs else None, ids=ids,
+            )  # fmt: skip
+    print(f"wrote the predictions of {len(files)} images to {out}")
+    return {"predicted": [str(p) for p in files], "out": str(out)}
+
+
+# ---- ONNX export: write the file, check it against PyTorch with ONNX Runtime, time both ------------------------------
+
+ONNX_OPSET = 18
+ONNX_AGREEMENT = 0.999  # share of pixels whose predicted class must agree with PyTorch's
+# the largest logit difference allowed: 1e-3, or 1e-5 of the largest logit where logits pass 100 (float32 keeps about
+# 7 digits, and an untrained DeepLabV2's logits reach 1e5)
+ONNX_TOLERANCE, ONNX_RELATIVE = 1e-3, 1e-5
+
+
+def onnx_runtime() -> object:
+    """onnxruntime, once onnx and onnxscript (which torch.onnx.export needs) are known to be installed too."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"ONNX needs the package {e.name}: pip install -r requirements.txt") from None
+    return onnxruntime
+
+
+class OnnxModel(nn.Module):
+    """An exported model run by ONNX Runtime on the CPU, in place of the PyTorch model: normalised images
+    [B, 3, H, W] in, logits [B, C, H, W] out (a module without parameters, so evaluation and prediction take it)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        ort = onnx_runtime()
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # a missing, truncated or foreign file: name it, not ONNX Runtime's internals
+            raise ModelError(f"--onnx {path} cannot be loaded by ONNX Runtime: {one_line(e)}") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {"image": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: dict[str, str]) -> None:
+    """Write `model` (eval mode, CPU, contiguous) to `path` with dynamic batch, height and width, and `metadata`
+    (class map, input size and normalisation, so the file can be used without the checkpoint)."""
+    onnx_runtime()
+    try:
+        path.open("wb").close()  # an unwritable path fails here, in one line, before minutes of export
+    except OSError as e:
+        raise ModelError(f"--export-onnx {path}: cannot write it ({e.strerror})") from None
+    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+    sample = torch.randn(2, 3, *size)
+    try:
+        program = torch.onnx.export(
+            model, (sample,), dynamo=True, opset_version=ONNX_OPSET, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: batch, 2: height, 3: width},), verbose=False,
+        )  # fmt: skip
+        import onnx
+
+        proto = program.model_proto
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(path))
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        raise ModelError(f"--export-onnx {path}: the export failed ({type(e).__name__}: {one_line(e)})") from None
+
+
+def check_batches(args: argparse.Namespace, run: dict, class_map: ClassMap, size: tuple[int, int] | None) -> tuple[
+    list[torch.Tensor], str
+]:  # fmt: skip
+    """Two normalised batches of up to two images at two sizes (the second about 3/4 of the first, odd-sized) to
+    check an export on: the --predict images, else the checkpoint's validation split, else random input."""
+    images, source = [], "random input (no images found)"
+    try:
+        if args.predict:
+            images = [read_image(path) for path, _ in find_images(args.predict, args.recursive)[:2]]
+            source = "--predict images"
+        else:
+            data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
+            layout = args.layout if args.data is not None else run.get("layout", "auto")
+            dataset = build_dataset(data, layout, args.split, TransformConfig(train=False), class_map, args.seed)
+            images = [dataset[i][0] for i in range(min(2, len(dataset)))]
+            source = f"images of split {args.split!r}"
+    except DatasetError as e:
+        if args.predict:
+            raise
+        source = f"random input ({one_line(e)})"
+    first = size or (tuple(images[0].shape[-2:]) if images else (256, 256))
+    second = (3 * first[0] // 4 + 1, 3 * first[1] // 4 + 1)
+    if not images:
+        generator = torch.Generator().manual_seed(args.seed)
+        return [torch.randn(2, 3, *hw, generator=generator) for hw in (first, second)], source
+    return [normalize(torch.stack([resize_image(image, hw) for image in images])) for hw in (first, second)], source
+
+
+def compare_onnx(model: nn.Module, onnx_model: OnnxModel, batches: list[torch.Tensor], source: str) -> dict:
+    """The largest logit difference, the largest logit and the share of pixels of the same class, over `batches`."""
+    worst, scale, agree, pixels = 0.0, 0.0, 0, 0
+    for x in batches:
+        ours, theirs = model(x), onnx_model(x)
+        diff, same = float((ours - theirs).abs().max()), int((ours.argmax(1) == theirs.argmax(1)).sum())
+        worst, scale = max(worst, diff), max(scale, float(ours.abs().max()))
+        agree, pixels = agree + same, pixels + ours[:, 0].numel()
+        print(f"  {source}, batch {x.shape[0]} at {x.shape[2]}x{x.shape[3]}: largest logit difference "
+              f"{diff:.2e} (logits up to {float(ours.abs().max()):.2f}), classes agree on "
+              f"{same / ours[:, 0].numel():.4%} of pixels")  # fmt: skip
+    return {"max_abs_diff": worst, "max_abs_logit": scale, "agreement": agree / pixels}
+
+
+@torch.no_grad()
+def export_checkpoint(args: argparse.Namespace) -> dict:
+    """--export-onnx: write the checkpoint's model as ONNX, check ONNX Runtime's logits against PyTorch's on two
+    batches at two sizes (removing the file if they disagree), and print both latencies for one image."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, run = model_from_checkpoint(checkpoint, args.checkpoint).eval(), checkpoint["args"]
+    class_map, size = checkpoint_class_map(checkpoint), eval_size(args, checkpoint["args"])
+    batches, source = check_batches(args, run, class_map, size)
+    metadata = {"class_map": json.dumps(class_map.to_dict()), "size": json.dumps(size), "arch": run["arch"],
+                "input": "float32 RGB [B, 3, H, W], (pixel / 255 - mean) / std",
+                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}  # fmt: skip
+    start = time.perf_counter()
+    export_onnx(model, args.export_onnx, tuple(batches[0].shape[-2:]), metadata)
+    print(f"exported {run['arch']} to {args.export_onnx} (opset {ONNX_OPSET}, dynamic batch, height and width) "
+          f"in {time.perf_counter() - start:.1f} s; checked with ONNX Runtime on:")  # fmt: skip
+    onnx_model = OnnxModel(args.export_onnx)
+    result = compare_onnx(model, onnx_model, batches, source)
+    tolerance = max(ONNX_TOLERANCE, ONNX_RELATIVE * result["max_abs_logit"])
+    if result["agreement"] < ONNX_AGREEMENT or result["max_abs_diff"] > tolerance:
+        args.export_onnx.unlink(missing_ok=True)
+        raise ModelError(f"--export-onnx: ONNX Runtime disagrees with PyTorch (classes agree on "
+                         f"{result['agreement']:.4%} of pixels, largest logit difference {result['max_abs_diff']:.2e} "
+                         f"where {tolerance:.1e} is allowed); {args.export_onnx} removed")  # fmt: skip
+    one, cpu = batches[0][:1], torch.device("cpu")
+    result["eager_ms"] = 1000 * time_steps(lambda: model(one), cpu, 1, 5, 10.0)["seconds"]
+    result["onnxruntime_ms"] = 1000 * time_steps(lambda: onnx_model(one), cpu, 1, 5, 10.0)["seconds"]
+    print(f"agreement {result['agreement']:.4%} (at least {ONNX_AGREEMENT:.1%}), largest logit difference "
+          f"{result['max_abs_diff']:.2e} (at most {tolerance:.1e}): passed")  # fmt: skip
+    print(f"latency of one {one.shape[2]}x{one.shape[3]} image on the CPU (median of up to 5): PyTorch eager "
+          f"{result['eager_ms']:.1f} ms | ONNX Runtime {result['onnxruntime_ms']:.1f} ms")  # fmt: skip
+    return result
+
+
+# ---- run comparison: log.csv of several runs -> summary.md and plots -------------------------------------------------
 
 
 def format_iou(names: list[str], iou: list[float]) -> str:
@@ -468,6 +771,9 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
     return written
 
 
+# ---- benchmarks: parameters, GMACs, latency, throughput --------------------------------------------------------------
+
+
 def time_steps(step: Callable[[], object], device: torch.device, warmup: int, runs: int, limit: float | None) -> dict:
     """Median seconds of `step` over up to `runs` timed calls after `warmup` untimed ones (synchronised on CUDA);
     timing stops early once the timed calls have taken `limit` seconds, after at least one."""
@@ -593,6 +899,30 @@ def print_cost_row(args: argparse.Namespace) -> None:
         )
 
 
+@torch.no_grad()
+def print_runtime_rows(args: argparse.Namespace) -> None:
+    """--benchmark --runtimes: batch-1 CPU latency of each model in eager PyTorch (contiguous and channels_last) and
+    in ONNX Runtime (exported to a temporary file, as --export-onnx exports)."""
+    size, cpu = hw_pair(args.size) or (512, 1024), torch.device("cpu")
+    timing_defaults(args, cpu)
+    print(f"batch-1 latency (ms) at {size[0]}x{size[1]} on the CPU ({torch.get_num_threads()} threads), median of "
+          f"up to {args.runs} runs after {args.warmup}; torch {torch.__version__}, "
+          f"onnxruntime {onnx_runtime().__version__}")  # fmt: skip
+    print("| arch | eager, contiguous | eager, channels_last | ONNX Runtime |")
+    print("|---|---|---|---|")
+    median = lambda step: time_steps(step, cpu, args.warmup, args.runs, args.time_limit)["seconds"]  # noqa: E731
+    for arch, model in cost_models(args):
+        model, x, row = model.eval(), torch.randn(1, 3, *size), []
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
+            row.append(median(partial(model, x)))
+        model, x = model.to(memory_format=torch.contiguous_format), x.contiguous()
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(model, Path(folder) / "model.onnx", size, {})
+            row.append(median(partial(OnnxModel(Path(folder) / "model.onnx"), x)))
+        print(f"| {arch} | " + " | ".join(f"{1000 * seconds:.1f}" for seconds in row) + " |")
+
+
 def format_name(model: nn.Module) -> str:
     return "channels_last" if memory_format_of(model) == torch.channels_last else "contiguous"
 
@@ -619,38 +949,75 @@ def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
     print(line)
 
 
+# ---- a checkpoint: evaluate it, predict with it, export it -----------------------------------------------------------
+
+
+def eval_size(args: argparse.Namespace, run: dict) -> tuple[int, int] | None:
+    """--size H W, or `--size off` (each image as it is), or else the size the checkpoint was trained at."""
+    if args.size == ["off"]:
+        return None
+    if args.size and "off" in args.size:
+        raise DatasetError(f"--size takes H W or off, got {' '.join(map(str, args.size))}")
+    return hw_pair(args.size) if args.size else hw_pair(run.get("size"))
+
+
+def predict_onnx(args: argparse.Namespace) -> dict:
+    """--predict with --onnx and no checkpoint: the class map and input size come from the file's metadata."""
+    model = OnnxModel(args.onnx)
+    if "class_map" not in model.metadata:
+        raise ModelError(f"--onnx {args.onnx} has no class map in its metadata: pass the --checkpoint it came from")
+    size = eval_size(args, {"size": json.loads(model.metadata["size"])})
+    class_map = ClassMap.from_dict(json.loads(model.metadata["class_map"]))
+    out = args.out or Path("predictions")
+    return predict_images(model, args.predict, out, size, args, class_map)
+
+
+def inference(args: argparse.Namespace) -> Callable:
+    """infer(model, x): the logits of `x` with --tta and --sliding-window applied."""
+    window = hw_pair(args.sliding_window, "--sliding-window")
+    stride = args.stride or (min(window) // 2 if window else 0)
+    return lambda m, x: predict_logits(m, x, args.tta, window, stride)
+
+
+def picture_writer(args: argparse.Namespace, dataset: Dataset) -> Callable:
+    """evaluate()'s on_batch for --save-predictions (batches of one): each image's prediction files and its labels."""
+    names = iter(Path(image.stem) for image, _ in dataset.pairs)
+    ids = class_ids(dataset.class_map) if args.label_ids else None
+
+    def on_batch(image: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        conf, pred = logits[0].softmax(0).max(0)
+        write_prediction(
+            args.save_predictions / next(names), image[0].permute(1, 2, 0).numpy(), pred.cpu().numpy(),
+            dataset.class_map, conf.cpu().numpy() if args.save_probs else None, target[0].cpu().numpy(), ids,
+        )  # fmt: skip
+
+    return on_batch
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint."""
+    """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint; or its
+    predictions for --predict images (through ONNX Runtime with --onnx)."""
     checkpoint = load_checkpoint(args.checkpoint)
     model, names = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["class_names"]
     class_map = checkpoint_class_map(checkpoint)
     run = checkpoint["args"]
-    size = hw_pair(args.size) if args.size else hw_pair(run.get("size"))
+    size = eval_size(args, run)
     data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
     layout = args.layout if args.data is not None else run.get("layout", "auto")
     device = torch.device(args.device)
-    model = place(model, run["arch"], args.channels_last, device)
+    model = OnnxModel(args.onnx) if args.onnx else place(model, run["arch"], args.channels_last, device)
     window = hw_pair(args.sliding_window, "--sliding-window")
     stride = args.stride or (min(window) // 2 if window else 0)
-    infer = lambda m, x: predict_logits(m, x, args.tta, window, stride)  # noqa: E731
     if args.predict:
-        out = args.save_predictions or Path("predictions")
-        return predict_files(model, args.predict, size, out, device, class_map.palette, infer)
+        out = args.out or args.save_predictions or Path("predictions")
+        return predict_images(model, args.predict, out, size, args, class_map)
 
     dataset = build_dataset(data, layout, args.split, TransformConfig(size=size, train=False), class_map, args.seed)
     pictures = args.save_predictions
     loader = DataLoader(
         dataset, batch_size=1 if pictures else args.batch_size, num_workers=args.workers, collate_fn=collate
     )
-    on_batch = None
-    if pictures:
-        pictures.mkdir(parents=True, exist_ok=True)
-        stems = iter(image.stem for image, _ in dataset.pairs)
-
-        def on_batch(image: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> None:
-            image, pred, target = image[0].permute(1, 2, 0).numpy(), pred[0].cpu().numpy(), target[0].cpu().numpy()
-            save_prediction(pictures, next(stems), image, pred, dataset.class_map.palette, target)
-
+    on_batch = picture_writer(args, dataset) if pictures else None
     amp_dtype = amp_dtype_for(args.amp, device)
     result = evaluate(model, loader, None, device, len(names), amp_dtype, args.tta, window, stride, on_batch)
     confusions = result.pop("confusions")
@@ -658,7 +1025,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     result.update(checkpoint=str(args.checkpoint), split=args.split, images=len(dataset), class_names=names)
     result["miou_ci"] = interval(boot)
 
-    print(f"{args.checkpoint} on split {args.split!r} ({len(dataset)} images, tta {args.tta})")
+    runtime = f", run by ONNX Runtime from {args.onnx}" if args.onnx else ""
+    print(f"{args.checkpoint} on split {args.split!r} ({len(dataset)} images, tta {args.tta}{runtime})")
     lo, hi = result["miou_ci"]
     print(
         f"mIoU {result['miou']:.4f} (95% CI [{lo:.4f}, {hi:.4f}], {args.bootstrap} bootstrap resamples of the images)"
@@ -701,21 +1069,7 @@ def checkpoint_class_map(checkpoint: dict) -> ClassMap:
     return numbered_table(len(names), list(names)).class_map("index")
 
 
-def predict_files(model, paths, size, out, device, palette, infer) -> dict:
-    """Coloured predictions and overlays for images that have no labels."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    for path in paths:
-        raw = read_image(Path(path))
-        image, _ = transform_pair(
-            raw, torch.zeros(raw.shape[-2:], dtype=torch.uint8), TransformConfig(size=size, train=False)
-        )
-        with torch.no_grad():
-            x = normalize(image[None].to(device)).contiguous(memory_format=memory_format_of(model))
-            pred = infer(model, x).argmax(1)[0].cpu().numpy()
-        save_prediction(out, Path(path).stem, image.permute(1, 2, 0).numpy(), pred, palette)
-    print(f"wrote predictions of {len(paths)} images to {out}")
-    return {"predicted": [str(p) for p in paths]}
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def main(args: argparse.Namespace) -> None:
@@ -723,14 +1077,25 @@ def main(args: argparse.Namespace) -> None:
         if args.compare:
             files = compare_runs(args.compare, args.report)
             print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
+        elif args.benchmark and args.runtimes:
+            print_runtime_rows(args)
         elif args.benchmark:
             print_cost_row(args)
+        elif args.checkpoint is not None and args.export_onnx is not None:
+            export_checkpoint(args)
         elif args.checkpoint is not None:
             evaluate_checkpoint(args)
+        elif args.predict and args.onnx:
+            predict_onnx(args)
         else:
-            sys.exit("error: give --checkpoint (evaluate), --benchmark (cost table) or --compare RUN... (report)")
+            sys.exit("error: give --checkpoint (evaluate, --predict, --export-onnx), --benchmark (cost table), "
+                     "--compare RUN... (report) or --predict with --onnx")  # fmt: skip
     except (DatasetError, ModelError) as e:
         sys.exit(f"error: {one_line(e)}")
+
+
+def size_value(text: str) -> int | str:
+    return text if text == "off" else int(text)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -738,7 +1103,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of a run")
     add_data_args(parser)
     parser.add_argument("--split", default="val", help="split to evaluate")
-    parser.add_argument("--size", type=int, nargs="+", default=None, help="resize to H W (default: as trained)")
+    parser.add_argument(
+        "--size", type=size_value, nargs="+", default=None, help="resize to H W, or off (default: as trained)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -751,8 +1118,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CI of mIoU")
     parser.add_argument("--compare-checkpoint", type=Path, default=None, help="paired bootstrap against this model")
     parser.add_argument("--confusion", type=Path, default=None, help="write the row-normalised confusion matrix PNG")
-    parser.add_argument("--save-predictions", type=Path, default=None, help="write coloured predictions and overlays")
-    parser.add_argument("--predict", nargs="+", default=None, metavar="IMAGE", help="predict unlabelled images")
+    parser.add_argument(
+        "--save-predictions", type=Path, default=None, metavar="DIR", help="write each image's prediction files here"
+    )
+    parser.add_argument(
+        "--predict", nargs="+", default=None, metavar="PATH", help="predict images: files, folders or glob patterns"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="--predict: output folder (default: predictions)")
+    parser.add_argument("--recursive", action="store_true", help="--predict: images in subfolders too")
+    parser.add_argument("--save-probs", action="store_true", help="also write NAME_conf.png, the max softmax")
+    parser.add_argument("--label-ids", action="store_true", help="NAME.png in the masks' own ids (Cityscapes labelIds)")
+    parser.add_argument("--export-onnx", type=Path, default=None, metavar="OUT", help="export to ONNX and check it")
+    parser.add_argument("--onnx", type=Path, default=None, help="predict or evaluate with this file in ONNX Runtime")
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
     parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
@@ -773,6 +1150,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="memory format (auto: channels_last where measured faster for the arch and device)",
     )  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
+    parser.add_argument(
+        "--runtimes", action="store_true", help="--benchmark CPU latency: eager, channels_last, ONNX Runtime"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
     parser.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")
     parser.add_argument(

@@ -1,15 +1,20 @@
 import json
 import math
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.datasets import Cityscapes
 
+import dataset
 import evaluate as evaluate_module
-from dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, OFFROAD_CLASSES
+from dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, OFFROAD_CLASSES, DatasetError
 from evaluate import (
     ConfusionMatrix,
     bootstrap_miou,
@@ -195,14 +200,18 @@ def test_pictures_confusion_and_json_are_written(checkpoint, tiny_demo, tmp_path
     run_cli("--checkpoint", str(checkpoint), "--save-predictions", str(pictures), "--confusion", str(confusion),
             "--json", str(report), "--bootstrap", "50")  # fmt: skip
     stems = sorted(p.stem for p in (tiny_demo / "val" / "Color_Images").iterdir())
-    assert sorted(p.name for p in pictures.iterdir()) == sorted(
-        f"{s}_{k}.png" for s in stems for k in ("pred", "overlay")
-    )
-    with (
-        Image.open(pictures / f"{stems[0]}_pred.png") as pred,
-        Image.open(pictures / f"{stems[0]}_overlay.png") as over,
-    ):
-        assert pred.size == (96, 64) and over.size == (2 * 96, 64)  # prediction blend, then the ground truth
+    kinds = ("", "_color", "_overlay", "_gt")
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(f"{s}{k}.png" for s in stems for k in kinds)
+    with Image.open(pictures / f"{stems[0]}_overlay.png") as over, Image.open(pictures / f"{stems[0]}.png") as raw:
+        assert raw.size == (96, 64) and raw.mode == "L"
+        assert over.size[0] > 2 * 96 and over.size[1] >= 64  # prediction blend, the ground truth, the legend
+    with Image.open(pictures / f"{stems[0]}_gt.png") as gt:  # the labels as the evaluation read them
+        labels = np.asarray(gt)
+    raw_ids = np.asarray(Image.open(tiny_demo / "val" / "Segmentation" / f"{stems[0]}.png"))
+    expected = np.full(raw_ids.shape, IGNORE_INDEX)
+    for index, (raw_id, _) in enumerate(OFFROAD_CLASSES):
+        expected[raw_ids == raw_id] = index
+    assert np.array_equal(labels, expected)
     with Image.open(confusion) as im:
         assert im.size[0] > 300
     numbers = json.loads(report.read_text())
@@ -210,11 +219,127 @@ def test_pictures_confusion_and_json_are_written(checkpoint, tiny_demo, tmp_path
     assert {"precision", "recall", "share", "pixel_acc", "class_names"} <= numbers.keys()
 
 
-def test_predict_writes_pictures_for_unlabelled_images(checkpoint, tiny_demo, tmp_path):
-    image = tiny_demo / "val" / "Color_Images" / "0000.png"
-    run_cli("--checkpoint", str(checkpoint), "--predict", str(image), "--save-predictions", str(tmp_path))
-    with Image.open(tmp_path / "0000_overlay.png") as over:
-        assert over.size == (96, 64)  # no ground truth beside it
+# ---- prediction and ONNX export ---------------------------------------------------------------------------------
+
+
+def expected_classes(model: nn.Module, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """argmax and max softmax of the model's logits on an image file, computed here from Pillow's pixels."""
+    with Image.open(path) as im:
+        rgb = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+    x = ((rgb - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])[None]
+    with torch.no_grad():
+        probs = model.eval()(x)[0].softmax(0)
+    return probs.argmax(0).numpy(), probs.max(0).values.numpy()
+
+
+def test_predicting_a_folder_writes_every_file_with_the_models_argmax(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    shapes = {"a.png": (64, 96), "b.jpg": (64, 96), "deeper/c.png": (50, 70)}  # two sizes, a subfolder
+    for name, shape in shapes.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "in"), "--recursive", "--out", str(out),
+            "--save-probs", "--batch-size", "2")  # fmt: skip
+    model = build_model("deeplabv3_mobilenet_v3_large", 10)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    palette = dataset.offroad_table().class_map("index").palette
+    for name, (h, w) in shapes.items():
+        stem = out / Path(name).with_suffix("")
+        pred, conf = expected_classes(model, tmp_path / "in" / name)
+        with Image.open(f"{stem}.png") as raw, Image.open(f"{stem}_conf.png") as confidence:
+            assert raw.mode == "L" and raw.size == (w, h) and np.array_equal(np.asarray(raw), pred), name
+            assert np.abs(np.asarray(confidence).astype(int) - np.round(conf * 255)).max() <= 1
+        for kind in ("_color", "_overlay"):
+            with Image.open(f"{stem}{kind}.png") as picture:
+                assert picture.size[0] > w and picture.size[1] >= h  # the picture and its legend beside it
+        with Image.open(f"{stem}_color.png") as coloured:  # the class colours of the table, pixel by pixel
+            assert np.array_equal(np.asarray(coloured)[:h, :w], palette[pred])
+
+
+def test_prediction_paths_files_patterns_and_their_errors(tmp_path):
+    for name in ("x/1.png", "x/2.jpg", "x/notes.txt", "x/sub/3.png", "empty/sub/4.png", "y/1.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = evaluate_module.find_images([str(tmp_path / "x"), str(tmp_path / "x" / "sub" / "*.png")])
+    assert [(str(image.relative_to(tmp_path)), str(rel)) for image, rel in found] == [
+        ("x/1.png", "1.png"), ("x/2.jpg", "2.jpg"), ("x/sub/3.png", "3.png")
+    ]  # fmt: skip
+    pattern = str(tmp_path / "**" / "1.png")
+    assert [str(rel) for _, rel in evaluate_module.find_images([pattern])] == ["x/1.png", "y/1.png"]
+    for paths, needle in (
+        ([str(tmp_path / "x" / "*.bmp")], "matches no image"),
+        ([str(tmp_path / "empty")], "holds no images (its subfolders do: add --recursive)"),
+        ([str(tmp_path / "nothing.png")], "no such file or folder"),
+        ([str(tmp_path / "x" / "1.png"), str(tmp_path / "y" / "1.png")], "would write the same files"),
+    ):
+        with pytest.raises(DatasetError, match=re.escape(needle)):
+            evaluate_module.find_images(paths)
+
+
+def test_prediction_errors_are_one_line(checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in (["--predict", str(tmp_path / "empty")], ["--predict", str(tmp_path / "*.png")]):
+        with pytest.raises(SystemExit) as e:
+            run_cli("--checkpoint", str(checkpoint), *args, "--out", str(tmp_path / "out"))
+        assert str(e.value.code).startswith("error: --predict") and "\n" not in str(e.value.code)
+
+
+def test_label_ids_of_a_cityscapes_model_are_valid_label_ids(tmp_path):
+    torch.manual_seed(0)
+    table = dataset.cityscapes_table()
+    path = tmp_path / "cityscapes.pth"
+    args = {"arch": "deeplabv3_mobilenet_v3_large", "data": None, "layout": "cityscapes", "size": None}
+    torch.save({"model": build_model(args["arch"], 19).state_dict(), "args": args, "num_classes": 19,
+                "class_names": list(table.names), "class_map": table.class_map("index").to_dict(), "epoch": 0},
+               path)  # fmt: skip
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "f.png")
+    run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "train"))
+    run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "ids"),
+            "--label-ids")  # fmt: skip
+    train_ids = np.asarray(Image.open(tmp_path / "train" / "f.png"))
+    label_ids = np.asarray(Image.open(tmp_path / "ids" / "f.png"))
+    to_train_id = {c.id: c.train_id for c in Cityscapes.classes if c.train_id not in (255, -1)}  # torchvision's table
+    assert set(np.unique(label_ids).tolist()) <= set(to_train_id)
+    assert np.array_equal(np.vectorize(to_train_id.get)(label_ids), train_ids)
+
+
+def test_onnx_export_agrees_with_pytorch_at_two_sizes_and_predicts_the_same(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "model.onnx"
+    run_cli("--checkpoint", str(checkpoint), "--export-onnx", str(onnx_file))
+    out = capsys.readouterr().out
+    sizes = re.findall(r"batch 2 at (\d+x\d+): largest logit difference ([0-9.e+-]+)", out)
+    assert [size for size, _ in sizes] == ["64x96", "49x73"] and all(float(d) <= 1e-3 for _, d in sizes)
+    assert "passed" in out and "ONNX Runtime" in out.splitlines()[-1]
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(image)
+    run_cli("--predict", str(image), "--onnx", str(onnx_file), "--out", str(tmp_path / "onnx"))  # no checkpoint
+    run_cli("--checkpoint", str(checkpoint), "--predict", str(image), "--out", str(tmp_path / "torch"))
+    ours, theirs = (np.asarray(Image.open(tmp_path / kind / "image.png")) for kind in ("torch", "onnx"))
+    assert ours.shape == (40, 56) and (ours == theirs).mean() >= 0.999
+
+
+def test_an_export_that_disagrees_is_removed_and_bad_paths_are_one_line(checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "model.onnx"
+    forward = evaluate_module.OnnxModel.forward
+    monkeypatch.setattr(evaluate_module.OnnxModel, "forward", lambda self, x: forward(self, x) + 0.01)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint), "--export-onnx", str(onnx_file))
+    assert "disagrees with PyTorch" in str(e.value.code) and not onnx_file.exists()
+    (tmp_path / "a_file").write_text("")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
+    for args, needle in (
+        (["--checkpoint", str(checkpoint), "--export-onnx", str(tmp_path / "a_file" / "m.onnx")], "cannot write"),
+        (["--checkpoint", str(corrupt), "--export-onnx", str(onnx_file)], "cannot be loaded safely"),
+        (["--predict", str(tmp_path / "a_file"), "--onnx", str(corrupt)], "cannot be loaded by ONNX Runtime"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run_cli(*args)
+        assert str(e.value.code).startswith("error: ") and needle in str(e.value.code), args
+        assert "\n" not in str(e.value.code)
 
 
 def test_comparing_a_checkpoint_with_itself_finds_no_difference(checkpoint, tmp_path, capsys):
