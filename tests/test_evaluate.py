@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,11 @@ def test_cost_table_lists_every_arch(capsys):
     for arch, row in zip(ARCHS, rows):
         params = sum(p.numel() for p in build_model(arch, 19).parameters() if p.requires_grad)
         assert row.split("|")[3].strip() == f"{params:,}"
+
+
+def test_a_missing_onnx_package_is_named_in_one_line(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint), "--export-onnx", str(tmp_path / "m.onnx"))
+    assert e.value.code == "error: ONNX needs the package onnxscript: pip install -r requirements.txt"
+    assert not (tmp_path / "m.onnx").exists()
