@@ -10,6 +10,7 @@ No loss synchronises with the host, so they are safe inside a CUDA training step
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -47,6 +48,24 @@ class CrossEntropyLoss(nn.Module):
             denom = (self.weight[torch.where(valid, target, 0)] * valid).sum()
         # an all-ignored batch has total == 0 exactly, so the clamp only turns 0/0 into 0
         return total / denom.clamp_min(1e-12)
+
+
+class OhemCrossEntropyLoss(nn.Module):
+    """Online hard-example mining (bootstrapped cross-entropy, Wu et al. 2016): the mean of the per-pixel
+    cross-entropies l_i = -log p_{i,y_i} of the k hardest non-ignored pixels, k = ceil(fraction * B * H * W):
+    loss = (sum of the k largest l_i) / min(k, number of non-ignored pixels). Ignored pixels have l_i = 0, so they
+    enter the top k only when fewer than k pixels count, and then add nothing. Easy pixels (most of a road or
+    sky) get no gradient, the rare classes' pixels more of it."""
+
+    def __init__(self, fraction: float = 0.25, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.fraction, self.ignore_index = fraction, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pixel = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="none").flatten()
+        k = max(1, math.ceil(self.fraction * pixel.numel()))
+        counted = (target != self.ignore_index).sum().clamp(1, k)
+        return pixel.topk(k, sorted=False).values.sum() / counted
 
 
 class DiceLoss(nn.Module):
@@ -181,7 +200,7 @@ class LossSpecError(ValueError):
     """A --loss spec that cannot be parsed; the message is shown to the user as one line."""
 
 
-LOSS_NAMES = ("ce", "dice", "tversky", "focal", "lovasz")
+LOSS_NAMES = ("ce", "ohem", "dice", "tversky", "focal", "lovasz")
 
 
 def build_loss(
@@ -204,6 +223,7 @@ def build_loss(
             raise LossSpecError(f"invalid --loss {spec!r}: weight of {name} must be positive")
         loss = {
             "ce": lambda: CrossEntropyLoss(class_weights, ignore_index),
+            "ohem": lambda: OhemCrossEntropyLoss(ignore_index=ignore_index),
             "dice": lambda: DiceLoss(ignore_index=ignore_index),
             "tversky": lambda: TverskyLoss(ignore_index=ignore_index),
             "focal": lambda: FocalLoss(ignore_index=ignore_index),

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,12 +12,14 @@ from losses import (
     FocalLoss,
     LossSpecError,
     LovaszSoftmaxLoss,
+    OhemCrossEntropyLoss,
     TverskyLoss,
     build_loss,
 )
 
 LOSSES = {
     "ce": CrossEntropyLoss,
+    "ohem": OhemCrossEntropyLoss,
     "dice": DiceLoss,
     "tversky": TverskyLoss,
     "focal": FocalLoss,
@@ -107,6 +111,18 @@ def dice_by_hand(logits, target, num_classes, tversky=None):
             score = tp / (tp + tversky[0] * fp + tversky[1] * fn)
         losses.append((1 - score) if present else 0.0)
     return sum(losses) / num_classes
+
+
+def test_ohem_is_the_mean_cross_entropy_of_the_hardest_pixels():
+    logits, target = random_case(b=2, c=5, h=8, w=10, ignore_share=0.3)
+    valid = target != IGNORE_INDEX
+    # per-pixel -log p of the true class, from log_softmax by hand, hardest first
+    nll = (-logits.log_softmax(1).gather(1, target.clamp(max=4)[:, None])[:, 0])[valid].sort(descending=True).values
+    k = math.ceil(0.25 * target.numel())  # 40 of 160 pixels; 112 or so count
+    assert OhemCrossEntropyLoss(0.25)(logits, target).item() == pytest.approx(nll[:k].mean().item(), rel=1e-6)
+    # a fraction above the share of counted pixels keeps every one of them: plain cross-entropy
+    plain = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    assert OhemCrossEntropyLoss(0.9)(logits, target).item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_dice_and_tversky_match_per_pixel_sums_with_absent_classes_counted_as_zero():
