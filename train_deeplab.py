@@ -50,6 +50,7 @@ from dataset import (
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
 from losses import LossSpecError, build_loss
 from models import (
+    ADAMW_WEIGHT_DECAY,
     ARCHS,
     ModelError,
     aux_params,
@@ -306,8 +307,13 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
         args.pretrained = args.data is not None and args.init is None and checkpoint is None
     if args.head_lr_mult is None:
         args.head_lr_mult = default_head_lr_mult(args.arch)
+    from_scratch = not args.pretrained and args.init is None and checkpoint is None
+    if args.optimizer is None:
+        args.optimizer = "adamw" if from_scratch and args.arch != "deeplabv2_resnet101" else "sgd"
     if args.lr is None:
-        args.lr = default_lr(args.arch, from_scratch=not args.pretrained and args.init is None and checkpoint is None)
+        args.lr = default_lr(args.arch, from_scratch, args.optimizer)
+    if args.weight_decay is None:
+        args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 5e-4
     args.output_stride = output_stride_of(args.arch, args.output_stride)
     stride = logit_stride(args.arch, args.output_stride)
     if args.downsample_gt is not None and args.downsample_gt != stride:
@@ -663,12 +669,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     add_transform_args(parser)
     parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")
-    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument(
-        "--lr", type=float, default=None, help="base (backbone) lr (default: 2.5e-4 DeepLabV2, 0.01, 0.05 from scratch)"
+        "--optimizer", default=None, choices=("sgd", "adamw"), help="default: adamw from scratch (DeepLabV3/V3+), sgd"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="base (backbone) lr (default: 2.5e-4 DeepLabV2, adamw 1e-3, sgd 0.01)"
     )
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: 0.01 with adamw, 5e-4 with sgd")
     parser.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
     parser.add_argument(

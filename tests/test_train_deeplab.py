@@ -87,6 +87,24 @@ def test_same_seed_gives_identical_metrics_on_cpu(tiny_demo, tmp_path):
     assert x == y
 
 
+@pytest.mark.parametrize(
+    "flags, optimizer, lr, weight_decay",
+    [
+        (["--data", "D", "--no-pretrained"], "adamw", 1e-3, 0.01),  # from scratch: the CamVid recipe's optimizer
+        ([], "adamw", 1e-3, 0.01),  # the demo trains from scratch too
+        (["--data", "D"], "sgd", 0.01, 5e-4),  # ImageNet weights: SGD fine-tuning
+        (["--data", "D", "--init", "w.pth"], "sgd", 0.01, 5e-4),
+        (["--data", "D", "--no-pretrained", "--arch", "deeplabv2_resnet101"], "sgd", 2.5e-4, 5e-4),
+        (["--data", "D", "--no-pretrained", "--optimizer", "sgd"], "sgd", 0.05, 5e-4),  # a choice is kept
+        (["--data", "D", "--no-pretrained", "--lr", "3e-4", "--weight-decay", "0.05"], "adamw", 3e-4, 0.05),
+    ],
+)
+def test_optimizer_lr_and_weight_decay_defaults_follow_how_the_model_starts(flags, optimizer, lr, weight_decay):
+    args = train_deeplab.get_args_parser().parse_args(flags)
+    train_deeplab.resolve_defaults(args)
+    assert (args.optimizer, args.lr, args.weight_decay) == (optimizer, lr, weight_decay)
+
+
 def test_poly_schedule_and_warmup_follow_the_formula():
     assert poly_lr_factor(0, 100, 0.9) == 1.0
     assert poly_lr_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
