@@ -972,10 +972,15 @@ def predict_onnx(args: argparse.Namespace) -> dict:
     return predict_images(model, args.predict, out, size, args, class_map)
 
 
+def window_and_stride(args: argparse.Namespace) -> tuple[tuple[int, int] | None, int]:
+    """--sliding-window and its --stride (default: half the window's smaller side)."""
+    window = hw_pair(args.sliding_window, "--sliding-window")
+    return window, args.stride or (min(window) // 2 if window else 0)
+
+
 def inference(args: argparse.Namespace) -> Callable:
     """infer(model, x): the logits of `x` with --tta and --sliding-window applied."""
-    window = hw_pair(args.sliding_window, "--sliding-window")
-    stride = args.stride or (min(window) // 2 if window else 0)
+    window, stride = window_and_stride(args)
     return lambda m, x: predict_logits(m, x, args.tta, window, stride)
 
 
@@ -1006,8 +1011,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     layout = args.layout if args.data is not None else run.get("layout", "auto")
     device = torch.device(args.device)
     model = OnnxModel(args.onnx) if args.onnx else place(model, run["arch"], args.channels_last, device)
-    window = hw_pair(args.sliding_window, "--sliding-window")
-    stride = args.stride or (min(window) // 2 if window else 0)
+    window, stride = window_and_stride(args)
     if args.predict:
         out = args.out or args.save_predictions or Path("predictions")
         return predict_images(model, args.predict, out, size, args, class_map)
