@@ -48,7 +48,7 @@ from dataset import (
     transform_from_args,
 )
 from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
-from losses import LossSpecError, build_loss
+from losses import SCRATCH_LOSS, LossSpecError, build_loss
 from models import (
     ADAMW_WEIGHT_DECAY,
     ARCHS,
@@ -308,8 +308,11 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
     if args.head_lr_mult is None:
         args.head_lr_mult = default_head_lr_mult(args.arch)
     from_scratch = not args.pretrained and args.init is None and checkpoint is None
+    scratch_recipe = from_scratch and args.arch != "deeplabv2_resnet101"  # DeepLabV2 keeps its paper's recipe
     if args.optimizer is None:
-        args.optimizer = "adamw" if from_scratch and args.arch != "deeplabv2_resnet101" else "sgd"
+        args.optimizer = "adamw" if scratch_recipe else "sgd"
+    if args.loss is None:
+        args.loss = SCRATCH_LOSS if scratch_recipe else "ce"
     if args.lr is None:
         args.lr = default_lr(args.arch, from_scratch, args.optimizer)
     if args.weight_decay is None:
@@ -668,7 +671,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     add_transform_args(parser)
-    parser.add_argument("--loss", default="ce", help="loss spec, e.g. ce, ce:0.7,dice:0.3, ce:0.6,lovasz:0.2,focal:0.2")
+    parser.add_argument(
+        "--loss", default=None,
+        help=f"loss spec, e.g. ce, ce:0.7,dice:0.3 (default: {SCRATCH_LOSS} from scratch (DeepLabV3/V3+), else ce)",
+    )  # fmt: skip
     parser.add_argument(
         "--optimizer", default=None, choices=("sgd", "adamw"), help="default: adamw from scratch (DeepLabV3/V3+), sgd"
     )

@@ -87,22 +87,31 @@ def test_same_seed_gives_identical_metrics_on_cpu(tiny_demo, tmp_path):
     assert x == y
 
 
+LV = "ce:0.5,lovasz:0.5"
+
+
 @pytest.mark.parametrize(
-    "flags, optimizer, lr, weight_decay",
+    "flags, optimizer, lr, weight_decay, loss",
     [
-        (["--data", "D", "--no-pretrained"], "adamw", 1e-3, 0.01),  # from scratch: the CamVid recipe's optimizer
-        ([], "adamw", 1e-3, 0.01),  # the demo trains from scratch too
-        (["--data", "D"], "sgd", 0.01, 5e-4),  # ImageNet weights: SGD fine-tuning
-        (["--data", "D", "--init", "w.pth"], "sgd", 0.01, 5e-4),
-        (["--data", "D", "--no-pretrained", "--arch", "deeplabv2_resnet101"], "sgd", 2.5e-4, 5e-4),
-        (["--data", "D", "--no-pretrained", "--optimizer", "sgd"], "sgd", 0.05, 5e-4),  # a choice is kept
-        (["--data", "D", "--no-pretrained", "--lr", "3e-4", "--weight-decay", "0.05"], "adamw", 3e-4, 0.05),
+        (["--data", "D", "--no-pretrained"], "adamw", 1e-3, 0.01, LV),  # from scratch: the CamVid recipe
+        ([], "adamw", 1e-3, 0.01, LV),  # the demo trains from scratch too
+        (["--data", "D"], "sgd", 0.01, 5e-4, "ce"),  # ImageNet weights: SGD fine-tuning
+        (["--data", "D", "--init", "w.pth"], "sgd", 0.01, 5e-4, "ce"),
+        (["--data", "D", "--no-pretrained", "--arch", "deeplabv2_resnet101"], "sgd", 2.5e-4, 5e-4, "ce"),
+        (["--data", "D", "--no-pretrained", "--optimizer", "sgd", "--loss", "ce"], "sgd", 0.05, 5e-4, "ce"),  # kept
+        (["--data", "D", "--no-pretrained", "--lr", "3e-4", "--weight-decay", "0.05"], "adamw", 3e-4, 0.05, LV),
     ],
 )
-def test_optimizer_lr_and_weight_decay_defaults_follow_how_the_model_starts(flags, optimizer, lr, weight_decay):
+def test_optimizer_and_loss_defaults_follow_how_the_model_starts(flags, optimizer, lr, weight_decay, loss):
     args = train_deeplab.get_args_parser().parse_args(flags)
     train_deeplab.resolve_defaults(args)
-    assert (args.optimizer, args.lr, args.weight_decay) == (optimizer, lr, weight_decay)
+    assert (args.optimizer, args.lr, args.weight_decay, args.loss) == (optimizer, lr, weight_decay, loss)
+
+
+def test_fine_tuning_a_checkpoint_defaults_to_cross_entropy():
+    args = train_deeplab.get_args_parser().parse_args(["--data", "D", "--no-pretrained"])
+    train_deeplab.resolve_defaults(args, checkpoint={"model": {}})
+    assert (args.optimizer, args.loss) == ("sgd", "ce")
 
 
 def test_poly_schedule_and_warmup_follow_the_formula():
