@@ -693,26 +693,21 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
-    """Write summary.md and the comparison plots of several runs into `report`; return the files written."""
-    runs = [read_run(Path(d)) for d in run_dirs]
-    report.mkdir(parents=True, exist_ok=True)
-    written = [report / "summary.md"]
-    written[0].write_text(summary_markdown(runs))
+def _runtime(run: dict) -> np.ndarray:
+    return run["columns"].get("Runtime", np.array([math.nan]))
 
-    def figure(name: str, rows: int = 1, cols: int = 1, size: tuple[float, float] = (8, 5)):
-        fig = Figure(figsize=size)
-        written.append(report / name)
-        return fig, fig.subplots(rows, cols, squeeze=False)
 
-    fig, ax = figure("lr_schedule.png")
-    _curves(ax[0, 0], runs, "lr", "Learning rate at the start of each epoch", "lr")
-    _save(fig, written[-1])
+LR_TITLE = "Learning rate at the start of each epoch"
 
-    cols = min(len(runs), 3)
-    fig, axes = figure(
-        "loss_per_run.png", math.ceil(len(runs) / cols), cols, (5 * cols, 3.5 * math.ceil(len(runs) / cols))
-    )
+
+def _train_and_val(axes: np.ndarray, runs: list[dict], metric: str, ylabel: str) -> None:
+    """train_<metric> of every run on the left, val_<metric> on the right."""
+    for ax, column in zip(axes.flat, (f"train_{metric}", f"val_{metric}")):
+        _curves(ax, runs, column, column, ylabel)
+
+
+def _loss_per_run(axes: np.ndarray, runs: list[dict]) -> None:
+    """One panel per run with its train and val loss; spare panels blank."""
     for ax, run in zip(axes.flat, runs):
         for column in ("train_loss", "val_loss"):
             if column in run["columns"]:
@@ -721,20 +716,9 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(runs) :]:
         ax.axis("off")
-    _save(fig, written[-1])
 
-    for name, pair, ylabel in (
-        ("loss_all.png", ("train_loss", "val_loss"), "loss"),
-        ("miou.png", ("train_mIoU", "val_mIoU"), "mIoU"),
-    ):
-        fig, axes = figure(name, 1, 2, (14, 5))
-        for ax, column in zip(axes.flat, pair):
-            _curves(ax, runs, column, column, ylabel)
-        _save(fig, written[-1])
 
-    fig, ax = figure("per_class_iou.png", size=(max(8, 1.2 * len(class_names_of(runs))), 5))
-    ax = ax[0, 0]
-    names = class_names_of(runs)
+def _per_class_bars(ax, runs: list[dict], names: list[str]) -> None:
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         values = [_value(run, f"class_{c}_val", best_epoch_row(run)) for c in range(len(names))]
@@ -742,11 +726,11 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
     ax.set(title="Per-class val IoU at each run's best epoch", ylabel="IoU")
     ax.legend(fontsize=8)
-    _save(fig, written[-1])
 
-    totals = [run["columns"].get("Runtime", np.array([math.nan])) for run in runs]
-    labels = [run["name"] for run in runs]
-    fig, axes = figure("time.png", 1, 2, (14, 5))
+
+def _time_bars(axes: np.ndarray, runs: list[dict]) -> None:
+    """Total and mean epoch time per run; runs whose log has no Runtime are said to show no bar."""
+    totals, labels = [_runtime(run) for run in runs], [run["name"] for run in runs]
     axes[0, 0].bar(labels, [t.sum() for t in totals], color="tab:blue")
     axes[0, 0].set(title="Total training + validation time", ylabel="seconds")
     axes[0, 1].bar(labels, [t.mean() for t in totals], color="tab:red")
@@ -757,18 +741,39 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
             label.set_horizontalalignment("right")
         if any(np.isnan(t).all() for t in totals):
             ax.set_title(ax.get_title() + " (runs without Runtime show no bar)")
-    _save(fig, written[-1])
 
-    fig, ax = figure("tradeoff.png")
-    ax = ax[0, 0]
-    for run, total in zip(runs, totals):
-        point = (total.sum(), _value(run, "val_mIoU", best_epoch_row(run)))
+
+def _tradeoff(ax, runs: list[dict]) -> None:
+    for run in runs:
+        point = (_runtime(run).sum(), _value(run, "val_mIoU", best_epoch_row(run)))
         ax.scatter(*point, s=60)
         ax.annotate(run["name"], point, fontsize=8)
     ax.set(title="Time vs best val mIoU", xlabel="total time (s)", ylabel="best val mIoU")
     ax.grid(True, linestyle="--", alpha=0.5)
-    _save(fig, written[-1])
-    return written
+
+
+def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
+    """Write summary.md and the comparison plots of several runs into `report`; return the files written."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "summary.md").write_text(summary_markdown(runs))
+    names = class_names_of(runs)
+    cols = min(len(runs), 3)
+    rows = math.ceil(len(runs) / cols)
+    plots = [  # file, subplot rows and columns, figure size, what draws on the axes
+        ("lr_schedule.png", 1, 1, (8, 5), lambda a: _curves(a[0, 0], runs, "lr", LR_TITLE, "lr")),
+        ("loss_per_run.png", rows, cols, (5 * cols, 3.5 * rows), lambda a: _loss_per_run(a, runs)),
+        ("loss_all.png", 1, 2, (14, 5), lambda a: _train_and_val(a, runs, "loss", "loss")),
+        ("miou.png", 1, 2, (14, 5), lambda a: _train_and_val(a, runs, "mIoU", "mIoU")),
+        ("per_class_iou.png", 1, 1, (max(8, 1.2 * len(names)), 5), lambda a: _per_class_bars(a[0, 0], runs, names)),
+        ("time.png", 1, 2, (14, 5), lambda a: _time_bars(a, runs)),
+        ("tradeoff.png", 1, 1, (8, 5), lambda a: _tradeoff(a[0, 0], runs)),
+    ]  # fmt: skip
+    for name, nrows, ncols, size, draw in plots:
+        fig = Figure(figsize=size)
+        draw(fig.subplots(nrows, ncols, squeeze=False))
+        _save(fig, report / name)
+    return [report / "summary.md", *(report / name for name, *_ in plots)]
 
 
 # ---- benchmarks: parameters, GMACs, latency, throughput --------------------------------------------------------------
