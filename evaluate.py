@@ -1008,14 +1008,17 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint; or its
     predictions for --predict images (through ONNX Runtime with --onnx)."""
     checkpoint = load_checkpoint(args.checkpoint)
-    model, names = model_from_checkpoint(checkpoint, args.checkpoint), checkpoint["class_names"]
+    names = checkpoint["class_names"]
     class_map = checkpoint_class_map(checkpoint)
     run = checkpoint["args"]
     size = eval_size(args, run)
     data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
     layout = args.layout if args.data is not None else run.get("layout", "auto")
     device = torch.device(args.device)
-    model = OnnxModel(args.onnx) if args.onnx else place(model, run["arch"], args.channels_last, device)
+    if args.onnx:  # the checkpoint gives the classes, size and data; ONNX Runtime runs the exported model
+        model = OnnxModel(args.onnx)
+    else:
+        model = place(model_from_checkpoint(checkpoint, args.checkpoint), run["arch"], args.channels_last, device)
     window, stride = window_and_stride(args)
     if args.predict:
         out = args.out or args.save_predictions or Path("predictions")
