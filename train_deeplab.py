@@ -679,8 +679,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--optimizer", default=None, choices=("sgd", "adamw"), help="default: adamw from scratch (DeepLabV3/V3+), sgd"
     )
     parser.add_argument(
-        "--lr", type=float, default=None, help="base (backbone) lr (default: 2.5e-4 DeepLabV2, adamw 1e-3, sgd 0.01)"
-    )
+        "--lr", type=float, default=None,
+        help="base (backbone) lr (default: 2.5e-4 DeepLabV2, adamw 1e-3, sgd 0.01, 0.05 from scratch)",
+    )  # fmt: skip
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=None, help="default: 0.01 with adamw, 5e-4 with sgd")
     parser.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
