@@ -12,17 +12,20 @@ import colorsys
 import csv
 import hashlib
 import io
+import json
 import math
 import os
 import shlex
 import shutil
+import stat
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -42,10 +45,11 @@ IGNORE_INDEX = 255
 UNKNOWN = 254  # ClassMap's marker for a raw value that is no key, before it becomes IGNORE_INDEX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LAYOUTS = ("auto", "offroad", "cityscapes", "folder", "demo")
+LAYOUTS = ("auto", "offroad", "cityscapes", "folder", "voc", "cvat", "labelme", "roboflow", "coco", "demo")
 ENCODINGS = ("auto", "index", "binary", "colour")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-LOSSY_SUFFIXES = (".jpg", ".jpeg")
+# Pillow's formats with no decoder of their own (stubs, a ghostscript or Windows call, MPEG's header only)
+UNDECODED_FORMATS = ("BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a lossy (JPEG) mask value within this distance (per channel) of exactly one class value counts as that class
 LOSSY_TOLERANCE = 24
@@ -332,17 +336,15 @@ def _table_int(cell: dict, column: str, top: int, where: str) -> int | None:
 # ---- files and layouts ---------------------------------------------------------------------------------------------
 
 
-def detect_layout(root: Path, split: str) -> str:
-    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
-        return "cityscapes"
-    if (root / split / "Color_Images").is_dir():
-        return "offroad"
-    if (root / split / "images").is_dir():
-        return "folder"
-    raise DatasetError(
-        f"cannot detect the layout of {root}: expected {split}/Color_Images (offroad), "
-        f"leftImg8bit + gtFine (cityscapes) or {split}/images + {split}/masks (folder)"
-    )
+def readable_suffixes() -> tuple[str, ...]:
+    """Every file suffix Pillow opens and decodes, for images and masks alike (GIF masks as DRIVE ships them,
+    PPM/PGM, TIFF, ...)."""
+    Image.init()
+    extensions = Image.registered_extensions().items()
+    return tuple(sorted(e for e, f in extensions if f in Image.OPEN and f not in UNDECODED_FORMATS))
+
+
+IMAGE_SUFFIXES = readable_suffixes()
 
 
 @dataclass
@@ -354,8 +356,44 @@ class SplitFiles:
     masks_without_image: list[Path] = field(default_factory=list)
 
 
+def images_by_stem(folder: Path, recursive: bool = False) -> dict[str, Path]:
+    """The image files of a folder by name without suffix (a path relative to the folder when recursive); the
+    first of two files of one stem wins."""
+    files = sorted(folder.rglob("*") if recursive else folder.iterdir()) if folder.is_dir() else []
+    found: dict[str, Path] = {}
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
+    return found
+
+
+def pair_by_stem(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, suffix: str = "") -> SplitFiles:
+    """Each image with the mask of its stem (plus `suffix`: Roboflow's `_mask`), in a stable order."""
+    files = SplitFiles()
+    masks = dict(masks)
+    for stem, image in sorted(images.items()):
+        mask = masks.pop(stem + suffix, None)
+        if mask is None:
+            files.images_without_mask.append((image, mask_dir / f"{stem}{suffix}.png"))
+        else:
+            files.pairs.append((image, mask))
+    files.masks_without_image = sorted(masks.values())
+    return files
+
+
+def why_unpaired(image_dir: Path, mask_dir: Path) -> str:
+    """Why a folder of masks gives no pair: a mask it holds, and its suffix or its stem."""
+    masks = sorted(p for p in mask_dir.iterdir() if p.is_file()) if mask_dir.is_dir() else []
+    if not masks:
+        return f"{mask_dir} holds no file"
+    readable = [p for p in masks if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not readable:
+        return f"mask {masks[0]} has suffix {masks[0].suffix or '(none)'}, which is no image format Pillow reads"
+    return f"mask {readable[0]} has no image of its stem {readable[0].stem!r} in {image_dir}"
+
+
 def _match_by_stem(image_dir: Path, mask_dir: Path) -> SplitFiles:
-    """Masks are any image format, named by the image's stem (a.jpg -> a.png, or a.bmp, ...)."""
+    """Masks are any image format, named by the image's stem (a.jpg -> a.png, or a.gif, ...)."""
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise DatasetError(f"missing {'mask ' if folder == mask_dir else ''}folder {folder}")
@@ -364,19 +402,14 @@ def _match_by_stem(image_dir: Path, mask_dir: Path) -> SplitFiles:
         if mask.stem in masks:
             raise DatasetError(f"masks {masks[mask.stem]} and {mask} have the same name; keep one")
         masks[mask.stem] = mask
-    files = SplitFiles()
-    for image in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        mask = masks.pop(image.stem, None)
-        if mask is None:
-            files.images_without_mask.append((image, mask_dir / f"{image.stem}.png"))
-        else:
-            files.pairs.append((image, mask))
-    files.masks_without_image = sorted(masks.values())
+    files = pair_by_stem(images_by_stem(image_dir), masks, mask_dir)
+    if not files.pairs and any(mask_dir.iterdir()):
+        raise DatasetError(f"no mask of {mask_dir} pairs with an image: {why_unpaired(image_dir, mask_dir)}")
     return files
 
 
 def split_files(root: Path, layout: str, split: str) -> SplitFiles:
-    """The files of one split, in a stable order."""
+    """The files of one split of the offroad, folder or cityscapes layout, in a stable order."""
     if layout == "offroad":
         return _match_by_stem(root / split / "Color_Images", root / split / "Segmentation")
     if layout == "folder":
@@ -396,24 +429,12 @@ def split_files(root: Path, layout: str, split: str) -> SplitFiles:
     raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 
-def list_pairs(root: Path, layout: str, split: str) -> list[tuple[Path, Path]]:
-    """(image, mask) paths of one split; an image without a mask is an error."""
-    files = split_files(root, layout, split)
-    if files.images_without_mask:
-        image, mask = files.images_without_mask[0]
-        raise DatasetError(f"image {image} has no mask (expected {mask})")
-    return files.pairs
-
-
 def find_splits(root: Path, layout: str) -> list[str]:
-    """The splits a dataset root holds: train, val and test first, then any other, by name."""
+    """The splits a root of the offroad, folder or cityscapes layout holds, by name."""
     if layout == "cityscapes":
-        found = [p.name for p in (root / "leftImg8bit").iterdir() if p.is_dir()]
-    else:
-        marker = "Color_Images" if layout == "offroad" else "images"
-        found = [p.name for p in root.iterdir() if (p / marker).is_dir()]
-    order = {"train": 0, "val": 1, "test": 2}
-    return sorted(found, key=lambda s: (order.get(s, 3), s))
+        return sorted(p.name for p in (root / "leftImg8bit").iterdir() if p.is_dir())
+    marker = "Color_Images" if layout == "offroad" else "images"
+    return sorted(p.name for p in root.iterdir() if (p / marker).is_dir())
 
 
 def is_lossy(path: Path) -> bool:
@@ -423,13 +444,51 @@ def is_lossy(path: Path) -> bool:
 # ---- decoding: 8-bit PNGs through libspng (pyspng), the same pixels as Pillow's; every other file through Pillow -
 
 
+EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels of a photo taken upright
+
+
+def orientation(im: Image.Image) -> int:
+    """An opened image's EXIF orientation, 1 (as stored) to 8. A PNG's comes only from an eXIf chunk before its
+    pixels, the one Pillow's open sees, so that reading a PNG's size never decodes it; a broken EXIF block counts
+    as no tag."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow raises many kinds for a malformed block; a photo is not refused for one
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def upright(pixels: np.ndarray, turn: int) -> np.ndarray:
+    """Pixels [H, W, ...] as stored -> as displayed under EXIF orientation `turn` (PIL.ImageOps.exif_transpose's
+    turns, on the array)."""
+    if turn in (5, 6, 7, 8):
+        pixels = pixels.swapaxes(0, 1)  # a transpose, then the flips that make each of the four
+    flip_rows, flip_columns = {2: (False, True), 3: (True, True), 4: (True, False), 6: (False, True),
+                               7: (True, True), 8: (True, False)}.get(turn, (False, False))  # fmt: skip
+    if flip_rows:
+        pixels = pixels[::-1]
+    if flip_columns:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels)
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is displayed: swapped for the EXIF orientations that turn it a quarter."""
+    return im.size[::-1] if orientation(im) in (5, 6, 7, 8) else im.size
+
+
 def fast_png(data: bytes, kinds: tuple[tuple[int, int], ...], fmt: str) -> np.ndarray | None:
     """The pixels of a PNG whose (bit depth, colour type) is one of `kinds`, as pyspng's `fmt` ("L" [H, W] or
     "RGB" [H, W, 3], alpha dropped as Pillow's convert("RGB") drops it), decoded by libspng (about 1.5x
-    Pillow's speed, BENCHMARKS.md), or None: not a PNG, another kind, no pyspng, or a file libspng refuses (Pillow
-    then decodes it, or names the problem). Only kinds whose pixels equal Pillow's are asked for: 8-bit grey (0),
-    RGB (2) and RGBA (6); libspng expands palettes (Pillow keeps the indices) and returns 16-bit grey as two bytes."""
+    Pillow's speed, BENCHMARKS.md), or None: not a PNG, another kind, one with EXIF (Pillow turns it upright), no
+    pyspng, or a file libspng refuses (Pillow then decodes it, or names the problem). Only kinds whose pixels
+    equal Pillow's are asked for: 8-bit grey (0), RGB (2) and RGBA (6); libspng expands palettes (Pillow keeps the
+    indices) and returns 16-bit grey as two bytes."""
     if pyspng is None or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or (data[24], data[25]) not in kinds:
+        return None
+    if b"eXIf" in data:
         return None
     try:
         return pyspng.load(data, fmt)
@@ -437,54 +496,61 @@ def fast_png(data: bytes, kinds: tuple[tuple[int, int], ...], fmt: str) -> np.nd
         return None
 
 
+def _mask_pixels(im: Image.Image, path: Path, colour: bool) -> np.ndarray:
+    if colour:
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("RGBA", "LA", "PA") and im.getextrema()[-1][0] == 255:
+        im = im.convert(im.mode[:-1])  # a fully opaque alpha channel carries nothing
+    if im.mode in ("RGB", "RGBA", "PA", "LA"):
+        raw = np.asarray(im)
+        if im.mode != "RGB" or not ((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()):
+            raise DatasetError(
+                f"mask {path} is a colour (mode {im.mode}) image; colour-coded masks need a class table "
+                "with r,g,b columns (--classes FILE; `python dataset.py --check --write-classes FILE` "
+                "writes one)"
+            )
+        return raw[..., 0].copy()
+    raw = np.asarray(im)
+    if raw.dtype == bool:  # 1-bit masks
+        return raw.astype(np.uint8)
+    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535).astype(np.uint16)
+
+
 def read_mask(path: Path, colour: bool = False) -> np.ndarray:
-    """The mask's raw values, unchanged: ids [H, W] (16-bit PNGs stay 16-bit; an RGB mask whose three channels
-    are equal is read as one), or with colour=True its colours [H, W, 3] uint8."""
+    """The mask's raw values, unchanged, the way up its EXIF tag says: ids [H, W] (16-bit PNGs stay 16-bit; an
+    RGB mask whose three channels are equal is read as one), or with colour=True its colours [H, W, 3] uint8."""
     try:
         data = path.read_bytes()
         raw = fast_png(data, ((8, 2), (8, 6)), "RGB") if colour else fast_png(data, ((8, 0),), "L")
         if raw is not None:
             return raw
         with Image.open(io.BytesIO(data)) as im:
-            if colour:
-                return np.asarray(im.convert("RGB"))
-            if im.mode in ("RGBA", "LA", "PA") and im.getextrema()[-1][0] == 255:
-                im = im.convert(im.mode[:-1])  # a fully opaque alpha channel carries nothing
-            if im.mode in ("RGB", "RGBA", "PA", "LA"):
-                raw = np.asarray(im)
-                if im.mode != "RGB" or not ((raw[..., 0] == raw[..., 1]).all() and (raw[..., 1] == raw[..., 2]).all()):
-                    raise DatasetError(
-                        f"mask {path} is a colour (mode {im.mode}) image; colour-coded masks need a class table "
-                        "with r,g,b columns (--classes FILE; `python dataset.py --check --write-classes FILE` "
-                        "writes one)"
-                    )
-                return raw[..., 0].copy()
-            raw = np.asarray(im)
+            turn = orientation(im)
+            raw = _mask_pixels(im, path, colour)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from None
-    if raw.dtype == bool:  # 1-bit masks
-        return raw.astype(np.uint8)
-    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535).astype(np.uint16)
+    return upright(raw, turn)
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """uint8 RGB tensor [3, H, W]."""
+    """uint8 RGB tensor [3, H, W], the way up its EXIF tag says (a phone photo taken upright reads upright)."""
     try:
         data = path.read_bytes()
         rgb = fast_png(data, ((8, 2), (8, 6)), "RGB")
         if rgb is None:
             with Image.open(io.BytesIO(data)) as im:
-                rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # one copy, writable
+                turn = orientation(im)
+                rgb = upright(np.array(im if im.mode == "RGB" else im.convert("RGB")), turn)  # writable
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+    """(width, height) as displayed, from the file header, without decoding the pixels."""
     try:
         with Image.open(path) as im:
-            return im.size
+            return displayed_size(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from None
 
@@ -501,12 +567,12 @@ def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
             if not colour and im.mode in ("L", "P"):
                 hist = np.array(im.histogram(), np.int64)
                 values = np.flatnonzero(hist)
-                return values, hist[values], im.size
+                return values, hist[values], displayed_size(im)
             if colour and im.mode == "RGB":
                 found = im.getcolors(im.width * im.height)
                 codes = pack_rgb(np.array([c for _, c in found], np.uint8)).astype(np.int64)
                 order = np.argsort(codes)
-                return codes[order], np.array([n for n, _ in found], np.int64)[order], im.size
+                return codes[order], np.array([n for n, _ in found], np.int64)[order], displayed_size(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from None
     raw = read_mask(path, colour)  # any other mode: through the pixels
@@ -581,14 +647,14 @@ class ClassOptions:
         return cls(Path(args.classes) if args.classes else None, args.num_classes, names, args.mask_encoding)
 
 
-def given_table(layout: str, options: ClassOptions) -> ClassTable | None:
+def given_table(own: ClassTable | None, options: ClassOptions) -> ClassTable | None:
     """The class table the user gave (--classes) or the layout's own; None where the masks must say."""
     if options.table is not None:
         if options.names:
             raise DatasetError("give --classes FILE or --class-names, not both (the table names the classes)")
         table = read_class_table(options.table)
-    elif layout in ("offroad", "cityscapes"):
-        table = offroad_table() if layout == "offroad" else cityscapes_table()
+    elif own is not None:
+        table = own
         if options.names and tuple(options.names) != table.names:
             raise DatasetError(f"--class-names does not match {table.source}; pass --classes FILE to rename classes")
     else:
@@ -601,15 +667,23 @@ def given_table(layout: str, options: ClassOptions) -> ClassTable | None:
 
 
 def resolve_class_map(
-    root: Path, layout: str, pairs: list[tuple[Path, Path]], options: ClassOptions
+    root: Path,
+    layout: str,
+    pairs: list[tuple[Path, Path]],
+    options: ClassOptions,
+    own: ClassTable | None = None,
+    own_encoding: str = "auto",
 ) -> tuple[ClassMap, str]:
     """The ClassMap of a dataset and, in words, why its masks are read so: the class table (--classes, the
-    layout's own, --num-classes, or binary) and the encoding, detected from a sample of `pairs` unless given."""
-    table = given_table(layout, options)
+    layout's own `own`, --num-classes, or binary) and the encoding (--mask-encoding, the layout's own, or detected
+    from a sample of `pairs`)."""
+    table = given_table(own, options)
     if table is None and options.num_classes is None and options.names:
         options = replace(options, num_classes=len(options.names))  # --class-names alone: ids 0..len-1
     count = len(table.names) if table else options.num_classes
     encoding, why, foreground = options.encoding, f"--mask-encoding {options.encoding}", 255
+    if encoding == "auto" and own_encoding != "auto" and options.table is None:
+        encoding, why = own_encoding, f"the {layout} layout's masks are {own_encoding} masks"
     if encoding in ("auto", "binary"):
         detected, reason, value = detect_encoding(sample_masks(pairs), None if table and table.has_ids else count)
         encoding, why = (detected, reason) if encoding == "auto" else (encoding, why)
@@ -640,6 +714,555 @@ def resolve_class_map(
             )
         table = numbered_table(options.num_classes, list(options.names) if options.names else None)
     return table.class_map(encoding), why
+
+
+# ---- annotation tools' exports: voc, cvat, labelme, roboflow, coco; zips; a held-out validation split -----------
+
+# Each tool's facts, from its own exporter. VOC and the trees built on it (CVAT's "Segmentation mask 1.1",
+# LabelMe's labelme2voc.py) differ only in the class table file and the mask encoding.
+VOC_ROOTS = (".", "VOCdevkit/VOC2012", "VOCdevkit/VOC2007", "VOC2012", "VOC2007")
+VOC_IMAGES = "JPEGImages"
+VOC_MASKS = ("SegmentationClass", "SegmentationClassPNG")  # labelme2voc.py before labelme 5 wrote ...PNG
+VOC_LISTS = "ImageSets/Segmentation"  # <split>.txt: one frame name (no suffix) a line
+SBD_MASKS, SBD_SPLIT = "SegmentationClassAug", "train_aug"  # SBD's extra masks, as DeepLab repositories use them
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")  # fmt: skip
+CVAT_LABELMAP = "labelmap.txt"  # "# label:color_rgb:parts:actions", then name:r,g,b:: per label
+LABELME_CLASSES = "class_names.txt"  # one name a line, _background_ first (id 0); 255 is __ignore__
+ROBOFLOW_CLASSES = "_classes.csv"  # "Pixel Value, Class" then one row per value, in each split folder
+ROBOFLOW_MASK = "_mask"  # NAME.jpg beside NAME_mask.png
+ROBOFLOW_COCO, CVAT_COCO, LABEL_STUDIO_COCO = "_annotations.coco.json", "instances_*.json", "result.json"
+VALIDATION_NAMES = ("val", "valid", "validation")  # Roboflow calls it valid
+DEFAULT_VAL_FRACTION = 0.1
+ZIP_RATIO, ZIP_FLOOR = 200, 256 * 2**20  # an archive unpacking to more than both (x its size, bytes) is refused
+COCO_LISTS = ("images", "annotations", "categories")
+COCO_MASKS_VERSION = 1  # bump when rasterising changes, so cached masks are made anew
+
+
+def voc_colormap(n: int) -> np.ndarray:
+    """The VOC colour of each index 0..n-1 (the devkit's bit-interleaving; LabelMe and CVAT paint with it too)."""
+    colours = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r, g, b = r | ((c & 1) << shift), g | (((c >> 1) & 1) << shift), b | (((c >> 2) & 1) << shift)
+            c >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+def voc_table() -> ClassTable:
+    """VOC's 21 classes by index and colour; 255 (its cream border colour) is void."""
+    colours = voc_colormap(256)
+    rows = tuple(ClassRow(name, i, tuple(colours[i].tolist())) for i, name in enumerate(VOC_CLASSES))
+    return ClassTable(rows + (ClassRow("ignore", IGNORE_INDEX, (224, 224, 192)),), "the VOC table")
+
+
+def _text_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_labelmap(path: Path) -> ClassTable:
+    """CVAT's labelmap.txt: `name:r,g,b:parts:actions` per label, in index order (the name may hold colons)."""
+    rows, seen = [], {}
+    for n, line in _text_lines(path):
+        name, colour = (line.rsplit(":", 3) + ["", ""])[:2] if line.count(":") >= 3 else (line, "")
+        rgb = tuple(int(v) for v in colour.split(",") if v.strip().isdigit())
+        if len(rgb) != 3 or len(colour.split(",")) != 3 or max(rgb) > 255:
+            raise DatasetError(f"{path}, line {n}: expected name:r,g,b::, got {line!r}")
+        if rgb in seen:
+            raise DatasetError(f"{path}, line {n}: colour {rgb} is already the colour of line {seen[rgb]}")
+        seen[rgb] = n
+        rows.append(ClassRow(name.strip(), None, rgb))
+    if not rows:
+        raise DatasetError(f"{path} lists no label")
+    return ClassTable(tuple(rows), f"{path.name} with {len(rows)} labels")
+
+
+def read_class_names(path: Path) -> ClassTable:
+    """labelme2voc.py's class_names.txt: class i is line i (mask index i), drawn in the VOC colour of i."""
+    names = [line for _, line in _text_lines(path)]
+    if not names or len(set(names)) != len(names):
+        raise DatasetError(f"{path} {'repeats a name' if names else 'lists no class'}")
+    colours = voc_colormap(len(names))
+    rows = tuple(ClassRow(name, i, tuple(colours[i].tolist())) for i, name in enumerate(names))
+    return ClassTable(rows + (ClassRow("ignore", IGNORE_INDEX),), f"{path.name} with {len(rows)} classes")
+
+
+def read_roboflow_classes(path: Path) -> ClassTable:
+    """Roboflow's _classes.csv: a `Pixel Value, Class` header (a space after the comma), then value, name rows."""
+    lines = _text_lines(path)
+    header = [c.strip().lower() for c in next(csv.reader([lines[0][1]]))] if lines else []
+    if header[:2] != ["pixel value", "class"]:
+        raise DatasetError(f"{path}: expected the header `Pixel Value, Class`, got {lines[0][1] if lines else ''!r}")
+    rows = []
+    for n, line in lines[1:]:
+        cells = [c.strip() for c in next(csv.reader([line]))]
+        if len(cells) < 2 or not cells[0].isdigit() or not cells[1] or int(cells[0]) > 65535:
+            raise DatasetError(f"{path}, line {n}: expected `value, name` with a value in 0..65535, got {line!r}")
+        rows.append(ClassRow(cells[1], int(cells[0])))
+    if not rows:
+        raise DatasetError(f"{path} lists no class")
+    return ClassTable(tuple(rows), f"{path.name} with {len(rows)} classes")
+
+
+@dataclass
+class DatasetTree:
+    """A dataset root as its layout reads it: the files of every split, the layout's own class table and mask
+    encoding ("auto": the masks say), what the tree gets wrong (`findings`, one line each) and what was done on
+    the user's behalf (`notes`: unzipped, frames skipped, a validation split held out)."""
+
+    root: Path
+    layout: str
+    splits: dict[str, SplitFiles]
+    table: ClassTable | None = None
+    encoding: str = "auto"
+    findings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def resolve(self, split: str) -> str:
+        """A split by name; `val` also finds valid or validation, and `train` the one split of a tree whose only
+        split is not train (CVAT's `default`)."""
+        if split in self.splits:
+            return split
+        found = [s for s in VALIDATION_NAMES if s in self.splits] if split == "val" else []
+        others = [s for s in self.splits if s not in (*VALIDATION_NAMES, "test")]
+        found += others if split == "train" and len(others) == 1 else []
+        if not found:
+            names = ", ".join(self.splits) or "none"
+            raise DatasetError(f"{self.root} (layout {self.layout}) has no split {split!r}; its splits: {names}")
+        return found[0]
+
+    def describe(self) -> str:
+        """One line: `layout cvat: labelmap.txt with 12 labels, splits train (12) and val (4)`."""
+        counts = [f"{s} ({len(f.pairs)})" for s, f in self.splits.items()]
+        listed = ", ".join(counts[:-1]) + f" and {counts[-1]}" if len(counts) > 1 else "".join(counts) or "none"
+        table = f"{self.table.source}, " if self.table is not None else ""
+        return f"layout {self.layout}: {table}split{'s' if len(counts) > 1 else ''} {listed}"
+
+
+def unpack_zip(path: Path) -> tuple[Path, str]:
+    """An export's .zip, unpacked once into NAME_unzipped/ beside it and reused while the zip is unchanged
+    (size and time). Refused, with one line: a member whose path would land outside that folder (absolute, ../,
+    a link), or an archive that would unpack to an absurd size against its own."""
+    target = path.with_name(f"{path.stem}_unzipped")
+    stamp = f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}"
+    marker = target / ".unzipped-from"
+    if marker.is_file() and marker.read_text() == stamp:
+        return target, f"{path}: unpacked before into {target}"
+    if target.exists() and not marker.is_file():
+        raise DatasetError(f"--data {path}: {target} exists and was not unpacked from it; move it away")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            for info in members:
+                parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+                if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
+                    raise DatasetError(f"--data {path}: member {info.filename!r} would land outside {target}")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise DatasetError(f"--data {path}: member {info.filename!r} is a link; links are not unpacked")
+            size = sum(info.file_size for info in members)
+            if size > ZIP_RATIO * path.stat().st_size and size > ZIP_FLOOR:
+                raise DatasetError(f"--data {path}: it would unpack to {size:,} bytes, {size / path.stat().st_size:.0f}"
+                                   " times its own size; unpack it yourself if you trust it")  # fmt: skip
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            archive.extractall(partial)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DatasetError(f"--data {path}: cannot unpack it ({e})") from None
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    marker.write_text(stamp)
+    return target, f"{path}: unpacked {len(members)} files into {target}"
+
+
+def voc_base(root: Path) -> Path | None:
+    """Where a VOC-like tree (a mask folder beside JPEGImages) is: ROOT itself, or VOCdevkit/VOC2012 or
+    VOC2007 under it."""
+    for sub in VOC_ROOTS:
+        base = root / sub
+        if (base / VOC_IMAGES).is_dir() and any((base / d).is_dir() for d in (*VOC_MASKS, SBD_MASKS)):
+            return base
+    return None
+
+
+def _voc_split(base: Path, list_file: Path, images: dict, masks: dict, layout: str) -> tuple[SplitFiles, list[str]]:
+    """The files a list names, and findings; CVAT writes no mask for a frame without shapes: those are skipped."""
+    files, no_image, no_mask, split = SplitFiles(), [], [], list_file.stem
+    mask_dir = base / (SBD_MASKS if split == SBD_SPLIT else VOC_MASKS[0])
+    for _, line in _text_lines(list_file):
+        name = line if line in images or line in masks else line.split()[0]  # VOC's Main lists add a flag
+        image, mask = images.get(name), masks.get(name)
+        if image is None:
+            no_image.append(name)
+            files.masks_without_image += [mask] if mask is not None else []
+        elif mask is None and layout == "cvat":
+            no_mask.append(name)
+        elif mask is None:
+            files.images_without_mask.append((image, mask_dir / f"{name}.png"))
+        else:
+            files.pairs.append((image, mask))
+    findings = [f"{list_file} names {len(no_image)} frames with no image in {base / VOC_IMAGES}: "
+                + ", ".join(no_image[:5])] if no_image else []  # fmt: skip
+    if no_mask:
+        findings.append(f"split {split}: {len(no_mask)} frames have no mask (CVAT writes none for a frame without "
+                        "shapes): skipped, not read as background")  # fmt: skip
+    return files, findings
+
+
+def read_voc_like(root: Path, layout: str) -> DatasetTree:
+    """A VOC, CVAT or LabelMe tree: the splits its lists name (without lists: every image with a mask, as
+    split train), and its class table: labelmap.txt, class_names.txt, else VOC's own when no mask index passes 20."""
+    base = voc_base(root)
+    if base is None:
+        raise DatasetError(f"--layout {layout}: {root} holds no {VOC_IMAGES}/ beside {VOC_MASKS[0]}/")
+    images = images_by_stem(base / VOC_IMAGES, recursive=True)
+    mask_dir = next((base / d for d in VOC_MASKS if images_by_stem(base / d)), base / VOC_MASKS[0])
+    masks = images_by_stem(mask_dir, recursive=True)
+    lists = sorted((base / VOC_LISTS).glob("*.txt"))
+    tree = DatasetTree(root, layout, {}, encoding="colour" if layout == "cvat" else "auto")
+    for list_file in lists:
+        split_masks = images_by_stem(base / SBD_MASKS, True) if list_file.stem == SBD_SPLIT else masks
+        tree.splits[list_file.stem], findings = _voc_split(base, list_file, images, split_masks, layout)
+        tree.findings += findings
+    if not lists:
+        tree.splits["train"] = pair_by_stem(images, masks, mask_dir)
+    listed = {m for files in tree.splits.values() for m in (*(p[1] for p in files.pairs), *files.masks_without_image)}
+    unlisted = sorted(m.name for m in masks.values() if m not in listed)
+    if lists and unlisted:
+        tree.findings.append(f"{len(unlisted)} masks of {mask_dir} are in no list of {base / VOC_LISTS}: "
+                             + ", ".join(unlisted[:5]))  # fmt: skip
+    tree.table = voc_like_table(base, layout, [p for f in tree.splits.values() for p in f.pairs])
+    return tree
+
+
+def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> ClassTable | None:
+    if (base / CVAT_LABELMAP).is_file():
+        return read_labelmap(base / CVAT_LABELMAP)
+    if (base / LABELME_CLASSES).is_file():
+        return read_class_names(base / LABELME_CLASSES)
+    if layout == "cvat":
+        raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
+    sample = sample_masks(pairs) if pairs else []
+    encoding = "colour" if any(is_colour_mask(mask) for mask in sample) else "index"
+    values = set()
+    for mask in sample:
+        try:
+            values.update(mask_values(mask, encoding == "colour")[0].tolist())
+        except DatasetError:  # named by the checks that read every mask
+            continue
+    return voc_table() if values <= set(voc_table().class_map(encoding).keys) else None
+
+
+def read_labelme(root: Path) -> DatasetTree:
+    """labelme2voc.py's output: one tree at ROOT (split train), or one per split under it (train/, val/)."""
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and voc_base(d)]
+    trees = {d.name: d for d in folders if (d / LABELME_CLASSES).is_file()}
+    if voc_base(root) is not None or not trees:
+        return read_voc_like(root, "labelme")
+    merged = DatasetTree(root, "labelme", {})
+    for split, folder in trees.items():
+        tree = read_voc_like(folder, "labelme")
+        if merged.table is not None and tree.table.names != merged.table.names:
+            raise DatasetError(f"{folder / LABELME_CLASSES} names other classes than {merged.table.source} of "
+                               f"{next(iter(trees.values()))}; one class table serves every split")  # fmt: skip
+        merged.table, merged.splits[split] = tree.table, tree.splits["train"]
+        merged.findings += tree.findings
+    return merged
+
+
+def read_roboflow(root: Path) -> DatasetTree:
+    """Roboflow's "Semantic Segmentation Masks": train/, valid/, test/ (or ROOT alone: split train), each with
+    NAME.jpg beside NAME_mask.png and _classes.csv; mangled names (a_jpg.rf.<hash>.jpg) pair as they are."""
+    folders = {"train": root} if (root / ROBOFLOW_CLASSES).is_file() else {
+        d.name: d for d in sorted(root.iterdir()) if (d / ROBOFLOW_CLASSES).is_file()}  # fmt: skip
+    if not folders:
+        raise DatasetError(f"--layout roboflow: {root} holds no {ROBOFLOW_CLASSES}, nor a split folder with one")
+    tree = DatasetTree(root, "roboflow", {})
+    for split, folder in folders.items():
+        table = read_roboflow_classes(folder / ROBOFLOW_CLASSES)
+        if tree.table is not None and table.rows != tree.table.rows:
+            first = next(iter(folders.values())) / ROBOFLOW_CLASSES
+            raise DatasetError(f"{folder / ROBOFLOW_CLASSES} differs from {first}; one class table serves every split")
+        tree.table = table
+        files = images_by_stem(folder)
+        masks = {stem: path for stem, path in files.items() if stem.endswith(ROBOFLOW_MASK)}
+        images = {stem: path for stem, path in files.items() if stem not in masks}
+        tree.splits[split] = pair_by_stem(images, masks, folder, ROBOFLOW_MASK)
+    return tree
+
+
+def coco_files(root: Path) -> dict[str, tuple[Path, list[Path]]]:
+    """split -> (COCO file, folders its images may be in), as CVAT (annotations/instances_<split>.json with
+    images/<split>/), Roboflow (<split>/_annotations.coco.json beside the images) and Label Studio (result.json
+    with images/) write them."""
+    found = {}
+    for path in sorted((root / "annotations").glob(CVAT_COCO)):
+        split = path.stem.removeprefix("instances_")
+        found[split] = (path, [root / "images" / split, root / "images", root])
+    for path in sorted(root.glob(f"*/{ROBOFLOW_COCO}")):
+        found[path.parent.name] = (path, [path.parent])
+    for name in (ROBOFLOW_COCO, LABEL_STUDIO_COCO):
+        if (root / name).is_file():
+            found.setdefault("train", (root / name, [root, root / "images"]))
+    return found
+
+
+def coco_classes(categories: list[dict], used: set[int]) -> tuple[ClassTable, dict[int, int], int]:
+    """The class table of a COCO file: background (class 0: the pixels no annotation covers, as the tools mean
+    them), then the categories in id order, less Roboflow's project category (the supercategory of every other,
+    used by no annotation); the mask value of each category id, and the value of ignored (overlap) pixels."""
+    categories = sorted(categories, key=lambda c: c["id"])
+    project = [c for c in categories if c["id"] not in used and len(categories) > 1
+               and all(o.get("supercategory") == c["name"] for o in categories if o is not c)]  # fmt: skip
+    kept = [c for c in categories if c not in project]
+    ignore = IGNORE_INDEX if len(kept) < IGNORE_INDEX else 65535
+    rows = [ClassRow("background", 0)] + [ClassRow(str(c["name"]), i) for i, c in enumerate(kept, 1)]
+    rows.append(ClassRow("ignore", ignore))
+    return ClassTable(tuple(rows), f"{len(kept)} categories"), {c["id"]: i for i, c in enumerate(kept, 1)}, ignore
+
+
+def coco_mask(annotations: list[dict], height: int, width: int, value_of: dict[int, int], ignore: int,
+              where: str) -> tuple[np.ndarray, int, int]:  # fmt: skip
+    """One image's class-value mask from its annotations (polygons, RLE compressed or not), rasterised by
+    pycocotools; pixels that annotations of different categories share are `ignore`. Also the overlap's pixels
+    and the annotations with no polygon or mask (boxes only), which are skipped."""
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((height, width), np.uint8 if ignore == IGNORE_INDEX else np.uint16)
+    boxes = 0
+    for ann in annotations:
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list) and [p for p in segmentation if len(p) >= 6]:
+            rle = mask_utils.merge(mask_utils.frPyObjects([p for p in segmentation if len(p) >= 6], height, width))
+        elif isinstance(segmentation, dict) and list(segmentation.get("size", ())) == [height, width]:
+            counts = segmentation.get("counts")
+            rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(counts, list) else segmentation
+        elif isinstance(segmentation, dict):
+            raise DatasetError(f"{where}: annotation {ann.get('id')} is an RLE of size {segmentation.get('size')}, "
+                               f"but its image is {height}x{width}")  # fmt: skip
+        else:
+            boxes += 1
+            continue
+        if ann.get("category_id") not in value_of:
+            raise DatasetError(f"{where}: annotation {ann.get('id')} has category {ann.get('category_id')}, "
+                               "which `categories` does not list")  # fmt: skip
+        covered, value = mask_utils.decode(rle).astype(bool), value_of[ann["category_id"]]
+        clash = covered & (mask != 0) & (mask != value)
+        mask[covered & (mask == 0)] = value
+        mask[clash] = ignore
+    return mask, int(np.count_nonzero(mask == ignore)), boxes
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+
+
+def load_coco(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read COCO file {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in COCO_LISTS):
+        raise DatasetError(f"{path} is not a COCO file: a JSON object with lists images, annotations and categories")
+    return data
+
+
+def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int) -> tuple[Path, dict]:
+    """Every annotated image's mask as a PNG, written once into a cache folder named by the file's bytes, and
+    what rasterising found (overlaps, boxes, images without annotations); later runs read both back."""
+    digest = hashlib.sha1(path.read_bytes() + f"{COCO_MASKS_VERSION}".encode()).hexdigest()[:16]
+    folder = cache_root() / "deeplab_coco_masks" / digest
+    if (folder / "found.json").is_file():
+        return folder, json.loads((folder / "found.json").read_text())
+    annotations: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        annotations.setdefault(ann.get("image_id"), []).append(ann)
+    found = {"masks": {}, "overlap": [0, 0], "boxes": 0, "unannotated": [], "orphans": 0}
+    found["orphans"] = sum(len(v) for k, v in annotations.items() if k not in {im["id"] for im in data["images"]})
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for image in tqdm(data["images"], desc=f"rasterising {path.name}", leave=False, disable=None):
+        if not annotations.get(image["id"]):
+            found["unannotated"].append(image["file_name"])
+            continue
+        mask, overlap, boxes = coco_mask(annotations[image["id"]], image["height"], image["width"], value_of, ignore,
+                                         str(path))  # fmt: skip
+        name = f"{image['id']}.png"
+        Image.fromarray(mask).save(partial / name, compress_level=1)
+        found["masks"][image["file_name"]] = name
+        found["overlap"] = [found["overlap"][0] + overlap, found["overlap"][1] + (overlap > 0)]
+        found["boxes"] += boxes
+    (partial / "found.json").write_text(json.dumps(found))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder, found
+
+
+def coco_split(root: Path, split: str, path: Path, folders: list[Path]) -> tuple[SplitFiles, ClassTable, list[str]]:
+    """One COCO file's (image, rasterised mask) pairs, its class table and its findings."""
+    data = load_coco(path)
+    used = {ann.get("category_id") for ann in data["annotations"]}
+    table, value_of, ignore = coco_classes(data["categories"], used)
+    masks, found = rasterise_coco(path, data, value_of, ignore)
+    files, missing = SplitFiles(), []
+    for file_name, mask in found["masks"].items():
+        name = file_name.replace("\\", "/")
+        candidates = [folder / name for folder in folders] + [folder / PurePosixPath(name).name for folder in folders]
+        image = next((c for c in candidates if c.is_file()), None)
+        if image is None:
+            missing.append(file_name)
+        else:
+            files.pairs.append((image, masks / mask))
+    where = f"split {split} ({path.relative_to(root)})"
+    findings = [f"{where}: {len(missing)} annotated images are not there, their annotations unused: "
+                + ", ".join(missing[:5])] if missing else []  # fmt: skip
+    if found["orphans"]:
+        findings.append(f"{where}: {found['orphans']} annotations are of images the file does not list")
+    unused = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"]) if c["id"] not in used
+              and c["id"] in value_of]  # fmt: skip
+    if unused:
+        findings.append(f"{where}: no annotation uses the categories {', '.join(map(str, unused))}")
+    pixels, images = found["overlap"]
+    if pixels:
+        findings.append(f"{where}: annotations of different categories overlap on {pixels:,} pixels in {images} "
+                        "images; those pixels are ignored")  # fmt: skip
+    if found["boxes"]:
+        findings.append(f"{where}: {found['boxes']} annotations have no polygon or mask (boxes only): skipped")
+    if found["unannotated"]:
+        findings.append(f"{where}: {len(found['unannotated'])} images have no annotation: skipped, not read as all "
+                        "background")  # fmt: skip
+    return files, table, findings
+
+
+def read_coco(root: Path) -> DatasetTree:
+    """COCO files as CVAT, Roboflow and Label Studio write them, each a split."""
+    files = coco_files(root)
+    if not files:
+        raise DatasetError(f"--layout coco: {root} holds no annotations/{CVAT_COCO}, */{ROBOFLOW_COCO} or "
+                           f"{LABEL_STUDIO_COCO}")  # fmt: skip
+    tree = DatasetTree(root, "coco", {})
+    for split, (path, folders) in files.items():
+        tree.splits[split], table, findings = coco_split(root, split, path, folders)
+        if tree.table is not None and table.rows != tree.table.rows:
+            raise DatasetError(f"the categories of {path} differ from those of {files[next(iter(files))][0]}; "
+                               "one class table serves every split")  # fmt: skip
+        tree.table, tree.findings = table, tree.findings + findings
+    return tree
+
+
+def detect_layout(root: Path) -> str:
+    """The layout of a dataset root, from the folders and files each tool writes."""
+    subfolders = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    base = voc_base(root)
+    if base is not None:
+        return "cvat" if (base / CVAT_LABELMAP).is_file() else "voc" if (base / VOC_LISTS).is_dir() else "labelme"
+    if any(voc_base(d) and (d / LABELME_CLASSES).is_file() for d in subfolders):
+        return "labelme"
+    if (root / ROBOFLOW_CLASSES).is_file() or any((d / ROBOFLOW_CLASSES).is_file() for d in subfolders):
+        return "roboflow"
+    if coco_files(root):
+        return "coco"
+    if any((d / "Color_Images").is_dir() for d in subfolders):
+        return "offroad"
+    if any((d / "images").is_dir() for d in subfolders):
+        return "folder"
+    raise DatasetError(
+        f"cannot detect the layout of {root}: expected SPLIT/images + SPLIT/masks (folder), SPLIT/Color_Images "
+        f"(offroad), leftImg8bit + gtFine (cityscapes), JPEGImages + SegmentationClass (voc, cvat, labelme), "
+        f"SPLIT/{ROBOFLOW_CLASSES} (roboflow) or a COCO file (coco); README's 'Your data' shows each"
+    )
+
+
+def detectable(root: Path) -> bool:
+    try:
+        detect_layout(root)
+    except DatasetError:
+        return False
+    return True
+
+
+def read_tree(root: Path, layout: str) -> DatasetTree:
+    if layout in ("voc", "cvat"):
+        return read_voc_like(root, layout)
+    readers = {"labelme": read_labelme, "roboflow": read_roboflow, "coco": read_coco}
+    if layout in readers:
+        return readers[layout](root)
+    if layout not in ("offroad", "folder", "cityscapes"):
+        raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    table = {"offroad": offroad_table, "cityscapes": cityscapes_table}.get(layout, lambda: None)()
+    return DatasetTree(root, layout, {s: split_files(root, layout, s) for s in find_splits(root, layout)}, table)
+
+
+def name_hash(name: str) -> float:
+    """A file name's place in [0, 1), the same on every machine and whatever else the folder holds."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big") / 2**64
+
+
+def hold_out(tree: DatasetTree, fraction: float | None) -> None:
+    """Where a tree has no validation split, hold out `fraction` (default 0.1, at least one) of its training
+    images as split val, each chosen by a hash of its file name, so that adding images moves no other."""
+    try:
+        val = tree.resolve("val")
+    except DatasetError:
+        val = None
+    if val is not None:
+        if fraction is not None:
+            raise DatasetError(f"--val-fraction: {tree.root} has a validation split ({val}, "
+                               f"{len(tree.splits[val].pairs)} images); drop the flag to use it")  # fmt: skip
+        return
+    fraction = DEFAULT_VAL_FRACTION if fraction is None else fraction
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val-fraction {fraction} is not between 0 and 1")
+    try:
+        train = tree.resolve("train")
+    except DatasetError:
+        return
+    pairs = tree.splits[train].pairs
+    if len(pairs) < 2:
+        return
+    ranked = sorted(pairs, key=lambda pair: name_hash(pair[0].name))
+    held = [pair for pair in ranked[:-1] if name_hash(pair[0].name) < fraction] or ranked[:1]
+    tree.splits[train] = replace(tree.splits[train], pairs=[pair for pair in pairs if pair not in held])
+    tree.splits["val"] = SplitFiles(held)
+    tree.notes.append(f"no validation split: {len(held)} of the {len(pairs)} images of {train} are held out as val "
+                      f"(--val-fraction {fraction}, by a hash of each file name)")  # fmt: skip
+
+
+def open_tree(data: Path, layout: str = "auto", val_fraction: float | None = None) -> DatasetTree:
+    """A dataset root, or an annotation tool's .zip (unpacked once beside it), as its layout reads it, with a
+    validation split held out of the training images where it has none."""
+    notes = []
+    if data.suffix.lower() == ".zip" and data.is_file():
+        data, note = unpack_zip(data)
+        notes.append(note)
+        inner = [p for p in data.iterdir() if not p.name.startswith(".")]
+        if len(inner) == 1 and inner[0].is_dir() and not detectable(data):
+            data = inner[0]  # the export's own top folder
+    if not data.is_dir():
+        raise DatasetError(f"--data folder {data} does not exist")
+    tree = read_tree(data, detect_layout(data) if layout == "auto" else layout)
+    order = {name: rank for rank, names in enumerate((["train"], VALIDATION_NAMES, ["test"])) for name in names}
+    tree.splits = dict(sorted(tree.splits.items(), key=lambda item: (order.get(item[0], 3), item[0])))
+    tree.notes[:0] = notes
+    hold_out(tree, val_fraction)
+    return tree
+
+
+def list_pairs(tree: DatasetTree, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) paths of one split; an image without a mask is an error."""
+    files = tree.splits[tree.resolve(split)]
+    if files.images_without_mask:
+        image, mask = files.images_without_mask[0]
+        raise DatasetError(f"image {image} has no mask (expected {mask})")
+    return files.pairs
 
 
 # ---- transforms: resize, scale, crop, flip, jitter -----------------------------------------------------------------
@@ -788,8 +1411,7 @@ def cache_dir(pairs: list[tuple[Path, Path]], class_map: ClassMap) -> Path:
         for path in (image, mask):
             stat = path.stat()
             digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "deeplab_decoded" / digest.hexdigest()[:16]
+    return cache_root() / "deeplab_decoded" / digest.hexdigest()[:16]
 
 
 def read_classes(path: Path, class_map: ClassMap) -> tuple[np.ndarray, int]:
@@ -839,6 +1461,7 @@ class SegmentationDataset(Dataset):
         self.cache = DecodedCache(cache_dir(pairs, class_map), pairs, sizes, class_map) if cache else None
         self.reported_unknown = False
         self.seed = seed
+        self.about: list[str] = []
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -886,27 +1509,27 @@ def build_dataset(
     classes: ClassOptions | ClassMap = ClassOptions(),
     seed: int = 0,
     cache: bool = False,
+    val_fraction: float | None = None,
 ) -> SegmentationDataset:
     """The dataset of one split. `classes`: what the user said about the classes, resolved against this split's
     masks, or the ClassMap of another split or of a checkpoint. With no data folder (or layout 'demo') the demo
-    data is generated first."""
+    data is generated first. `about` holds the lines that say how the data was read."""
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if data is None or layout == "demo":
         data = make_demo(data if data is not None else default_demo_root(seed), seed=seed)
         layout = "offroad"
-    data = Path(data)
-    if not data.is_dir():
-        raise DatasetError(f"--data folder {data} does not exist")
-    if layout == "auto":
-        layout = detect_layout(data, split)
-    pairs = list_pairs(data, layout, split)
+    tree = open_tree(Path(data), layout, val_fraction)
+    pairs = list_pairs(tree, split)
     if not pairs:
-        raise DatasetError(f"split {split!r} of {data} holds no images")
+        raise DatasetError(f"split {tree.resolve(split)!r} of {data} holds no images")
     if isinstance(classes, ClassMap):
-        return SegmentationDataset(pairs, classes, transform, cache, seed)
-    class_map, why = resolve_class_map(data, layout, pairs, classes)
-    return SegmentationDataset(pairs, class_map, transform, cache, seed, why)
+        dataset = SegmentationDataset(pairs, classes, transform, cache, seed)
+    else:
+        class_map, why = resolve_class_map(tree.root, tree.layout, pairs, classes, tree.table, tree.encoding)
+        dataset = SegmentationDataset(pairs, class_map, transform, cache, seed, why)
+    dataset.about = [tree.describe(), *tree.notes, *(f"warning: {finding}" for finding in tree.findings)]
+    return dataset
 
 
 # ---- demo data: procedural desert scenes in the offroad layout ----------------------------------------------------
@@ -1255,9 +1878,10 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
     return errors, warnings
 
 
-def train_command(root: Path, layout: str, options: ClassOptions) -> str:
+def train_command(root: Path, layout: str, options: ClassOptions, val_fraction: float | None = None) -> str:
     """The train_deeplab.py command line for these data flags."""
     parts = ["python", "train_deeplab.py", "--data", str(root)] + (["--layout", layout] if layout != "auto" else [])
+    parts += ["--val-fraction", str(val_fraction)] if val_fraction is not None else []
     if options.table is not None:
         parts += ["--classes", str(options.table)]
     elif options.num_classes is not None:
@@ -1270,12 +1894,12 @@ def train_command(root: Path, layout: str, options: ClassOptions) -> str:
 
 
 def doctor_class_map(
-    root: Path, layout: str, pairs: list[tuple[Path, Path]], options: ClassOptions, warnings: list[str]
+    tree: DatasetTree, pairs: list[tuple[Path, Path]], options: ClassOptions, warnings: list[str]
 ) -> tuple[ClassMap | None, str, ClassOptions]:
     """resolve_class_map, or for id masks without a class count every value as a class (with a warning), or None
     for colour masks without a table; also the options that the train command line needs."""
     try:
-        class_map, why = resolve_class_map(root, layout, pairs, options)
+        class_map, why = resolve_class_map(tree.root, tree.layout, pairs, options, tree.table, tree.encoding)
         return class_map, why, options
     except ClassesUnknown as e:
         if e.encoding == "colour":
@@ -1287,31 +1911,42 @@ def doctor_class_map(
         "as ignore); if a value means void (like 11 in CamVid), pass the real --num-classes, or a class table "
         "with an `ignore` row"
     )
-    class_map, why = resolve_class_map(root, layout, pairs, options)
+    class_map, why = resolve_class_map(tree.root, tree.layout, pairs, options, tree.table, tree.encoding)
     return class_map, why, options
 
 
-def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes: Path | None = None) -> int:
+def checked_splits(tree: DatasetTree) -> tuple[dict[str, SplitFiles], str]:
+    """The splits --check reads (VOC's trainval, the union of train and val, is not read twice) and the training
+    split among them."""
+    files = {s: f for s, f in tree.splits.items() if not (s == "trainval" and {"train", "val"} <= tree.splits.keys())}
+    if not any(f.pairs for f in files.values()):
+        raise DatasetError(f"{tree.root} holds no image with a mask")
+    try:
+        train = tree.resolve("train")
+    except DatasetError:
+        train = next(s for s, f in files.items() if f.pairs)
+    return files, train if files.get(train) and files[train].pairs else next(s for s, f in files.items() if f.pairs)
+
+
+def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes: Path | None = None,
+                  val_fraction: float | None = None) -> int:  # fmt: skip
     """Print what a dataset holds and what would go wrong in training, then a verdict and the command line to
     train with. Returns 1 when training would fail or train wrongly, else 0."""
-    if not root.is_dir():
-        raise DatasetError(f"--data folder {root} does not exist")
-    found_layout = detect_layout(root, "train") if layout == "auto" else layout
-    files = {split: split_files(root, found_layout, split) for split in find_splits(root, found_layout)}
-    if not any(f.pairs for f in files.values()):
-        raise DatasetError(f"{root} holds no image with a mask")
-    train = "train" if files.get("train") and files["train"].pairs else next(s for s, f in files.items() if f.pairs)
-    print(f"{root}: layout {found_layout}; " + ", ".join(f"{s} {len(f.pairs)} pairs" for s, f in files.items()))
-    errors, warnings = [], []
-    class_map, why, options = doctor_class_map(root, found_layout, files[train].pairs, options, warnings)
+    tree = open_tree(root, layout, val_fraction)
+    files, train = checked_splits(tree)
+    print(f"{root}: {tree.describe()}")
+    for note in tree.notes:
+        print(note)
+    errors, warnings = [], list(tree.findings)
+    class_map, why, options = doctor_class_map(tree, files[train].pairs, options, warnings)
     colour = class_map.encoding == "colour" if class_map else True
     if write_classes is not None:
         lossy = any(is_lossy(mask) for _, mask in files[train].pairs)
         found = raw_histogram(files[train].pairs, colour)
-        write_class_table(write_classes, found, colour, lossy, f"{root / train}", class_map)
+        write_class_table(write_classes, found, colour, lossy, f"{tree.root / train}", class_map)
         options = replace(options, table=write_classes)
         if class_map is None:  # read the masks with the table just written
-            class_map, why, options = doctor_class_map(root, found_layout, files[train].pairs, options, warnings)
+            class_map, why, options = doctor_class_map(tree, files[train].pairs, options, warnings)
     if class_map is None:
         errors.append(why)
     else:
@@ -1328,7 +1963,7 @@ def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes:
     warnings += [f"the same image is in two splits (leakage inflates validation scores): {leak}" for leak in leaks]
     for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
         print(line)
-    command = train_command(root, layout, options)
+    command = train_command(root, layout, options, val_fraction)
     if errors:
         print(
             f"verdict: training would fail or train wrongly ({len(errors)} errors); once they are fixed:\n  {command}"
@@ -1413,7 +2048,9 @@ def one_line(error: Exception) -> str:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Flags that pick a dataset and say what its masks mean, shared by every script."""
-    parser.add_argument("--data", type=Path, default=None, help="dataset root (default: the generated demo data)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="dataset root or an export's .zip (default: the generated demo data)"
+    )
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: detect)")
     parser.add_argument(
         "--classes", type=Path, default=None, metavar="CSV", help="class table: name[,id][,r,g,b] per class"
@@ -1425,6 +2062,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-names", type=lambda s: [n.strip() for n in s.split(",")], default=None, help="comma-separated names"
     )
+    parser.add_argument(
+        "--val-fraction", type=float, default=None, metavar="F",
+        help=f"data without a validation split: hold out this share of the training images as val (default "
+        f"{DEFAULT_VAL_FRACTION}, chosen by a hash of each file name)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo data)")
     parser.add_argument(
         "--cache", action="store_true", help="decode each split once into uint8 files under ~/.cache/deeplab_decoded"
@@ -1465,9 +2107,12 @@ def main(args: argparse.Namespace) -> None:
             data = args.data if args.data is not None and args.layout != "demo" else None
             root = data if data is not None else make_demo(args.data or default_demo_root(args.seed), seed=args.seed)
             layout = args.layout if data is not None else "auto"
-            sys.exit(check_dataset(Path(root), layout, options, args.write_classes))
+            sys.exit(check_dataset(Path(root), layout, options, args.write_classes, args.val_fraction))
         cfg = transform_from_args(args, train=args.benchmark is not None)  # the benchmark times training transforms
-        dataset = build_dataset(args.data, args.layout, args.split, cfg, options, args.seed, args.cache)
+        dataset = build_dataset(
+            args.data, args.layout, args.split, cfg, options, args.seed, args.cache, args.val_fraction
+        )
+        print("\n".join(dataset.about))
         print(f"{len(dataset)} images in split {args.split!r}, {dataset.class_map.num_classes} classes")
         print(f"masks: {dataset.class_map.encoding}, classes from {dataset.class_map.source} ({dataset.why})")
         if args.stats:

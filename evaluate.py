@@ -525,6 +525,13 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: d
         raise ModelError(f"--export-onnx {path}: the export failed ({type(e).__name__}: {one_line(e)})") from None
 
 
+def data_source(args: argparse.Namespace, run: dict) -> tuple[Path | None, str, float | None]:
+    """The data, layout and validation hold-out of --data and its flags, else those the checkpoint's run used."""
+    if args.data is not None:
+        return args.data, args.layout, args.val_fraction
+    return (Path(run["data"]) if run.get("data") else None), run.get("layout", "auto"), run.get("val_fraction")
+
+
 def check_batches(args: argparse.Namespace, run: dict, class_map: ClassMap, size: tuple[int, int] | None) -> tuple[
     list[torch.Tensor], str
 ]:  # fmt: skip
@@ -536,9 +543,10 @@ def check_batches(args: argparse.Namespace, run: dict, class_map: ClassMap, size
             images = [read_image(path) for path, _ in find_images(args.predict, args.recursive)[:2]]
             source = "--predict images"
         else:
-            data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
-            layout = args.layout if args.data is not None else run.get("layout", "auto")
-            dataset = build_dataset(data, layout, args.split, TransformConfig(train=False), class_map, args.seed)
+            data, layout, val_fraction = data_source(args, run)
+            dataset = build_dataset(
+                data, layout, args.split, TransformConfig(train=False), class_map, args.seed, False, val_fraction
+            )
             images = [dataset[i][0] for i in range(min(2, len(dataset)))]
             source = f"images of split {args.split!r}"
     except DatasetError as e:
@@ -1012,8 +1020,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     class_map = checkpoint_class_map(checkpoint)
     run = checkpoint["args"]
     size = eval_size(args, run)
-    data = args.data if args.data is not None else (Path(run["data"]) if run.get("data") else None)
-    layout = args.layout if args.data is not None else run.get("layout", "auto")
+    data, layout, val_fraction = data_source(args, run)
     device = torch.device(args.device)
     if args.onnx:  # the checkpoint gives the classes, size and data; ONNX Runtime runs the exported model
         model = OnnxModel(args.onnx)
@@ -1024,7 +1031,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         out = args.out or args.save_predictions or Path("predictions")
         return predict_images(model, args.predict, out, size, args, class_map)
 
-    dataset = build_dataset(data, layout, args.split, TransformConfig(size=size, train=False), class_map, args.seed)
+    dataset = build_dataset(
+        data, layout, args.split, TransformConfig(size=size, train=False), class_map, args.seed, False, val_fraction
+    )
     pictures = args.save_predictions
     loader = DataLoader(
         dataset, batch_size=1 if pictures else args.batch_size, num_workers=args.workers, collate_fn=collate

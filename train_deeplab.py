@@ -205,11 +205,12 @@ def build_loaders(
     validation images split between them without the padding a DistributedSampler would add. The class map is
     resolved on the training split (or given) and shared by the validation split."""
     train_set = build_dataset(
-        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache
-    )
+        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache,
+        args.val_fraction,
+    )  # fmt: skip
     val_set = build_dataset(
         args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
-        args.seed, args.cache,
+        args.seed, args.cache, args.val_fraction,
     )  # fmt: skip
     per_rank = len(train_set) // world
     if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
@@ -238,6 +239,8 @@ def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset
     (at most one class present, binary masks read with 255 as ignore, unreadable masks), and warn in one line each
     about classes that never appear, values outside the class table and lossy masks."""
     class_map = train_set.class_map
+    for line in train_set.about:
+        say(line)
     why = f" ({train_set.why})" if train_set.why else ""
     say(f"masks: {class_map.encoding}, {class_map.num_classes} classes from {class_map.source}{why}")
     where = f"split {args.train_split} of {args.data or 'the demo data'}"

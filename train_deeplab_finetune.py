@@ -19,7 +19,7 @@ from train_deeplab import get_args_parser as get_train_parser
 
 # flags that, when not given, are taken from the checkpoint's own run; with its data (no --data), also DATA_FLAGS
 INHERITED = ("num_classes", "class_names", "classes", "size", "output_stride")
-DATA_FLAGS = ("layout", "mask_encoding")
+DATA_FLAGS = ("layout", "mask_encoding", "val_fraction")
 
 
 def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
@@ -32,8 +32,8 @@ def inherit_from_checkpoint(args: argparse.Namespace, checkpoint: dict) -> None:
     if args.data is None:
         args.data = Path(original["data"]) if original.get("data") else None
         for name in DATA_FLAGS:
-            if getattr(args, name) == "auto":
-                setattr(args, name, original.get(name, "auto"))
+            if getattr(args, name) in ("auto", None):
+                setattr(args, name, original.get(name, getattr(args, name)))
     for name in INHERITED:
         value = original.get(name)
         if getattr(args, name) is None:

@@ -1,4 +1,5 @@
 import colorsys
+import json
 import re
 import shutil
 from pathlib import Path
@@ -36,10 +37,13 @@ PLAIN = TransformConfig(train=False)
 
 
 def offroad_root(tmp_path: Path, masks: list[np.ndarray], split: str = "train") -> Path:
+    """The masks as one split of an offroad root, and a val split of one image (so nothing is held out of train)."""
     for i, mask in enumerate(masks):
         write_pair(
             tmp_path / split / "Color_Images" / f"{i}.png", tmp_path / split / "Segmentation" / f"{i}.png", mask, i
         )
+    if split == "train":
+        write_pair(tmp_path / "val" / "Color_Images" / "v.png", tmp_path / "val" / "Segmentation" / "v.png", masks[0])
     return tmp_path
 
 
@@ -582,3 +586,224 @@ def test_camvid_masks_re_encoded_as_colours_give_exactly_the_index_counts(tmp_pa
     assert colour_stats.pixels.tolist() == index_stats.pixels.tolist() == direct[:11].tolist()
     assert colour_stats.images.tolist() == index_stats.images.tolist()
     assert colour_stats.ignored == index_stats.ignored == direct[11] and colour_stats.unknown == 0
+
+
+# ---- annotation tools' exports, each built the way its exporter writes it ----------------------------------------
+
+VOC_FIRST_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128)]  # the devkit's
+
+
+def random_masks(values: list[int], n: int, shape: tuple[int, int] = (12, 16), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(values, shape).astype(np.uint8) for _ in range(n)]
+
+
+def counts_of(masks: list[np.ndarray], values: list[int]) -> list[int]:
+    """Pixels of each value, by hand: the independent count every layout must read back."""
+    return [int(sum((m == v).sum() for m in masks)) for v in values]
+
+
+def save_rgb(path: Path, shape: tuple[int, int], seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
+
+
+def save_palette_mask(path: Path, mask: np.ndarray) -> None:
+    """A palette PNG of class indices, as the VOC devkit and labelme's lblsave write them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette([c for colour in VOC_FIRST_COLOURS for c in colour] + [224, 224, 192] * 250)
+    im.save(path)
+
+
+def voc_tree(base: Path, masks: dict[str, np.ndarray], lists: dict[str, list[str]]) -> None:
+    for i, (name, mask) in enumerate(masks.items()):
+        save_rgb(base / "JPEGImages" / f"{name}.jpg", mask.shape, i)
+        save_palette_mask(base / "SegmentationClass" / f"{name}.png", mask)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    for split, names in lists.items():
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+
+
+def test_voc_colours_follow_the_devkit():
+    assert [tuple(c) for c in dataset.voc_colormap(6).tolist()] == VOC_FIRST_COLOURS
+
+
+def test_voc_tree_reads_palette_indices_with_voc_classes_and_255_as_void(tmp_path, capsys):
+    masks = dict(zip([f"2007_{i:06d}" for i in range(5)], random_masks([0, 1, 15, 20, 255], 5)))
+    names = list(masks)
+    voc_tree(tmp_path / "VOCdevkit" / "VOC2012", masks, {"train": names[:3], "val": names[3:], "trainval": names})
+    train = build_dataset(tmp_path, "auto", "train", PLAIN)
+    assert train.class_map.num_classes == 21 and train.class_map.names[15] == "person"
+    assert train.class_map.names[20] == "tvmonitor" and train.about[0].startswith("layout voc: the VOC table")
+    stats = split_statistics(train.pairs, train.class_map)
+    assert stats.pixels[[0, 1, 15, 20]].tolist() == counts_of(list(masks.values())[:3], [0, 1, 15, 20])
+    assert stats.ignored == counts_of(list(masks.values())[:3], [255])[0] and stats.unknown == 0
+    status, lines = check(["--data", str(tmp_path)], capsys)
+    assert status == 0 and "splits train (3), val (2) and trainval (5)" in lines[0]
+    assert "trainval pixels" not in "\n".join(lines) and "same image" not in "\n".join(lines)  # not read twice
+
+
+def test_sbd_train_aug_reads_its_own_masks(tmp_path):
+    base = tmp_path / "VOC2012"
+    masks = dict(zip(["a", "b", "c"], random_masks([0, 3], 3)))
+    voc_tree(base, masks, {"train": ["a", "b"], "val": ["c"]})
+    for name in ("a", "b"):
+        save_palette_mask(base / "SegmentationClassAug" / f"{name}.png", np.full((12, 16), 7, np.uint8))
+    (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("a\nb\n")
+    aug = build_dataset(tmp_path, "voc", "train_aug", PLAIN)
+    assert [m.parent.name for _, m in aug.pairs] == ["SegmentationClassAug"] * 2
+    assert split_statistics(aug.pairs, aug.class_map).pixels[7] == 2 * 12 * 16
+
+
+CVAT_LABELMAP = "# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\ncar:64,0,128::\nsky:70,130,180::\n"
+CVAT_COLOURS = [(0, 0, 0), (128, 64, 128), (64, 0, 128), (70, 130, 180)]
+
+
+def cvat_export(root: Path, masks: list[np.ndarray], unmasked: int = 1) -> Path:
+    """CVAT's "Segmentation mask 1.1" with images: RGB masks in labelmap.txt's colours, one `default` subset
+    listing every frame, no mask for the frames without shapes."""
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "labelmap.txt").write_text(CVAT_LABELMAP)
+    names = [f"frame_{i:06d}" for i in range(len(masks) + unmasked)]
+    for i, name in enumerate(names):
+        save_rgb(root / "JPEGImages" / f"{name}.jpg", masks[0].shape, i)
+        if i < len(masks):
+            (root / "SegmentationClass").mkdir(exist_ok=True)
+            Image.fromarray(np.array(CVAT_COLOURS, np.uint8)[masks[i]]).save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def test_cvat_export_reads_labelmap_colours_skips_frames_without_masks_and_holds_out_val(tmp_path, capsys):
+    masks = random_masks([0, 1, 2, 3], 12)
+    root = cvat_export(tmp_path / "cvat", masks)
+    train = build_dataset(root, "auto", "train", PLAIN)
+    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
+    assert train.class_map.names == ("background", "road", "car", "sky") and train.class_map.encoding == "colour"
+    assert train.about[0] == f"layout cvat: labelmap.txt with 4 labels, splits default ({len(train)}) and val ({len(val)})"
+    assert any("1 frames have no mask (CVAT writes none" in line for line in train.about)
+    assert len(train) + len(val) == 12 and len(val) >= 1
+    pixels = sum(split_statistics(ds.pairs, train.class_map).pixels for ds in (train, val))
+    assert pixels.tolist() == counts_of(masks, [0, 1, 2, 3])
+    status, lines = check(["--data", str(root)], capsys)
+    assert status == 0 and any(line.startswith("no validation split: ") for line in lines)
+
+
+def labelme_tree(base: Path, masks: list[np.ndarray], first: int = 0) -> None:
+    """labelme2voc.py's output: class_names.txt, JPEGImages/*.jpg and palette SegmentationClass/*.png."""
+    base.mkdir(parents=True)
+    (base / "class_names.txt").write_text("_background_\ncat\ndog\n")
+    for i, mask in enumerate(masks, first):
+        save_rgb(base / "JPEGImages" / f"img{i}.jpg", mask.shape, i)
+        save_palette_mask(base / "SegmentationClass" / f"img{i}.png", mask)
+
+
+def test_labelme_trees_per_split_read_class_names_and_255_as_ignore(tmp_path):
+    train_masks, val_masks = random_masks([0, 1, 2, 255], 3), random_masks([0, 2, 255], 2, seed=1)
+    labelme_tree(tmp_path / "train", train_masks)
+    labelme_tree(tmp_path / "val", val_masks, first=3)
+    train = build_dataset(tmp_path, "auto", "train", PLAIN)
+    assert train.class_map.names == ("_background_", "cat", "dog") and train.about[0].startswith("layout labelme")
+    val = build_dataset(tmp_path, "auto", "val", PLAIN, train.class_map)
+    for ds, masks in ((train, train_masks), (val, val_masks)):
+        stats = split_statistics(ds.pairs, ds.class_map)
+        assert stats.pixels.tolist() == counts_of(masks, [0, 1, 2]) and stats.unknown == 0
+        assert stats.ignored == counts_of(masks, [255])[0]
+
+
+def roboflow_split(folder: Path, masks: list[np.ndarray], seed: int = 0) -> None:
+    """Roboflow's Semantic Segmentation Masks: NAME.jpg beside NAME_mask.png, mangled names, _classes.csv."""
+    folder.mkdir(parents=True)
+    (folder / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, crack\n2, pothole\n")
+    for i, mask in enumerate(masks):
+        stem = f"road_{seed}{i:02d}_jpg.rf.{seed}{i:02d}aa9f1c0e2b7d"
+        save_rgb(folder / f"{stem}.jpg", mask.shape, i)
+        Image.fromarray(mask).save(folder / f"{stem}_mask.png")
+
+
+def test_roboflow_export_pairs_mangled_names_and_valid_is_val(tmp_path):
+    train_masks, valid_masks = random_masks([0, 1, 2], 4), random_masks([0, 1], 2, seed=1)
+    roboflow_split(tmp_path / "train", train_masks)
+    roboflow_split(tmp_path / "valid", valid_masks, seed=1)
+    train = build_dataset(tmp_path, "auto", "train", PLAIN)
+    val = build_dataset(tmp_path, "auto", "val", PLAIN, train.class_map)
+    assert train.class_map.names == ("background", "crack", "pothole")
+    assert train.about[0] == "layout roboflow: _classes.csv with 3 classes, splits train (4) and valid (2)"
+    assert all(m.name == i.stem + "_mask.png" for i, m in train.pairs)
+    assert split_statistics(val.pairs, val.class_map).pixels.tolist() == counts_of(valid_masks, [0, 1, 2])
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE, by hand: run lengths over the column-major pixels, starting with a run of 0s."""
+    flat = mask.T.ravel().astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {"counts": ([0] + runs) if flat[0] else runs, "size": list(mask.shape)}
+
+
+def rectangle(x0: int, y0: int, x1: int, y1: int) -> list[list[int]]:
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+COCO_SHAPES = (  # (image, category index 1..3, x0, y0, x1, y1): categories 1 and 2 overlap on 2x2 pixels of image 0
+    (0, 1, 0, 0, 6, 4), (0, 2, 4, 2, 9, 8), (1, 3, 2, 2, 12, 10), (1, 1, 13, 0, 16, 3),
+)
+
+
+def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tuple[Path, np.ndarray]:
+    """Two annotated images, one with no annotation and one whose file is missing, as `tool` writes COCO, and
+    the expected mask of each annotated image by hand (overlaps 255)."""
+    h, w = shape
+    expected = np.zeros((2, h, w), np.uint8)
+    for image, category, x0, y0, x1, y1 in COCO_SHAPES:
+        region = expected[image, y0:y1, x0:x1]
+        region[(region != 0) & (region != category)] = 255
+        region[region == 0] = category
+    first_id = 0 if tool == "label-studio" else 1  # Label Studio numbers categories from 0
+    categories = [{"id": first_id + i, "name": n, "supercategory": ""} for i, n in enumerate(("car", "road", "tree"))]
+    categories.append({"id": first_id + 3, "name": "bus", "supercategory": ""})  # never used
+    if tool == "roboflow":  # the project category, supercategory of every other
+        categories = [{"id": 0, "name": "streets", "supercategory": "none"}] + [
+            {**c, "id": c["id"], "supercategory": "streets"} for c in categories]  # fmt: skip
+    folder, json_path, prefix = {
+        "cvat": (root / "images" / "default", root / "annotations" / "instances_default.json", ""),
+        "roboflow": (root / "train", root / "train" / "_annotations.coco.json", ""),
+        "label-studio": (root / "images", root / "result.json", "images/"),
+    }[tool]
+    files = ["a.jpg", "b.jpg", "empty.jpg", "gone.jpg"]
+    for i, name in enumerate(files[:3]):
+        save_rgb(folder / name, shape, i)
+    annotations = []
+    for n, (image, category, x0, y0, x1, y1) in enumerate(COCO_SHAPES):
+        box = np.zeros(shape, np.uint8)
+        box[y0:y1, x0:x1] = 1
+        segmentation = uncompressed_rle(box) if tool == "cvat" else rectangle(x0, y0, x1, y1)
+        annotations.append({"id": n + 1, "image_id": image + 1, "category_id": first_id + category - 1,
+                            "segmentation": segmentation, "iscrowd": int(tool == "cvat"), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "area": int(box.sum())})  # fmt: skip
+    annotations.append({"id": 99, "image_id": 4, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
+    images = [{"id": i + 1, "file_name": prefix + name, "width": w, "height": h} for i, name in enumerate(files)]
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root, expected
+
+
+@pytest.mark.parametrize("tool", ["cvat", "roboflow", "label-studio"])
+def test_coco_rasterises_polygons_and_rle_overlaps_ignored_and_counted(tmp_path, tool, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root, expected = coco_export(tmp_path / "export", tool)
+    train = build_dataset(root, "auto", "train", PLAIN)
+    assert train.class_map.names == ("background", "car", "road", "tree", "bus")
+    pairs = {image.name: mask for image, mask in train.pairs}
+    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
+    pairs.update({image.name: mask for image, mask in val.pairs})
+    assert sorted(pairs) == ["a.jpg", "b.jpg"]  # empty.jpg is skipped, gone.jpg is not there
+    for i, name in enumerate(["a.jpg", "b.jpg"]):
+        assert np.array_equal(read_mask(pairs[name]), expected[i])
+    text = "\n".join(train.about)
+    assert "overlap on 4 pixels in 1 images" in text and "no annotation uses the categories bus" in text
+    assert "1 images have no annotation: skipped" in text and "1 annotated images are not there" in text
+    status, lines = check(["--data", str(root)], capsys)
+    assert status == 0 and f"layout coco: 4 categories" in lines[0]
+    assert any("overlap on 4 pixels" in line for line in lines)

@@ -265,7 +265,7 @@ def test_truncated_image_is_named_in_one_line_even_from_a_worker(tiny_demo, tmp_
 
 
 def test_unknown_choices_are_one_line_errors(capsys):
-    for flag, value in (("--arch", "unet"), ("--layout", "voc")):
+    for flag, value in (("--arch", "unet"), ("--layout", "pascal")):
         with pytest.raises(SystemExit) as e:
             train_deeplab.get_args_parser().parse_args([flag, value])
         err = capsys.readouterr().err.strip()
