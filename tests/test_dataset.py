@@ -2,13 +2,14 @@ import colorsys
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import CAMVID, write_folder, write_pair
-from PIL import Image
+from PIL import Image, ImageOps
 
 import dataset
 from dataset import (
@@ -656,7 +657,9 @@ def test_sbd_train_aug_reads_its_own_masks(tmp_path):
     assert split_statistics(aug.pairs, aug.class_map).pixels[7] == 2 * 12 * 16
 
 
-CVAT_LABELMAP = "# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\ncar:64,0,128::\nsky:70,130,180::\n"
+CVAT_LABELMAP = (
+    "# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\ncar:64,0,128::\nsky:70,130,180::\n"
+)
 CVAT_COLOURS = [(0, 0, 0), (128, 64, 128), (64, 0, 128), (70, 130, 180)]
 
 
@@ -681,7 +684,8 @@ def test_cvat_export_reads_labelmap_colours_skips_frames_without_masks_and_holds
     train = build_dataset(root, "auto", "train", PLAIN)
     val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
     assert train.class_map.names == ("background", "road", "car", "sky") and train.class_map.encoding == "colour"
-    assert train.about[0] == f"layout cvat: labelmap.txt with 4 labels, splits default ({len(train)}) and val ({len(val)})"
+    splits = f"splits default ({len(train)}) and val ({len(val)})"
+    assert train.about[0] == f"layout cvat: labelmap.txt with 4 labels, {splits}"
     assert any("1 frames have no mask (CVAT writes none" in line for line in train.about)
     assert len(train) + len(val) == 12 and len(val) >= 1
     pixels = sum(split_statistics(ds.pairs, train.class_map).pixels for ds in (train, val))
@@ -780,8 +784,8 @@ def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tup
         box[y0:y1, x0:x1] = 1
         segmentation = uncompressed_rle(box) if tool == "cvat" else rectangle(x0, y0, x1, y1)
         annotations.append({"id": n + 1, "image_id": image + 1, "category_id": first_id + category - 1,
-                            "segmentation": segmentation, "iscrowd": int(tool == "cvat"), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                            "area": int(box.sum())})  # fmt: skip
+                            "segmentation": segmentation, "iscrowd": int(tool == "cvat"),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(box.sum())})  # fmt: skip
     annotations.append({"id": 99, "image_id": 4, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
     images = [{"id": i + 1, "file_name": prefix + name, "width": w, "height": h} for i, name in enumerate(files)]
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -805,5 +809,158 @@ def test_coco_rasterises_polygons_and_rle_overlaps_ignored_and_counted(tmp_path,
     assert "overlap on 4 pixels in 1 images" in text and "no annotation uses the categories bus" in text
     assert "1 images have no annotation: skipped" in text and "1 annotated images are not there" in text
     status, lines = check(["--data", str(root)], capsys)
-    assert status == 0 and f"layout coco: 4 categories" in lines[0]
+    assert status == 0 and "layout coco: 4 categories" in lines[0]
     assert any("overlap on 4 pixels" in line for line in lines)
+
+
+def zip_folder(folder: Path, path: Path, extra: list[tuple[zipfile.ZipInfo | str, bytes]] = ()) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                archive.write(file, Path("export") / file.relative_to(folder))
+        for info, data in extra:
+            archive.writestr(info, data)
+    return path
+
+
+def test_a_zip_export_is_unpacked_once_beside_it_and_reused(tmp_path):
+    roboflow_split(tmp_path / "export" / "train", random_masks([0, 1, 2], 3))
+    roboflow_split(tmp_path / "export" / "valid", random_masks([0, 1], 1), seed=1)
+    path = zip_folder(tmp_path / "export", tmp_path / "roboflow.zip")
+    shutil.rmtree(tmp_path / "export")
+    first = build_dataset(path, "auto", "train", PLAIN)
+    assert first.about[0].startswith("layout roboflow") and "unpacked 10 files into" in first.about[1]
+    marker = tmp_path / "roboflow_unzipped" / ".unzipped-from"
+    stamp = marker.stat().st_mtime_ns
+    second = build_dataset(path, "auto", "train", PLAIN)
+    assert "unpacked before" in second.about[1] and marker.stat().st_mtime_ns == stamp
+    assert len(second) == 3
+
+
+def link_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16)  # what `zip --symlinks` writes for a link
+    return info
+
+
+@pytest.mark.parametrize(
+    "member, needle",
+    [("../evil.txt", "would land outside"), ("/etc/evil", "would land outside"),
+     (link_member("export/link"), "is a link")],
+)  # fmt: skip
+def test_a_zip_member_that_would_land_outside_is_refused_in_one_line(tmp_path, member, needle):
+    roboflow_split(tmp_path / "export" / "train", random_masks([0, 1], 2))
+    path = zip_folder(tmp_path / "export", tmp_path / "bad.zip", [(member, b"x")])
+    out = run_cli(["--data", str(path), "--check"])
+    assert needle in out and "Traceback" not in out and not (tmp_path / "evil.txt").exists()
+
+
+def test_a_zip_that_would_unpack_to_an_absurd_size_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "ZIP_FLOOR", 2**20)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.bin", bytes(8 * 2**20))
+    with pytest.raises(DatasetError, match="times its own size"):
+        build_dataset(tmp_path / "bomb.zip", "auto", "train", PLAIN)
+    assert not (tmp_path / "bomb_unzipped").exists()
+
+
+@pytest.mark.parametrize("turn", range(1, 9))
+def test_photos_read_the_way_up_their_exif_tag_says(tmp_path, turn):
+    """A phone stores the sensor's pixels and an orientation tag; the mask is drawn on the photo as shown."""
+    shown = np.zeros((32, 48, 3), np.uint8)
+    shown[:, :24], shown[:16, 24:] = (250, 10, 10), (10, 10, 250)  # left red, top right blue, bottom right black
+    mask = np.zeros((32, 48), np.uint8)
+    mask[:, :24], mask[:16, 24:] = 1, 2
+    stored = Image.fromarray(shown).transpose(
+        {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_270}[turn]) if turn > 1 else Image.fromarray(shown)  # fmt: skip
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    write_folder(tmp_path, "val", [mask])
+    (tmp_path / "val" / "images" / "0.png").unlink()
+    stored.save(tmp_path / "val" / "images" / "0.jpg", exif=exif.tobytes(), quality=100)
+    with Image.open(tmp_path / "val" / "images" / "0.jpg") as im:
+        reference = np.asarray(ImageOps.exif_transpose(im))  # Pillow's own turn, the one browsers show
+    image, read = build_dataset(tmp_path, "folder", "val", PLAIN, ClassOptions(num_classes=3))[0]
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), reference) and image.shape[1:] == (32, 48)
+    for cls, colour in ((1, (250, 10, 10)), (2, (10, 10, 250)), (0, (0, 0, 0))):  # JPEG blurs the edges only
+        assert np.abs(np.median(image.permute(1, 2, 0).numpy()[read.numpy() == cls], 0) - colour).max() < 12
+
+
+def test_a_mask_with_an_exif_tag_is_turned_too(tmp_path):
+    mask = np.array([[1, 2, 0]], np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "m.png"
+    Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90).save(path, exif=exif.tobytes())
+    assert read_mask(path).tolist() == mask.tolist() and dataset.image_size(path) == (3, 1)
+
+
+def test_a_split_is_held_out_by_file_name_hash_and_adding_images_moves_no_other(tmp_path, capsys):
+    root = write_folder(tmp_path, "train", random_masks([0, 1], 30))
+    val = build_dataset(root, "auto", "val", PLAIN, ClassOptions(num_classes=2))
+    train = build_dataset(root, "auto", "train", PLAIN, ClassOptions(num_classes=2))
+    held = {image.name for image, _ in val.pairs}
+    by_hand = {f"{i}.png" for i in range(30) if dataset.name_hash(f"{i}.png") < 0.1}
+    assert held == (by_hand or held) and len(held) >= 1 and len(train) + len(val) == 30
+    assert not held & {image.name for image, _ in train.pairs}
+    assert "held out as val (--val-fraction 0.1" in "\n".join(train.about)
+    write_folder(root, "train", random_masks([0, 1], 30, seed=1), first=30)
+    more = build_dataset(root, "auto", "val", PLAIN, ClassOptions(num_classes=2))
+    assert held <= {image.name for image, _ in more.pairs}  # the old ones stayed where they were
+    status, lines = check(["--data", str(root), "--num-classes", "2"], capsys)
+    assert status == 0 and f"val ({len(more)})" in lines[0]
+
+
+def test_val_fraction_with_a_real_validation_split_is_an_error(tmp_path):
+    root = write_folder(tmp_path, "train", random_masks([0, 1], 3))
+    write_folder(root, "val", random_masks([0, 1], 1))
+    out = run_cli(["--data", str(root), "--num-classes", "2", "--val-fraction", "0.2"])
+    assert "--val-fraction" in out and "has a validation split (val, 1 images)" in out
+
+
+def test_gif_masks_and_tiff_images_pair_as_drive_ships_them(tmp_path):
+    """DRIVE: TIFF images, GIF masks of 0 and 255 (the vessels)."""
+    masks = [np.where(m == 1, 255, 0).astype(np.uint8) for m in random_masks([0, 1], 3)]
+    for split in ("train", "val"):
+        for i, mask in enumerate(masks):
+            save_rgb(tmp_path / split / "images" / f"{i}_training.tif", mask.shape, i)
+            (tmp_path / split / "masks").mkdir(exist_ok=True)
+            Image.fromarray(mask).save(tmp_path / split / "masks" / f"{i}_training.gif")
+    ds = build_dataset(tmp_path, "auto", "train", PLAIN)
+    assert ds.class_map.encoding == "binary" and len(ds) == 3
+    assert split_statistics(ds.pairs, ds.class_map).pixels.tolist() == counts_of(masks, [0, 255])
+
+
+def test_masks_that_pair_with_no_image_name_one_and_why(tmp_path):
+    save_rgb(tmp_path / "train" / "images" / "21_training.tif", (4, 4))
+    (tmp_path / "train" / "masks").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "train" / "masks" / "21_manual1.gif")
+    assert "21_manual1.gif has no image of its stem '21_manual1'" in run_cli(["--data", str(tmp_path), "--check"])
+    (tmp_path / "train" / "masks" / "21_manual1.gif").unlink()
+    np.save(tmp_path / "train" / "masks" / "21_training.npy", np.zeros((4, 4)))
+    assert "has suffix .npy, which is no image format Pillow reads" in run_cli(["--data", str(tmp_path), "--check"])
+
+
+EXPORTS = {
+    "voc": lambda root: voc_tree(root, dict(zip("abcdef", random_masks([0, 1, 15], 6))),
+                                 {"train": list("abcd"), "val": list("ef")}),  # fmt: skip
+    "cvat": lambda root: cvat_export(root, random_masks([0, 1, 2, 3], 6)),
+    "labelme": lambda root: labelme_tree(root, random_masks([0, 1, 2, 255], 6)),
+    "roboflow": lambda root: roboflow_split(root / "train", random_masks([0, 1, 2], 6)),
+    "coco": lambda root: shutil.copytree(coco_export(root, "roboflow")[0] / "train", root / "valid"),
+}
+
+
+@pytest.mark.parametrize("layout", EXPORTS)
+def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys):
+    import train_deeplab
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    EXPORTS[layout](tmp_path / "export")
+    args = ["--data", str(tmp_path / "export"), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
+            "--workers", "0", "--no-pretrained", "--size", "32", "32", "--loss", "ce"]  # fmt: skip
+    train_deeplab.main(train_deeplab.get_args_parser().parse_args(args))
+    out = capsys.readouterr().out
+    assert f"layout {layout}:" in out and "Epoch 1/1" in out and (tmp_path / "run" / "best.pth").is_file()
