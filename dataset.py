@@ -722,7 +722,7 @@ def resolve_class_map(
 # LabelMe's labelme2voc.py) differ only in the class table file and the mask encoding.
 VOC_ROOTS = (".", "VOCdevkit/VOC2012", "VOCdevkit/VOC2007", "VOC2012", "VOC2007")
 VOC_IMAGES = "JPEGImages"
-VOC_MASKS = ("SegmentationClass", "SegmentationClassPNG")  # labelme2voc.py before labelme 5 wrote ...PNG
+VOC_MASKS = ("SegmentationClass", "SegmentationClassPNG")  # older labelme2voc.py wrote its PNGs to ...PNG
 VOC_LISTS = "ImageSets/Segmentation"  # <split>.txt: one frame name (no suffix) a line
 SBD_MASKS, SBD_SPLIT = "SegmentationClassAug", "train_aug"  # SBD's extra masks, as DeepLab repositories use them
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

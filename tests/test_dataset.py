@@ -964,3 +964,31 @@ def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys)
     train_deeplab.main(train_deeplab.get_args_parser().parse_args(args))
     out = capsys.readouterr().out
     assert f"layout {layout}:" in out and "Epoch 1/1" in out and (tmp_path / "run" / "best.pth").is_file()
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is not in ../shared")
+def test_camvid_frames_as_coco_rle_read_back_their_png_masks_pixel_for_pixel(tmp_path, monkeypatch):
+    """Three real frames exported the way CVAT writes masks (one uncompressed RLE per class and image); pixels
+    no annotation covers (CamVid's unlabelled, 11) are background."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    frames = sorted((CAMVID / "train" / "images").glob("*.png"))[:3]
+    images, annotations = [], []
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    for i, frame in enumerate(frames, 1):
+        mask = np.asarray(Image.open(CAMVID / "train" / "masks" / frame.name))
+        shutil.copy(frame, tmp_path / "images" / "train")
+        images.append({"id": i, "file_name": frame.name, "height": mask.shape[0], "width": mask.shape[1]})
+        for c in np.unique(mask[mask < 11]).tolist():
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1, "iscrowd": 1,
+                                "segmentation": uncompressed_rle(mask == c)})  # fmt: skip
+    categories = [{"id": c + 1, "name": f"camvid_{c}"} for c in range(11)]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    tree = dataset.open_tree(tmp_path)
+    pairs = tree.splits["train"].pairs + tree.splits["val"].pairs
+    for image, mask in pairs:
+        truth = np.asarray(Image.open(CAMVID / "train" / "masks" / image.name)).astype(np.int64)
+        assert np.array_equal(read_mask(mask), np.where(truth == 11, 0, truth + 1))
+    assert len(pairs) == 3
