@@ -846,39 +846,50 @@ class DatasetTree:
         return f"layout {self.layout}: {table}split{'s' if len(counts) > 1 else ''} {listed}"
 
 
+def check_zip(path: Path, archive: zipfile.ZipFile, target: Path) -> None:
+    """Refuse, with one line, a member whose path would land outside `target` (absolute, ../, a drive, a link),
+    and an archive that would unpack to an absurd size against its own (a zip bomb)."""
+    for info in archive.infolist():
+        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+        if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
+            raise DatasetError(f"--data {path}: member {info.filename!r} would land outside {target}")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise DatasetError(f"--data {path}: member {info.filename!r} is a link; links are not unpacked")
+    size, packed = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+    if size > ZIP_RATIO * packed and size > ZIP_FLOOR:
+        raise DatasetError(f"--data {path}: it would unpack to {size:,} bytes, {size / packed:.0f} times its own "
+                           "size; unpack it yourself if you trust it")  # fmt: skip
+
+
 def unpack_zip(path: Path) -> tuple[Path, str]:
-    """An export's .zip, unpacked once into NAME_unzipped/ beside it and reused while the zip is unchanged
-    (size and time). Refused, with one line: a member whose path would land outside that folder (absolute, ../,
-    a link), or an archive that would unpack to an absurd size against its own."""
+    """An export's .zip, unpacked once into NAME_unzipped/ beside it and reused while the zip is unchanged (its
+    size and time, kept in a marker file there), and the line that says so. Another process of the same run
+    (torchrun) may unpack it at the same time: the first to finish wins, the other's copy is dropped."""
     target = path.with_name(f"{path.stem}_unzipped")
     stamp = f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}"
     marker = target / ".unzipped-from"
-    if marker.is_file() and marker.read_text() == stamp:
+    done = lambda: marker.is_file() and marker.read_text() == stamp  # noqa: E731
+    if done():
         return target, f"{path}: unpacked before into {target}"
     if target.exists() and not marker.is_file():
         raise DatasetError(f"--data {path}: {target} exists and was not unpacked from it; move it away")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
         with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            for info in members:
-                parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-                if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
-                    raise DatasetError(f"--data {path}: member {info.filename!r} would land outside {target}")
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise DatasetError(f"--data {path}: member {info.filename!r} is a link; links are not unpacked")
-            size = sum(info.file_size for info in members)
-            if size > ZIP_RATIO * path.stat().st_size and size > ZIP_FLOOR:
-                raise DatasetError(f"--data {path}: it would unpack to {size:,} bytes, {size / path.stat().st_size:.0f}"
-                                   " times its own size; unpack it yourself if you trust it")  # fmt: skip
-            partial = target.with_name(target.name + ".partial")
+            check_zip(path, archive, target)
             shutil.rmtree(partial, ignore_errors=True)
             archive.extractall(partial)
+            files = sum(not info.is_dir() for info in archive.infolist())
+        (partial / marker.name).write_text(stamp)
+        if target.exists() and not done():
+            shutil.rmtree(target)  # unpacked from an older version of the zip
+        partial.rename(target)
     except (zipfile.BadZipFile, OSError) as e:
-        raise DatasetError(f"--data {path}: cannot unpack it ({e})") from None
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    marker.write_text(stamp)
-    return target, f"{path}: unpacked {len(members)} files into {target}"
+        shutil.rmtree(partial, ignore_errors=True)
+        if not done():
+            raise DatasetError(f"--data {path}: cannot unpack it ({e})") from None
+        return target, f"{path}: unpacked into {target} by another process of this run"
+    return target, f"{path}: unpacked {files} files into {target}"
 
 
 def voc_base(root: Path) -> Path | None:
@@ -1085,8 +1096,9 @@ def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int
         annotations.setdefault(ann.get("image_id"), []).append(ann)
     found = {"masks": {}, "overlap": [0, 0], "boxes": 0, "unannotated": [], "orphans": 0}
     found["orphans"] = sum(len(v) for k, v in annotations.items() if k not in {im["id"] for im in data["images"]})
-    partial = folder.with_name(folder.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for image in tqdm(data["images"], desc=f"rasterising {path.name}", leave=False, disable=None):
         if not annotations.get(image["id"]):
             found["unannotated"].append(image["file_name"])
@@ -1099,8 +1111,10 @@ def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int
         found["overlap"] = [found["overlap"][0] + overlap, found["overlap"][1] + (overlap > 0)]
         found["boxes"] += boxes
     (partial / "found.json").write_text(json.dumps(found))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process of the same run (torchrun) rasterised it first
+        shutil.rmtree(partial, ignore_errors=True)
     return folder, found
 
 
