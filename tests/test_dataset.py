@@ -657,6 +657,18 @@ def test_sbd_train_aug_reads_its_own_masks(tmp_path):
     assert split_statistics(aug.pairs, aug.class_map).pixels[7] == 2 * 12 * 16
 
 
+def test_check_names_what_a_voc_tree_gets_wrong(tmp_path, capsys):
+    masks = dict(zip("abcde", random_masks([0, 1, 2], 5)))
+    base = tmp_path / "VOC2012"
+    voc_tree(base, masks, {"train": ["a", "b", "c", "ghost"], "val": ["d"]})  # e is in no list, ghost is nowhere
+    (base / "SegmentationClass" / "c.png").unlink()  # a listed frame without its mask
+    status, lines = check(["--data", str(tmp_path)], capsys)
+    text = "\n".join(lines)
+    assert status == 1 and "error: train: 1 images have no mask: c.jpg" in text
+    assert "train.txt names 1 frames with no image in" in text and "ghost" in text
+    assert "warning: 1 masks of" in text and "are in no list of" in text and "e.png" in text
+
+
 CVAT_LABELMAP = (
     "# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\ncar:64,0,128::\nsky:70,130,180::\n"
 )
@@ -787,6 +799,7 @@ def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tup
                             "segmentation": segmentation, "iscrowd": int(tool == "cvat"),
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(box.sum())})  # fmt: skip
     annotations.append({"id": 99, "image_id": 4, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
+    annotations.append({"id": 100, "image_id": 77, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
     images = [{"id": i + 1, "file_name": prefix + name, "width": w, "height": h} for i, name in enumerate(files)]
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -808,6 +821,7 @@ def test_coco_rasterises_polygons_and_rle_overlaps_ignored_and_counted(tmp_path,
     text = "\n".join(train.about)
     assert "overlap on 4 pixels in 1 images" in text and "no annotation uses the categories bus" in text
     assert "1 images have no annotation: skipped" in text and "1 annotated images are not there" in text
+    assert "1 annotations are of images the file does not list" in text
     status, lines = check(["--data", str(root)], capsys)
     assert status == 0 and "layout coco: 4 categories" in lines[0]
     assert any("overlap on 4 pixels" in line for line in lines)

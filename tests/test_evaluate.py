@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import Cityscapes
@@ -256,6 +256,22 @@ def test_predicting_a_folder_writes_every_file_with_the_models_argmax(checkpoint
                 assert picture.size[0] > w and picture.size[1] >= h  # the picture and its legend beside it
         with Image.open(f"{stem}_color.png") as coloured:  # the class colours of the table, pixel by pixel
             assert np.array_equal(np.asarray(coloured)[:h, :w], palette[pred])
+
+
+def test_a_phone_photo_is_predicted_upright_at_its_displayed_size(checkpoint, tmp_path):
+    """EXIF orientation 6: the sensor's pixels are stored turned; the masks come back as the photo is shown."""
+    stored = np.random.default_rng(1).integers(0, 256, (96, 64, 3), dtype=np.uint8)  # 64 wide, 96 high, stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        ImageOps.exif_transpose(im).save(tmp_path / "upright.png")  # Pillow's own turn, as a browser shows it
+    run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "phone.jpg"), "--out", str(tmp_path / "out"))
+    model = build_model("deeplabv3_mobilenet_v3_large", 10)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    with Image.open(tmp_path / "out" / "phone.png") as raw:
+        assert raw.size == (96, 64)
+        assert np.array_equal(np.asarray(raw), expected_classes(model, tmp_path / "upright.png")[0])
 
 
 def test_prediction_paths_files_patterns_and_their_errors(tmp_path):
