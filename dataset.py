@@ -430,11 +430,12 @@ def split_files(root: Path, layout: str, split: str) -> SplitFiles:
 
 
 def find_splits(root: Path, layout: str) -> list[str]:
-    """The splits a root of the offroad, folder or cityscapes layout holds, by name."""
+    """The splits a root of the offroad, folder or cityscapes layout holds, by name: folders with images and masks
+    (a test split of images alone is no split to train or evaluate on)."""
     if layout == "cityscapes":
         return sorted(p.name for p in (root / "leftImg8bit").iterdir() if p.is_dir())
-    marker = "Color_Images" if layout == "offroad" else "images"
-    return sorted(p.name for p in root.iterdir() if (p / marker).is_dir())
+    images, masks = ("Color_Images", "Segmentation") if layout == "offroad" else ("images", "masks")
+    return sorted(p.name for p in root.iterdir() if (p / images).is_dir() and (p / masks).is_dir())
 
 
 def is_lossy(path: Path) -> bool:
@@ -831,11 +832,12 @@ class DatasetTree:
         if split in self.splits:
             return split
         found = [s for s in VALIDATION_NAMES if s in self.splits] if split == "val" else []
-        others = [s for s in self.splits if s not in (*VALIDATION_NAMES, "test")]
+        unions = ("trainval",) if any(s in self.splits for s in VALIDATION_NAMES) else ()  # it holds val
+        others = [s for s in self.splits if s not in (*VALIDATION_NAMES, "test", *unions)]
         found += others if split == "train" and len(others) == 1 else []
         if not found:
-            names = ", ".join(self.splits) or "none"
-            raise DatasetError(f"{self.root} (layout {self.layout}) has no split {split!r}; its splits: {names}")
+            names, notes = ", ".join(self.splits) or "none", "".join(f"; {note}" for note in self.notes)
+            raise DatasetError(f"{self.root} (layout {self.layout}) has no split {split!r}; its splits: {names}{notes}")
         return found[0]
 
     def describe(self) -> str:
@@ -1212,7 +1214,11 @@ def read_tree(root: Path, layout: str) -> DatasetTree:
     if layout not in ("offroad", "folder", "cityscapes"):
         raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     table = {"offroad": offroad_table, "cityscapes": cityscapes_table}.get(layout, lambda: None)()
-    return DatasetTree(root, layout, {s: split_files(root, layout, s) for s in find_splits(root, layout)}, table)
+    tree = DatasetTree(root, layout, {s: split_files(root, layout, s) for s in find_splits(root, layout)}, table)
+    images, masks = ("Color_Images", "Segmentation") if layout == "offroad" else ("images", "masks")
+    for folder in sorted(p for p in root.iterdir() if (p / images).is_dir() and not (p / masks).is_dir()):
+        tree.notes.append(f"{folder / images} has no {masks}/ folder beside it: not a split")
+    return tree
 
 
 def name_hash(name: str) -> float:
@@ -1934,7 +1940,7 @@ def checked_splits(tree: DatasetTree) -> tuple[dict[str, SplitFiles], str]:
     split among them."""
     files = {s: f for s, f in tree.splits.items() if not (s == "trainval" and {"train", "val"} <= tree.splits.keys())}
     if not any(f.pairs for f in files.values()):
-        raise DatasetError(f"{tree.root} holds no image with a mask")
+        raise DatasetError(f"{tree.root} holds no image with a mask" + "".join(f"; {note}" for note in tree.notes))
     try:
         train = tree.resolve("train")
     except DatasetError:

@@ -978,6 +978,13 @@ def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys)
     train_deeplab.main(train_deeplab.get_args_parser().parse_args(args))
     out = capsys.readouterr().out
     assert f"layout {layout}:" in out and "Epoch 1/1" in out and (tmp_path / "run" / "best.pth").is_file()
+    if "held out as val" in out:  # the checkpoint alone finds the same held-out images again
+        import evaluate
+
+        report = tmp_path / "report.json"
+        evaluate.main(evaluate.get_args_parser().parse_args(
+            ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--json", str(report), "--workers", "0"]))  # fmt: skip
+        assert json.loads(report.read_text())["images"] == int(re.search(r"val size (\d+)", out).group(1))
 
 
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is not in ../shared")
@@ -1006,3 +1013,14 @@ def test_camvid_frames_as_coco_rle_read_back_their_png_masks_pixel_for_pixel(tmp
         truth = np.asarray(Image.open(CAMVID / "train" / "masks" / image.name)).astype(np.int64)
         assert np.array_equal(read_mask(mask), np.where(truth == 11, 0, truth + 1))
     assert len(pairs) == 3
+
+
+def test_a_test_split_of_images_alone_is_no_split_and_is_said(tmp_path):
+    root = write_folder(tmp_path, "train", random_masks([0, 1], 2))
+    write_folder(root, "val", random_masks([0, 1], 1))
+    save_rgb(root / "test" / "images" / "unlabelled.png", (12, 16))
+    train = build_dataset(root, "auto", "train", PLAIN, ClassOptions(num_classes=2))
+    assert len(train) == 2 and train.about[0] == "layout folder: splits train (2) and val (1)"
+    assert train.about[1] == f"{root / 'test' / 'images'} has no masks/ folder beside it: not a split"
+    with pytest.raises(DatasetError, match="has no split 'test'"):
+        build_dataset(root, "auto", "test", PLAIN, ClassOptions(num_classes=2))
