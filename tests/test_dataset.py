@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -957,14 +958,50 @@ def test_masks_that_pair_with_no_image_name_one_and_why(tmp_path):
     assert "has suffix .npy, which is no image format Pillow reads" in run_cli(["--data", str(tmp_path), "--check"])
 
 
+def coco_with_valid(root: Path) -> list[np.ndarray]:
+    expected = coco_export(root, "roboflow")[1]
+    shutil.copytree(root / "train", root / "valid")
+    return [*expected, *expected]
+
+
+def export_with(build: Callable, masks: list[np.ndarray]) -> list[np.ndarray]:
+    build(masks)
+    return masks
+
+
+# each builds a small export in a folder and returns the class-index masks it wrote (255: ignored), every split's
 EXPORTS = {
-    "voc": lambda root: voc_tree(root, dict(zip("abcdef", random_masks([0, 1, 15], 6))),
-                                 {"train": list("abcd"), "val": list("ef")}),  # fmt: skip
-    "cvat": lambda root: cvat_export(root, random_masks([0, 1, 2, 3], 6)),
-    "labelme": lambda root: labelme_tree(root, random_masks([0, 1, 2, 255], 6)),
-    "roboflow": lambda root: roboflow_split(root / "train", random_masks([0, 1, 2], 6)),
-    "coco": lambda root: shutil.copytree(coco_export(root, "roboflow")[0] / "train", root / "valid"),
+    "voc": lambda root: export_with(lambda m: voc_tree(root, dict(zip("abcdef", m)), {"train": list("abcd"),
+                                    "val": list("ef")}), random_masks([0, 1, 15], 6)),  # fmt: skip
+    "cvat": lambda root: export_with(lambda m: cvat_export(root, m), random_masks([0, 1, 2, 3], 6)),
+    "labelme": lambda root: export_with(lambda m: labelme_tree(root, m), random_masks([0, 1, 2, 255], 6)),
+    "roboflow": lambda root: export_with(lambda m: roboflow_split(root / "train", m), random_masks([0, 1, 2], 6)),
+    "coco": coco_with_valid,
 }
+
+
+@pytest.mark.parametrize("layout", EXPORTS)
+def test_each_export_reads_back_the_pixels_written_through_the_loader_stats_and_check(tmp_path, layout, monkeypatch,
+                                                                                     capsys):  # fmt: skip
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "export"
+    written = EXPORTS[layout](root)
+    train = build_dataset(root, "auto", "train", PLAIN)
+    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
+    n = train.class_map.num_classes
+    expected = np.bincount(np.concatenate([m[m != 255] for m in written]), minlength=n).tolist()
+    loaded = [ds[i][1].numpy() for ds in (train, val) for i in range(len(ds))]
+    assert np.bincount(np.concatenate([m[m != 255] for m in loaded]), minlength=n).tolist() == expected
+    capsys.readouterr()
+    from_stats = np.zeros(n, np.int64)
+    for split in ("train", "val"):
+        dataset.main(dataset.get_args_parser().parse_args(["--data", str(root), "--split", split, "--stats"]))
+        rows = re.findall(r"^\s*(\d+)\s+\S+\s+(\d+)\s+\d+\.\d{6}\s+\d+\.\d{4}$", capsys.readouterr().out, re.M)
+        from_stats += np.array([int(pixels) for _, pixels in rows])
+    assert from_stats.tolist() == expected
+    _, lines = check(["--data", str(root)], capsys)
+    rows = [line.split("|") for line in lines if re.match(r"^\s*\d+ ", line) and "|" in line]
+    assert [sum(int(cell.split()[0].replace(",", "")) for cell in row[1:]) for row in rows] == expected
 
 
 @pytest.mark.parametrize("layout", EXPORTS)
