@@ -201,9 +201,6 @@ class LossSpecError(ValueError):
 
 
 LOSS_NAMES = ("ce", "ohem", "dice", "tversky", "focal", "lovasz")
-# the loss of DeepLabV3/V3+ trained from scratch: Lovász-softmax optimises the IoU of every class present, so rare
-# classes that cross-entropy alone leaves at 0 IoU get learned; on CamVid it beat CE at equal time (README)
-SCRATCH_LOSS = "ce:0.5,lovasz:0.5"
 
 
 def build_loss(

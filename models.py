@@ -46,9 +46,6 @@ RESNETS = {
 # channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
 # every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
 CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
-# DeepLabV3/V3+ from scratch train with AdamW at this lr and weight decay: on CamVid it beat SGD (lr 0.05, weight
-# decay 5e-4) in the same time (README, "Results on real data")
-ADAMW_LR, ADAMW_WEIGHT_DECAY = 1e-3, 0.01
 
 
 class ModelError(Exception):
@@ -278,21 +275,6 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
             channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
             return torch.channels_last if channels_last else torch.contiguous_format
     return torch.contiguous_format
-
-
-def default_head_lr_mult(arch: str) -> float:
-    """DeepLabV2 trains its ASPP at 10x the backbone's learning rate, as in the paper; DeepLabV3 does not."""
-    return 10.0 if arch == "deeplabv2_resnet101" else 1.0
-
-
-def default_lr(arch: str, from_scratch: bool, optimizer: str = "sgd") -> float:
-    """Base learning rate: DeepLabV2's paper value (its head gets 10x); with AdamW (the from-scratch default)
-    ADAMW_LR; with SGD 0.01 to fine-tune DeepLabV3 from ImageNet weights and 0.05 from scratch."""
-    if arch == "deeplabv2_resnet101":
-        return 2.5e-4
-    if optimizer == "adamw":
-        return ADAMW_LR
-    return 0.05 if from_scratch else 0.01
 
 
 def param_groups(

@@ -17,6 +17,7 @@ import evaluate
 import train_deeplab
 import train_deeplab_finetune
 from dataset import make_demo
+from models import ARCHS
 from train_deeplab import csv_header, poly_lr_factor
 
 EPOCH_LINE = re.compile(
@@ -106,6 +107,32 @@ def test_optimizer_and_loss_defaults_follow_how_the_model_starts(flags, optimize
     args = train_deeplab.get_args_parser().parse_args(flags)
     train_deeplab.resolve_defaults(args)
     assert (args.optimizer, args.lr, args.weight_decay, args.loss) == (optimizer, lr, weight_decay, loss)
+
+
+START_FLAGS = {"scratch": ["--no-pretrained"], "imagenet": ["--pretrained"], "init": ["--init", "w.pth"],
+               "checkpoint": ["--no-pretrained"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("start", START_FLAGS)
+@pytest.mark.parametrize("optimizer", [None, "sgd", "adamw"])
+def test_every_arch_and_start_resolves_to_its_row_of_the_recipe_table(arch, start, optimizer):
+    flags = ["--data", "D", "--arch", arch, *START_FLAGS[start], *(["--optimizer", optimizer] if optimizer else [])]
+    args = train_deeplab.get_args_parser().parse_args(flags)
+    train_deeplab.resolve_defaults(args, checkpoint={"model": {}} if start == "checkpoint" else None)
+    row = train_deeplab.RECIPES[("deeplabv2" if arch.startswith("deeplabv2") else "deeplabv3", start)]
+    which = ("sgd", "adamw").index(optimizer or row.optimizer)
+    assert args.optimizer == (optimizer or row.optimizer) and args.loss == row.loss
+    assert (args.lr, args.weight_decay, args.head_lr_mult) == (row.lr[which], row.weight_decay[which], row.head_lr_mult)
+
+
+def test_each_flags_help_names_every_value_the_recipe_table_holds_for_it():
+    helps = {action.dest: action.help for action in train_deeplab.get_args_parser()._actions}
+    for row in train_deeplab.RECIPES.values():
+        for setting in ("optimizer", "lr", "weight_decay", "loss", "head_lr_mult"):
+            value = getattr(row, setting)
+            for v in value if isinstance(value, tuple) else (value,):
+                assert (f"{v:g}" if isinstance(v, float) else v) in helps[setting], (setting, v)
 
 
 def test_fine_tuning_a_checkpoint_defaults_to_cross_entropy():
