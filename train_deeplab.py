@@ -71,7 +71,7 @@ from models import (
 RUNS = Path("runs")  # where runs go without --out, and where fine-tuning looks for the newest one
 
 
-# ---- the recipe: each run's defaults, by arch and by how the model starts -------------------------------------------
+# ---- the recipe: each run's defaults, by arch and by how the model starts --------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,17 @@ class Recipe:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
 STARTS = {"scratch": "from scratch", "imagenet": "from ImageNet weights", "init": "from --init",
           "checkpoint": "from a checkpoint"}
+
+
 # A flag given on the command line always wins; resolve_defaults fills in the rest from this table, and the --help
 # of --optimizer, --lr, --weight-decay, --loss and --head-lr-mult is written from it. Momentum is 0.9 throughout.
 FINE_TUNE = Recipe("sgd", (0.01, 1e-3), (5e-4, 0.01), "ce", 1.0)
+
+
 RECIPES = {  # (arch family, start): optimizer, lr (sgd, adamw), weight decay (sgd, adamw), loss, head lr multiplier
     # DeepLabV3/V3+ from scratch: AdamW with CE + Lovász beat SGD (0.05) with CE by +0.051 mIoU over six CamVid
     # seeds, in less time (BENCHMARKS.md, "CamVid from scratch"): Lovász-softmax optimises the IoU of every class
@@ -135,6 +141,32 @@ def recipe_help(setting: str) -> str:
     return f"default by arch and start (train_deeplab.RECIPES): {'; '.join(parts)}"
 
 
+def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -> None:
+    """Fill in the defaults that depend on other flags, so the printed args and the checkpoint show real values:
+    the recipe's (RECIPES) for the arch and the start, for each setting the command line left out."""
+    if args.pretrained is None:  # the demo, --init and fine-tuning runs must not download anything
+        args.pretrained = args.data is not None and args.init is None and checkpoint is None
+    recipe = RECIPES[(arch_family(args.arch), start_of(args.pretrained, args.init, checkpoint))]
+    args.optimizer = args.optimizer or recipe.optimizer
+    which = OPTIMIZERS.index(args.optimizer)
+    args.lr = recipe.lr[which] if args.lr is None else args.lr
+    args.weight_decay = recipe.weight_decay[which] if args.weight_decay is None else args.weight_decay
+    args.loss = args.loss or recipe.loss
+    args.head_lr_mult = recipe.head_lr_mult if args.head_lr_mult is None else args.head_lr_mult
+    args.output_stride = output_stride_of(args.arch, args.output_stride)
+    stride = logit_stride(args.arch, args.output_stride)
+    if args.downsample_gt is not None and args.downsample_gt != stride:
+        raise ModelError(
+            f"--downsample-gt {args.downsample_gt} does not match the stride of the logits of {args.arch} at output "
+            f"stride {args.output_stride} ({stride}): the loss is computed at the logits' own resolution"
+        )
+    if args.aux_loss and args.arch == "deeplabv2_resnet101":
+        raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch (DeepLabV2 has no aux head)")
+
+
+# ---- schedule: the poly learning rate with warmup, and what changes from which epoch on ------------------------------
+
+
 def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0) -> float:
     """(1 - it / max_iters)^power, ramped up linearly over the first `warmup_steps` iterations."""
     factor = (1 - min(it, max_iters) / max_iters) ** power
@@ -143,10 +175,378 @@ def poly_lr_factor(it: int, max_iters: int, power: float, warmup_steps: int = 0)
     return factor
 
 
+def _epoch_and_value(part: str, flag: str) -> tuple[int, str]:
+    epoch, _, value = part.strip().partition(":")
+    if not epoch.isdigit() or not value:
+        raise LossSpecError(f"invalid {flag} {part!r}: expected EPOCH:VALUE, e.g. {flag} 28:1.2")
+    return int(epoch), value
+
+
+def parse_power_changes(spec: str | None) -> dict[int, float]:
+    """--poly-power-at `28:1.2,46:2.0` -> {28: 1.2, 46: 2.0}: the poly power from each epoch on."""
+    changes = {}
+    for part in spec.split(",") if spec else []:
+        epoch, value = _epoch_and_value(part, "--poly-power-at")
+        try:
+            changes[epoch] = float(value)
+        except ValueError:
+            raise LossSpecError(f"invalid --poly-power-at {part!r}: {value!r} is not a number") from None
+    return changes
+
+
+def parse_loss_changes(items: list[str] | None) -> dict[int, str]:
+    """--loss-at `46:ce:0.5,lovasz:0.5` (repeatable) -> {46: 'ce:0.5,lovasz:0.5'}: the loss from that epoch on."""
+    return dict(_epoch_and_value(item, "--loss-at") for item in items or [])
+
+
+def value_at(changes: dict, epoch: int, default: object) -> object:
+    """The value in force at `epoch`: the last change made at or before it."""
+    started = [e for e in changes if e <= epoch]
+    return changes[max(started)] if started else default
+
+
+def build_optimizer(
+    args: argparse.Namespace, model: nn.Module, iters_per_epoch: int, power_changes: dict[int, float]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD or AdamW over the backbone and head groups, and the per-iteration poly schedule with warmup, whose
+    power follows --poly-power-at."""
+    groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    max_iters = args.epochs * iters_per_epoch
+
+    def factor(it: int) -> float:
+        power = value_at(power_changes, it // iters_per_epoch + 1, args.poly_power)
+        return poly_lr_factor(it, max_iters, power, args.warmup_steps)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- building a run: processes and device, data, loss, model, optimiser ----------------------------------------------
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on
+    the CPU; each process drives the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(args.device)
+    rank, cuda = int(os.environ["RANK"]), args.device.startswith("cuda")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world size, device), with the device's speed settings."""
+    rank, world, device = setup_distributed(args)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
+        torch.set_flush_denormal(True)
+    return rank, world, device
+
+
+def build_loaders(
+    args: argparse.Namespace, rank: int, world: int, classes: ClassOptions | ClassMap
+) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
+    """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
+    validation images split between them without the padding a DistributedSampler would add. The class map is
+    resolved on the training split (or given) and shared by the validation split."""
+    train_set = build_dataset(
+        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache,
+        args.val_fraction,
+    )  # fmt: skip
+    val_set = build_dataset(
+        args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
+        args.seed, args.cache, args.val_fraction,
+    )  # fmt: skip
+    per_rank = len(train_set) // world
+    if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
+        raise ModelError(
+            "DeepLabV3 needs --batch-size 2 or more (its ASPP pooling branch has BatchNorm over the batch)"
+        )
+    pin = args.device.startswith("cuda")
+    common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
+    # loaders draw their workers' base seeds from their own generator, not from the global one that dropout uses:
+    # otherwise when a loader (re)starts would change the dropout masks, and a resumed run would differ
+    common["generator"] = torch.Generator().manual_seed(args.seed)
+    shards = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        sampler=EpochSampler(shards),
+        drop_last=per_rank >= args.batch_size,  # a last batch of one breaks BatchNorm
+        **common,
+    )
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world), **common)
+    return train_set, train_loader, val_loader
+
+
+def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset, say: Callable) -> SplitStats:
+    """Count every pixel of the training masks once, before the first epoch: refuse data that would train wrongly
+    (at most one class present, binary masks read with 255 as ignore, unreadable masks), and warn in one line each
+    about classes that never appear, values outside the class table and lossy masks."""
+    class_map = train_set.class_map
+    for line in train_set.about:
+        say(line)
+    why = f" ({train_set.why})" if train_set.why else ""
+    say(f"masks: {class_map.encoding}, {class_map.num_classes} classes from {class_map.source}{why}")
+    where = f"split {args.train_split} of {args.data or 'the demo data'}"
+    stats = split_statistics(train_set.pairs, class_map, f"checking {args.train_split} masks")
+    for warning in check_trainable(stats, class_map, where, train_set.pairs):
+        say(f"warning: {warning}")
+    train_set.reported_unknown = True  # said once here, not again by every DataLoader worker
+    return stats
+
+
+def load_class_weights(
+    args: argparse.Namespace, names: tuple[str, ...], pixels: np.ndarray, say: Callable
+) -> torch.Tensor | None:
+    """--class-weights: none, auto (median frequency balancing of the training split's `pixels` per class), or a
+    file of numbers."""
+    if args.class_weights in (None, "none"):
+        return None
+    if args.class_weights == "auto":
+        weights = class_weights(pixels)
+        say(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
+    else:
+        path = Path(args.class_weights)
+        try:
+            weights = [float(v) for v in path.read_text().replace(",", " ").split()]
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"--class-weights file {path} cannot be read as numbers ({e})") from None
+        if len(weights) != len(names):
+            raise DatasetError(f"--class-weights file {path} has {len(weights)} numbers for {len(names)} classes")
+        say(f"class weights (from {path}):")
+    say("  " + " | ".join(f"{n} {w:.4f}" for n, w in zip(names, weights)))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_network(
+    args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None, num_classes: int,
+    device: torch.device, world: int, say: Callable,
+) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+    """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
+    and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
+    source = resumed or checkpoint
+    if source is not None and source["num_classes"] != num_classes:
+        raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
+    pretrained = args.pretrained and source is None
+    model = build_model(args.arch, num_classes, pretrained, args.output_stride, aux=args.aux_loss > 0)
+    if source is not None:
+        load_weights(model, source, args.resume or args.checkpoint)
+        say(f"Loaded checkpoint of epoch {source['epoch']} (best val mIoU {source['best_miou']:.4f})")
+    if args.init and resumed is None:
+        say(load_init(model, args.init))
+    if args.freeze_backbone:
+        freeze_backbone(model)
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = place(model, args.arch, args.channels_last, device)
+    net = model
+    if world > 1:  # a backbone frozen mid-run stops producing gradients, which DDP must be told to expect
+        ids = [device.index] if device.type == "cuda" else None
+        net = DDP(model, device_ids=ids, find_unused_parameters=args.freeze_at_epoch is not None)
+    if args.compile:
+        net = torch.compile(net)
+    return model, net
+
+
+def aux_note(model: nn.Module) -> str:
+    """The aux head's parameters, reported apart: only training uses them."""
+    return f" (+ aux head {aux_params(model)}, training only)" if aux_params(model) else ""
+
+
+@dataclass
+class Run:
+    """One training run: its data, model, optimisation state and where it writes. Under torchrun every process
+    holds one; process 0 alone prints and writes."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: SegmentationDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    make_loss: Callable[[str], nn.Module]
+    model: nn.Module  # the module itself, whose state_dict is saved
+    net: nn.Module  # what runs the steps: the model, or its DDP / torch.compile wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    loss_changes: dict[int, str]
+    best_miou: float = -math.inf
+    since_best: int = 0
+    first_epoch: int = 1
+
+    def say(self, *message: object) -> None:
+        if self.rank == 0:
+            print(*message)
+
+    @property
+    def class_map(self) -> ClassMap:
+        return self.train_set.class_map
+
+
+def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
+    """Data (checked before the first epoch), loss, model (new, from a checkpoint, or resumed) and optimiser."""
+    resolve_defaults(args, checkpoint or resumed)
+    rank, world, device = setup_device(args)
+    say = print if rank == 0 else lambda *a, **k: None
+    say(args)
+    seed_everything(args.seed)
+    out = args.out = Path(args.out or RUNS / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
+        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
+    power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
+    # a resumed run reads its masks exactly as before; every other run resolves its flags against the masks
+    resumed_map = resumed.get("class_map") if resumed else None
+    classes = ClassMap.from_dict(resumed_map) if resumed_map else ClassOptions.from_args(args)
+    train_set, train_loader, val_loader = build_loaders(args, rank, world, classes)
+    stats = check_training_data(args, train_set, say)
+    class_map = train_set.class_map
+    weights = load_class_weights(args, class_map.names, stats.pixels, say)
+    make_loss = lambda spec: build_loss(spec, class_map.num_classes, class_weights=weights).to(device)  # noqa: E731
+    for spec in [args.loss, *loss_changes.values()]:  # a typo in a later phase's loss fails now, not hours later
+        make_loss(spec)
+    model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say)
+    optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
+    amp_dtype = amp_dtype_for(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Run(args, rank, world, device, out, train_set, train_loader, val_loader, make_loss, model, net,
+               optimizer, scheduler, scaler, amp_dtype, loss_changes)  # fmt: skip
+
+
+# ---- the run folder: log.csv, run.json and checkpoints ---------------------------------------------------------------
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """args as plain Python values, so a checkpoint loads with torch.load(weights_only=True)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], model: nn.Module) -> None:
+    """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
+    trainable, total = count_params(model)
+    info = {"class_names": class_names, "trainable_params": trainable, "total_params": total,
+            "aux_params": aux_params(model), "args": plain_args(args)}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def csv_header(num_classes: int) -> list[str]:
+    return (
+        ["epoch", "lr", "train_loss", "val_loss", "train_mIoU", "val_mIoU", "pixel_acc"]
+        + [f"class_{c}_train" for c in range(num_classes)]
+        + [f"class_{c}_val" for c in range(num_classes)]
+        + ["Runtime", "data_wait"]
+    )
+
+
+def truncate_log(log: Path, last_epoch: int) -> None:
+    """Keep the rows of the epochs up to `last_epoch`: a run killed after writing a row but before saving that
+    epoch's checkpoint repeats the epoch on resume, and must not log it twice."""
+    with open(log, newline="") as f:
+        rows = list(csv.reader(f))
+    tmp = log.with_name(log.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= last_epoch)])
+    os.replace(tmp, log)
+
+
+def start_log(run: Run, resumed: bool) -> None:
+    """run.json and the log's header (or, resumed, the log cut back to the checkpoint's epoch)."""
+    if run.rank != 0:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    write_run_info(run.out, run.args, list(run.class_map.names), run.model)
+    if resumed:
+        truncate_log(run.out / "log.csv", run.first_epoch - 1)
+    else:
+        with open(run.out / "log.csv", "w", newline="") as f:
+            csv.writer(f).writerow(csv_header(run.class_map.num_classes))
+
+
+def append_log(log: Path, epoch: int, lr: float, train_m: dict, val_m: dict, runtime: float) -> None:
+    metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
+    row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
+    with open(log, "a", newline="") as f:
+        csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number state that a resumed run needs (dropout; data augmentation is seeded per sample)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def save(run: Run, epoch: int, improved: bool) -> None:
+    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map."""
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "args": plain_args(run.args),
+        "class_names": list(run.class_map.names),
+        "num_classes": run.class_map.num_classes,
+        "class_map": run.class_map.to_dict(),
+        "best_miou": run.best_miou,
+        "epochs_since_best": run.since_best,
+        "rng": rng_state(run.device),
+    }
+    save_atomic(state, run.out / "last.pth")
+    if improved:
+        save_atomic(state, run.out / "best.pth")
+
+
+def restore(run: Run, resumed: dict) -> None:
+    """Put an interrupted run's optimiser, schedule, scaler, early-stopping and random state back."""
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.scheduler.load_state_dict(resumed["scheduler"])
+    run.scaler.load_state_dict(resumed["scaler"])
+    run.best_miou, run.since_best, run.first_epoch = (
+        resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
+    )  # fmt: skip
+    torch.set_rng_state(resumed["rng"]["torch"])
+    if run.device.type == "cuda" and resumed["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+
+
+# ---- one epoch: the training pass, then validation -------------------------------------------------------------------
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; the message names the epoch and step."""
+
+
+def all_processes_true(flag: torch.Tensor) -> bool:
+    """flag on every DDP process (a host sync; so every process takes the same branch)."""
+    if dist.is_initialized():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def train_one_epoch(
@@ -217,363 +617,6 @@ def train_one_epoch(
             "skipped": skipped}  # fmt: skip
 
 
-def all_processes_true(flag: torch.Tensor) -> bool:
-    """flag on every DDP process (a host sync; so every process takes the same branch)."""
-    if dist.is_initialized():
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """args as plain Python values, so a checkpoint loads with torch.load(weights_only=True)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], model: nn.Module) -> None:
-    """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
-    trainable, total = count_params(model)
-    info = {"class_names": class_names, "trainable_params": trainable, "total_params": total,
-            "aux_params": aux_params(model), "args": plain_args(args)}  # fmt: skip
-    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-
-
-def aux_note(model: nn.Module) -> str:
-    """The aux head's parameters, reported apart: only training uses them."""
-    return f" (+ aux head {aux_params(model)}, training only)" if aux_params(model) else ""
-
-
-def csv_header(num_classes: int) -> list[str]:
-    return (
-        ["epoch", "lr", "train_loss", "val_loss", "train_mIoU", "val_mIoU", "pixel_acc"]
-        + [f"class_{c}_train" for c in range(num_classes)]
-        + [f"class_{c}_val" for c in range(num_classes)]
-        + ["Runtime", "data_wait"]
-    )
-
-
-def build_loaders(
-    args: argparse.Namespace, rank: int, world: int, classes: ClassOptions | ClassMap
-) -> tuple[SegmentationDataset, DataLoader, DataLoader]:
-    """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
-    validation images split between them without the padding a DistributedSampler would add. The class map is
-    resolved on the training split (or given) and shared by the validation split."""
-    train_set = build_dataset(
-        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache,
-        args.val_fraction,
-    )  # fmt: skip
-    val_set = build_dataset(
-        args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
-        args.seed, args.cache, args.val_fraction,
-    )  # fmt: skip
-    per_rank = len(train_set) // world
-    if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
-        raise ModelError(
-            "DeepLabV3 needs --batch-size 2 or more (its ASPP pooling branch has BatchNorm over the batch)"
-        )
-    pin = args.device.startswith("cuda")
-    common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
-    # loaders draw their workers' base seeds from their own generator, not from the global one that dropout uses:
-    # otherwise when a loader (re)starts would change the dropout masks, and a resumed run would differ
-    common["generator"] = torch.Generator().manual_seed(args.seed)
-    shards = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        sampler=EpochSampler(shards),
-        drop_last=per_rank >= args.batch_size,  # a last batch of one breaks BatchNorm
-        **common,
-    )
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, sampler=range(rank, len(val_set), world), **common)
-    return train_set, train_loader, val_loader
-
-
-def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset, say: Callable) -> SplitStats:
-    """Count every pixel of the training masks once, before the first epoch: refuse data that would train wrongly
-    (at most one class present, binary masks read with 255 as ignore, unreadable masks), and warn in one line each
-    about classes that never appear, values outside the class table and lossy masks."""
-    class_map = train_set.class_map
-    for line in train_set.about:
-        say(line)
-    why = f" ({train_set.why})" if train_set.why else ""
-    say(f"masks: {class_map.encoding}, {class_map.num_classes} classes from {class_map.source}{why}")
-    where = f"split {args.train_split} of {args.data or 'the demo data'}"
-    stats = split_statistics(train_set.pairs, class_map, f"checking {args.train_split} masks")
-    for warning in check_trainable(stats, class_map, where, train_set.pairs):
-        say(f"warning: {warning}")
-    train_set.reported_unknown = True  # said once here, not again by every DataLoader worker
-    return stats
-
-
-def _epoch_and_value(part: str, flag: str) -> tuple[int, str]:
-    epoch, _, value = part.strip().partition(":")
-    if not epoch.isdigit() or not value:
-        raise LossSpecError(f"invalid {flag} {part!r}: expected EPOCH:VALUE, e.g. {flag} 28:1.2")
-    return int(epoch), value
-
-
-def parse_power_changes(spec: str | None) -> dict[int, float]:
-    """--poly-power-at `28:1.2,46:2.0` -> {28: 1.2, 46: 2.0}: the poly power from each epoch on."""
-    changes = {}
-    for part in spec.split(",") if spec else []:
-        epoch, value = _epoch_and_value(part, "--poly-power-at")
-        try:
-            changes[epoch] = float(value)
-        except ValueError:
-            raise LossSpecError(f"invalid --poly-power-at {part!r}: {value!r} is not a number") from None
-    return changes
-
-
-def parse_loss_changes(items: list[str] | None) -> dict[int, str]:
-    """--loss-at `46:ce:0.5,lovasz:0.5` (repeatable) -> {46: 'ce:0.5,lovasz:0.5'}: the loss from that epoch on."""
-    return dict(_epoch_and_value(item, "--loss-at") for item in items or [])
-
-
-def value_at(changes: dict, epoch: int, default: object) -> object:
-    """The value in force at `epoch`: the last change made at or before it."""
-    started = [e for e in changes if e <= epoch]
-    return changes[max(started)] if started else default
-
-
-def load_class_weights(
-    args: argparse.Namespace, names: tuple[str, ...], pixels: np.ndarray, say: Callable
-) -> torch.Tensor | None:
-    """--class-weights: none, auto (median frequency balancing of the training split's `pixels` per class), or a
-    file of numbers."""
-    if args.class_weights in (None, "none"):
-        return None
-    if args.class_weights == "auto":
-        weights = class_weights(pixels)
-        say(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
-    else:
-        path = Path(args.class_weights)
-        try:
-            weights = [float(v) for v in path.read_text().replace(",", " ").split()]
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"--class-weights file {path} cannot be read as numbers ({e})") from None
-        if len(weights) != len(names):
-            raise DatasetError(f"--class-weights file {path} has {len(weights)} numbers for {len(names)} classes")
-        say(f"class weights (from {path}):")
-    say("  " + " | ".join(f"{n} {w:.4f}" for n, w in zip(names, weights)))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -> None:
-    """Fill in the defaults that depend on other flags, so the printed args and the checkpoint show real values:
-    the recipe's (RECIPES) for the arch and the start, for each setting the command line left out."""
-    if args.pretrained is None:  # the demo, --init and fine-tuning runs must not download anything
-        args.pretrained = args.data is not None and args.init is None and checkpoint is None
-    recipe = RECIPES[(arch_family(args.arch), start_of(args.pretrained, args.init, checkpoint))]
-    args.optimizer = args.optimizer or recipe.optimizer
-    which = OPTIMIZERS.index(args.optimizer)
-    args.lr = recipe.lr[which] if args.lr is None else args.lr
-    args.weight_decay = recipe.weight_decay[which] if args.weight_decay is None else args.weight_decay
-    args.loss = args.loss or recipe.loss
-    args.head_lr_mult = recipe.head_lr_mult if args.head_lr_mult is None else args.head_lr_mult
-    args.output_stride = output_stride_of(args.arch, args.output_stride)
-    stride = logit_stride(args.arch, args.output_stride)
-    if args.downsample_gt is not None and args.downsample_gt != stride:
-        raise ModelError(
-            f"--downsample-gt {args.downsample_gt} does not match the stride of the logits of {args.arch} at output "
-            f"stride {args.output_stride} ({stride}): the loss is computed at the logits' own resolution"
-        )
-    if args.aux_loss and args.arch == "deeplabv2_resnet101":
-        raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch (DeepLabV2 has no aux head)")
-
-
-def build_optimizer(
-    args: argparse.Namespace, model: nn.Module, iters_per_epoch: int, power_changes: dict[int, float]
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD or AdamW over the backbone and head groups, and the per-iteration poly schedule with warmup, whose
-    power follows --poly-power-at."""
-    groups = param_groups(model, args.lr, args.head_lr_mult, args.lr_backbone)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    max_iters = args.epochs * iters_per_epoch
-
-    def factor(it: int) -> float:
-        power = value_at(power_changes, it // iters_per_epoch + 1, args.poly_power)
-        return poly_lr_factor(it, max_iters, power, args.warmup_steps)
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on
-    the CPU; each process drives the GPU of its LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(args.device)
-    rank, cuda = int(os.environ["RANK"]), args.device.startswith("cuda")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
-def append_log(log: Path, epoch: int, lr: float, train_m: dict, val_m: dict, runtime: float) -> None:
-    metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
-    row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
-    with open(log, "a", newline="") as f:
-        csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
-
-
-def rng_state(device: torch.device) -> dict:
-    """The random-number state that a resumed run needs (dropout; data augmentation is seeded per sample)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-
-
-def truncate_log(log: Path, last_epoch: int) -> None:
-    """Keep the rows of the epochs up to `last_epoch`: a run killed after writing a row but before saving that
-    epoch's checkpoint repeats the epoch on resume, and must not log it twice."""
-    with open(log, newline="") as f:
-        rows = list(csv.reader(f))
-    tmp = log.with_name(log.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= last_epoch)])
-    os.replace(tmp, log)
-
-
-@dataclass
-class Run:
-    """One training run: its data, model, optimisation state and where it writes. Under torchrun every process
-    holds one; process 0 alone prints and writes."""
-
-    args: argparse.Namespace
-    rank: int
-    world: int
-    device: torch.device
-    out: Path
-    train_set: SegmentationDataset
-    train_loader: DataLoader
-    val_loader: DataLoader
-    make_loss: Callable[[str], nn.Module]
-    model: nn.Module  # the module itself, whose state_dict is saved
-    net: nn.Module  # what runs the steps: the model, or its DDP / torch.compile wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    loss_changes: dict[int, str]
-    best_miou: float = -math.inf
-    since_best: int = 0
-    first_epoch: int = 1
-
-    def say(self, *message: object) -> None:
-        if self.rank == 0:
-            print(*message)
-
-    @property
-    def class_map(self) -> ClassMap:
-        return self.train_set.class_map
-
-
-def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """(rank, world size, device), with the device's speed settings."""
-    rank, world, device = setup_distributed(args)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:  # early eval-mode passes of a model trained from scratch produce denormals, 10x slower on x86 CPUs
-        torch.set_flush_denormal(True)
-    return rank, world, device
-
-
-def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
-    """Data (checked before the first epoch), loss, model (new, from a checkpoint, or resumed) and optimiser."""
-    resolve_defaults(args, checkpoint or resumed)
-    rank, world, device = setup_device(args)
-    say = print if rank == 0 else lambda *a, **k: None
-    say(args)
-    seed_everything(args.seed)
-    out = args.out = Path(args.out or RUNS / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
-        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
-    power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
-    # a resumed run reads its masks exactly as before; every other run resolves its flags against the masks
-    resumed_map = resumed.get("class_map") if resumed else None
-    classes = ClassMap.from_dict(resumed_map) if resumed_map else ClassOptions.from_args(args)
-    train_set, train_loader, val_loader = build_loaders(args, rank, world, classes)
-    stats = check_training_data(args, train_set, say)
-    class_map = train_set.class_map
-    weights = load_class_weights(args, class_map.names, stats.pixels, say)
-    make_loss = lambda spec: build_loss(spec, class_map.num_classes, class_weights=weights).to(device)  # noqa: E731
-    for spec in [args.loss, *loss_changes.values()]:  # a typo in a later phase's loss fails now, not hours later
-        make_loss(spec)
-    model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say)
-    optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
-    amp_dtype = amp_dtype_for(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Run(args, rank, world, device, out, train_set, train_loader, val_loader, make_loss, model, net,
-               optimizer, scheduler, scaler, amp_dtype, loss_changes)  # fmt: skip
-
-
-def build_network(
-    args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None, num_classes: int,
-    device: torch.device, world: int, say: Callable,
-) -> tuple[nn.Module, nn.Module]:  # fmt: skip
-    """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
-    and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
-    source = resumed or checkpoint
-    if source is not None and source["num_classes"] != num_classes:
-        raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
-    pretrained = args.pretrained and source is None
-    model = build_model(args.arch, num_classes, pretrained, args.output_stride, aux=args.aux_loss > 0)
-    if source is not None:
-        load_weights(model, source, args.resume or args.checkpoint)
-        say(f"Loaded checkpoint of epoch {source['epoch']} (best val mIoU {source['best_miou']:.4f})")
-    if args.init and resumed is None:
-        say(load_init(model, args.init))
-    if args.freeze_backbone:
-        freeze_backbone(model)
-    if args.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = place(model, args.arch, args.channels_last, device)
-    net = model
-    if world > 1:  # a backbone frozen mid-run stops producing gradients, which DDP must be told to expect
-        ids = [device.index] if device.type == "cuda" else None
-        net = DDP(model, device_ids=ids, find_unused_parameters=args.freeze_at_epoch is not None)
-    if args.compile:
-        net = torch.compile(net)
-    return model, net
-
-
-def restore(run: Run, resumed: dict) -> None:
-    """Put an interrupted run's optimiser, schedule, scaler, early-stopping and random state back."""
-    run.optimizer.load_state_dict(resumed["optimizer"])
-    run.scheduler.load_state_dict(resumed["scheduler"])
-    run.scaler.load_state_dict(resumed["scaler"])
-    run.best_miou, run.since_best, run.first_epoch = (
-        resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
-    )  # fmt: skip
-    torch.set_rng_state(resumed["rng"]["torch"])
-    if run.device.type == "cuda" and resumed["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-
-
-def start_log(run: Run, resumed: bool) -> None:
-    """run.json and the log's header (or, resumed, the log cut back to the checkpoint's epoch)."""
-    if run.rank != 0:
-        return
-    run.out.mkdir(parents=True, exist_ok=True)
-    write_run_info(run.out, run.args, list(run.class_map.names), run.model)
-    if resumed:
-        truncate_log(run.out / "log.csv", run.first_epoch - 1)
-    else:
-        with open(run.out / "log.csv", "w", newline="") as f:
-            csv.writer(f).writerow(csv_header(run.class_map.num_classes))
-
-
 def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     """One epoch: the schedule's changes for it, the training pass, then validation. Returns the train and val
     metrics, the lr at its first step and its run time."""
@@ -610,25 +653,7 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     return train_m, val_m, lr, time.time() - start
 
 
-def save(run: Run, epoch: int, improved: bool) -> None:
-    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map."""
-    state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,
-        "args": plain_args(run.args),
-        "class_names": list(run.class_map.names),
-        "num_classes": run.class_map.num_classes,
-        "class_map": run.class_map.to_dict(),
-        "best_miou": run.best_miou,
-        "epochs_since_best": run.since_best,
-        "rng": rng_state(run.device),
-    }
-    save_atomic(state, run.out / "last.pth")
-    if improved:
-        save_atomic(state, run.out / "best.pth")
+# ---- the training loop and entry points ------------------------------------------------------------------------------
 
 
 def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
@@ -671,10 +696,6 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
     return run.best_miou
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN or inf; the message names the epoch and step."""
-
-
 def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
     """train()'s arguments to continue the run that wrote `path`: that run's flags (defaults for any flag added
     since), no fine-tuning source, and the checkpoint itself, read once."""
@@ -703,6 +724,9 @@ def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None
 
 def main(args: argparse.Namespace) -> None:
     run(lambda: resume_run(args.resume) if args.resume else (args, None, None))  # a resumed run keeps its flags
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
