@@ -428,8 +428,9 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Run(args, rank, world, device, out, train_set, train_loader, val_loader, make_loss, model, net,
-               optimizer, scheduler, scaler, amp_dtype, loss_changes)  # fmt: skip
+    return Run(args=args, rank=rank, world=world, device=device, out=out, train_set=train_set,
+               train_loader=train_loader, val_loader=val_loader, make_loss=make_loss, model=model, net=net,
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loss_changes=loss_changes)
 
 
 # ---- the run folder: log.csv, run.json and checkpoints ---------------------------------------------------------------
@@ -549,6 +550,33 @@ def all_processes_true(flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How each training step runs."""
+
+    amp_dtype: torch.dtype | None = None  # autocast to this dtype (CUDA), or full precision
+    # DeepLabV2's recipe: the logits stay at the head's resolution and the target is downsampled to them (nearest)
+    loss_at_feature_resolution: bool = False
+    aux_weight: float = 0.0  # adds this multiple of the aux head's loss
+    skip_nonfinite: bool = False  # check every step on the host and skip those whose loss is NaN or inf
+    show_progress: bool = True
+
+
+def step_loss(
+    model: nn.Module, criterion: nn.Module, image: torch.Tensor, target: torch.Tensor, options: StepOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass and its loss: (logits, the target at their resolution, loss)."""
+    with autocast(image.device, options.amp_dtype):
+        out = model(image, upsample=not options.loss_at_feature_resolution, aux=options.aux_weight > 0)
+    logits, aux_logits = out if options.aux_weight > 0 else (out, None)
+    if options.loss_at_feature_resolution:
+        target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+    loss = criterion(logits, target)
+    if aux_logits is not None:  # the aux head helps the backbone train; evaluation never sees it
+        loss = loss + options.aux_weight * criterion(aux_logits, target)
+    return logits, target, loss
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -556,45 +584,28 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     loader: DataLoader,
-    device: torch.device,
     num_classes: int,
-    amp_dtype: torch.dtype | None,
     desc: str,
-    loss_at_feature_resolution: bool = False,
-    skip_nonfinite: bool = False,
-    show_progress: bool = True,
-    aux_weight: float = 0.0,
+    options: StepOptions = StepOptions(),
 ) -> dict:
     """One pass over the loader. Train metrics come from the training forward's own predictions; loss and
-    metrics accumulate on the device, so the step never waits for the host. With loss_at_feature_resolution
-    (DeepLabV2's recipe) the logits stay at the head's resolution and the target is downsampled to them (nearest);
-    aux_weight adds that multiple of the aux head's loss. data_wait is the share of the pass spent waiting for the
-    loader. A non-finite loss is recorded on the device (nonfinite_step: the first such step, or -1) and its step is
-    still taken, unless skip_nonfinite, which checks every step on the host and skips those steps. Under DDP the
-    metrics are summed over the processes."""
+    metrics accumulate on the device, so the step never waits for the host. data_wait is the share of the pass spent
+    waiting for the loader. A non-finite loss is recorded on the device (nonfinite_step: the first such step, or -1)
+    and its step is still taken, unless options.skip_nonfinite. Under DDP the metrics are summed over the processes."""
     set_train_mode(model)
-    cm = ConfusionMatrix(num_classes)
-    loss_sum, images, waited = torch.zeros((), device=device), torch.zeros((), device=device), 0.0
-    first_bad, skipped = torch.full((), -1, device=device), 0
-    memory_format = memory_format_of(model)  # the data follows the model
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show_progress else True)
+    device, memory_format = next(model.parameters()).device, memory_format_of(model)  # the data follows the model
+    cm, loss_sum, images = ConfusionMatrix(num_classes), torch.zeros((), device=device), torch.zeros((), device=device)
+    first_bad, skipped, waited = torch.full((), -1, device=device), 0, 0.0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if options.show_progress else True)
     start = ready = time.perf_counter()
     for step, (image, target) in enumerate(bar):
         waited += time.perf_counter() - ready
         image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-        target = target.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            out = model(image, upsample=not loss_at_feature_resolution, aux=aux_weight > 0)
-        logits, aux_logits = out if aux_weight > 0 else (out, None)
-        if loss_at_feature_resolution:
-            target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        loss = criterion(logits, target)
-        if aux_logits is not None:  # the aux head helps the backbone train; evaluation never sees it
-            loss = loss + aux_weight * criterion(aux_logits, target)
+        logits, target, loss = step_loss(model, criterion, image, target.to(device, non_blocking=True), options)
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         optimizer.zero_grad(set_to_none=True)
-        if skip_nonfinite and not all_processes_true(finite):
+        if options.skip_nonfinite and not all_processes_true(finite):
             skipped += 1
             scheduler.step()  # the schedule keeps its pace
             ready = time.perf_counter()
@@ -614,7 +625,7 @@ def train_one_epoch(
             dist.all_reduce(total)
     metrics = {"loss": float(loss_sum / images.clamp_min(1)), **cm.compute()}  # waits for the device's last step
     return {**metrics, "data_wait": waited / (time.perf_counter() - start), "nonfinite_step": int(first_bad),
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped}
 
 
 def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
@@ -632,11 +643,10 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     run.train_loader.sampler.set_epoch(epoch)
     start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
     num_classes = run.class_map.num_classes
-    train_m = train_one_epoch(
-        run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device, num_classes,
-        run.amp_dtype, f"Epoch {epoch}/{args.epochs}", loss_at_feature_resolution=args.downsample_gt is not None,
-        skip_nonfinite=args.skip_nonfinite, show_progress=run.rank == 0, aux_weight=args.aux_loss,
-    )  # fmt: skip
+    options = StepOptions(run.amp_dtype, args.downsample_gt is not None, args.aux_loss, args.skip_nonfinite,
+                          show_progress=run.rank == 0)
+    train_m = train_one_epoch(run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
+                              num_classes, f"Epoch {epoch}/{args.epochs}", options)
     if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
         raise NonFiniteLoss(
             f"non-finite loss at epoch {epoch}, step {train_m['nonfinite_step'] + 1} of {len(run.train_loader)}; "
@@ -729,78 +739,71 @@ def main(args: argparse.Namespace) -> None:
 # ---- command line ----------------------------------------------------------------------------------------------------
 
 
+def add_model_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
+    group.add_argument("--output-stride", type=int, default=None, choices=(8, 16),
+                       help="ResNet DeepLabV3/V3+ only (default: 8 for DeepLabV3, 16 for DeepLabV3+)")
+    group.add_argument("--aux-loss", type=float, default=0.0, metavar="WEIGHT",
+                       help="train an auxiliary FCN head on intermediate features, its loss x WEIGHT (torchvision 0.5)")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="ImageNet backbone weights (default: on with --data, off for the demo and with --init)")
+    group.add_argument("--init", type=Path, default=None,
+                       help="initial weights file (e.g. DeepLab_resnet_pretrained_imagenet.pth)")
+    group.add_argument("--freeze-backbone", action="store_true", help="train the head only (backbone frozen)")
+
+
+def add_optimisation_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--loss", default=None, help=f"loss spec, e.g. ce, ce:0.7,dice:0.3 ({recipe_help('loss')})")
+    group.add_argument("--class-weights", default="none", help="CE class weights: none, auto or a file of numbers")
+    group.add_argument("--downsample-gt", type=int, default=None, metavar="N",
+                       help="loss at 1/N resolution (N: output stride)")
+    group.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=recipe_help("optimizer"))
+    group.add_argument("--lr", type=float, default=None, help=f"base (backbone) lr ({recipe_help('lr')})")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
+    group.add_argument("--head-lr-mult", type=float, default=None,
+                       help=f"head lr multiplier ({recipe_help('head_lr_mult')})")
+    group.add_argument("--lr-backbone", type=float, default=None, help="backbone lr, head keeps --lr (default: --lr)")
+    group.add_argument("--batch-size", type=int, default=8)
+
+
+def add_schedule_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--epochs", type=int, default=16)
+    group.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
+    group.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
+    group.add_argument("--poly-power-at", default=None, metavar="E:P,...", help="poly power P from epoch E on")
+    group.add_argument("--loss-at", action="append", default=None, metavar="E:SPEC",
+                       help="loss SPEC from epoch E on (repeatable)")
+    group.add_argument("--freeze-at-epoch", type=int, default=None, help="freeze the backbone from this epoch on")
+    group.add_argument("--patience", type=int, default=5,
+                       help="early stopping after this many epochs without gain (0: off)")
+
+
+def add_run_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")
+    group.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--workers", type=int, default=2)
+    group.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                       help="memory format (auto: channels_last where measured faster for the arch and device)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
+    group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
+    group.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (syncs)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Train DeepLab for semantic segmentation", add_help=add_help)
-    add_data_args(parser)
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--val-split", default="val")
-    parser.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
-    parser.add_argument(
-        "--output-stride", type=int, default=None, choices=(8, 16),
-        help="ResNet DeepLabV3/V3+ only (default: 8 for DeepLabV3, 16 for DeepLabV3+)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--aux-loss", type=float, default=0.0, metavar="WEIGHT",
-        help="train an auxiliary FCN head on intermediate features, its loss times WEIGHT (torchvision: 0.5)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ImageNet backbone weights (default: on with --data, off for the demo and with --init)",
-    )
-    parser.add_argument(
-        "--init", type=Path, default=None, help="initial weights file (e.g. DeepLab_resnet_pretrained_imagenet.pth)"
-    )
-    parser.add_argument("--epochs", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    add_transform_args(parser)
-    parser.add_argument(
-        "--loss", default=None,
-        help=f"loss spec, e.g. ce, ce:0.7,dice:0.3 ({recipe_help('loss')})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--optimizer", default=None, choices=OPTIMIZERS, help=recipe_help("optimizer")
-    )
-    parser.add_argument(
-        "--lr", type=float, default=None,
-        help=f"base (backbone) lr ({recipe_help('lr')})",
-    )  # fmt: skip
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
-    parser.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
-    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
-    parser.add_argument(
-        "--head-lr-mult", type=float, default=None, help=f"head lr multiplier ({recipe_help('head_lr_mult')})"
-    )
-    parser.add_argument("--lr-backbone", type=float, default=None, help="backbone lr, head keeps --lr (default: --lr)")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train the head only (backbone frozen)")
-    parser.add_argument("--freeze-at-epoch", type=int, default=None, help="freeze the backbone from this epoch on")
-    parser.add_argument("--poly-power-at", default=None, metavar="E:P,...", help="poly power P from epoch E on")
-    parser.add_argument(
-        "--loss-at", action="append", default=None, metavar="E:SPEC", help="loss SPEC from epoch E on (repeatable)"
-    )
-    parser.add_argument("--class-weights", default="none", help="CE class weights: none, auto or a file of numbers")
-    parser.add_argument(
-        "--downsample-gt", type=int, default=None, metavar="N", help="loss at 1/N resolution (N: output stride)"
-    )
-    parser.add_argument(
-        "--patience", type=int, default=5, help="early stopping after this many epochs without gain (0: off)"
-    )
-    parser.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
-    parser.add_argument(
-        "--channels-last", default="auto", choices=("auto", "on", "off"),
-        help="memory format (auto: channels_last where measured faster for the arch and device)",
-    )  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
-    parser.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
-    parser.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
-    parser.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (syncs)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")
+    data = parser.add_argument_group("data")
+    add_data_args(data)
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--val-split", default="val", help="the validation split (val also finds valid, validation)")
+    add_transform_args(parser.add_argument_group("augmentation"))
+    add_model_args(parser.add_argument_group("model"))
+    add_optimisation_args(parser.add_argument_group("optimisation"))
+    add_schedule_args(parser.add_argument_group("schedule"))
+    add_run_args(parser.add_argument_group("output and hardware"))
     return parser
-
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
