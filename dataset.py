@@ -193,6 +193,10 @@ def distinct_palette(n: int) -> np.ndarray:
     return (np.array(colours) * 255).round().astype(np.uint8).reshape(n, 3)
 
 
+def is_ignore(name: str) -> bool:
+    return name.strip().lower() == "ignore"
+
+
 @dataclass(frozen=True)
 class ClassRow:
     """One row of a class table: a class name (or "ignore"), and the raw id and/or colour that mean it."""
@@ -243,10 +247,6 @@ class ClassTable:
         return ClassMap(names, palette, tuple(pairs), tuple(pairs.values()), encoding, self.source)
 
 
-def is_ignore(name: str) -> bool:
-    return name.strip().lower() == "ignore"
-
-
 def offroad_table() -> ClassTable:
     return ClassTable(tuple(ClassRow(name, raw) for raw, name in OFFROAD_CLASSES), "the offroad table")
 
@@ -275,6 +275,18 @@ def binary_table(foreground: int, class_names: list[str] | None = None) -> Class
     if len(names) != 2:
         raise DatasetError(f"binary masks have 2 classes, but --class-names gives {len(names)}")
     return ClassTable((ClassRow(names[0], 0), ClassRow(names[1], foreground)), f"binary masks (0 and {foreground})")
+
+
+def _table_int(cell: dict, column: str, top: int, where: str) -> int | None:
+    if column not in cell:
+        return None
+    try:
+        value = int(cell[column])
+    except ValueError:
+        raise DatasetError(f"{where}: {column} {cell[column]!r} is not a whole number") from None
+    if not 0 <= value <= top:
+        raise DatasetError(f"{where}: {column} {value} is outside 0..{top}")
+    return value
 
 
 def read_class_table(path: Path) -> ClassTable:
@@ -319,18 +331,6 @@ def read_class_table(path: Path) -> ClassTable:
     if not table.names:
         raise DatasetError(f"class table {path} lists no class")
     return table
-
-
-def _table_int(cell: dict, column: str, top: int, where: str) -> int | None:
-    if column not in cell:
-        return None
-    try:
-        value = int(cell[column])
-    except ValueError:
-        raise DatasetError(f"{where}: {column} {cell[column]!r} is not a whole number") from None
-    if not 0 <= value <= top:
-        raise DatasetError(f"{where}: {column} {value} is outside 0..{top}")
-    return value
 
 
 # ---- files and layouts ---------------------------------------------------------------------------------------------
@@ -928,6 +928,24 @@ def _voc_split(base: Path, list_file: Path, images: dict, masks: dict, layout: s
     return files, findings
 
 
+def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> ClassTable | None:
+    if (base / CVAT_LABELMAP).is_file():
+        return read_labelmap(base / CVAT_LABELMAP)
+    if (base / LABELME_CLASSES).is_file():
+        return read_class_names(base / LABELME_CLASSES)
+    if layout == "cvat":
+        raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
+    sample = sample_masks(pairs) if pairs else []
+    encoding = "colour" if any(is_colour_mask(mask) for mask in sample) else "index"
+    values = set()
+    for mask in sample:
+        try:
+            values.update(mask_values(mask, encoding == "colour")[0].tolist())
+        except DatasetError:  # named by the checks that read every mask
+            continue
+    return voc_table() if values <= set(voc_table().class_map(encoding).keys) else None
+
+
 def read_voc_like(root: Path, layout: str) -> DatasetTree:
     """A VOC, CVAT or LabelMe tree: the splits its lists name (without lists: every image with a mask, as
     split train), and its class table: labelmap.txt, class_names.txt, else VOC's own when no mask index passes 20."""
@@ -952,24 +970,6 @@ def read_voc_like(root: Path, layout: str) -> DatasetTree:
                              + ", ".join(unlisted[:5]))  # fmt: skip
     tree.table = voc_like_table(base, layout, [p for f in tree.splits.values() for p in f.pairs])
     return tree
-
-
-def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> ClassTable | None:
-    if (base / CVAT_LABELMAP).is_file():
-        return read_labelmap(base / CVAT_LABELMAP)
-    if (base / LABELME_CLASSES).is_file():
-        return read_class_names(base / LABELME_CLASSES)
-    if layout == "cvat":
-        raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
-    sample = sample_masks(pairs) if pairs else []
-    encoding = "colour" if any(is_colour_mask(mask) for mask in sample) else "index"
-    values = set()
-    for mask in sample:
-        try:
-            values.update(mask_values(mask, encoding == "colour")[0].tolist())
-        except DatasetError:  # named by the checks that read every mask
-            continue
-    return voc_table() if values <= set(voc_table().class_map(encoding).keys) else None
 
 
 def read_labelme(root: Path) -> DatasetTree:
@@ -1301,6 +1301,45 @@ class TransformConfig:
     train: bool = True
 
 
+def rotate_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Shift the hue of a uint8 image [3, H, W] by `factor` turns: a rotation of RGB space by 2 pi factor about
+    the grey axis, one 3x3 matrix product. Greys stay as they are, and a colour's HSV hue moves by `factor` to
+    within 0.003 of a turn for |factor| <= 0.02 (torchvision's HSV round trip costs 13x more, BENCHMARKS.md)."""
+    t = 2 * math.pi * factor
+    c, k, q = math.cos(t), (1 - math.cos(t)) / 3, math.sin(t) / math.sqrt(3)
+    rotation = torch.tensor([[c + k, k - q, k + q], [k + q, c + k, k - q], [k - q, k + q, c + k]])
+    rgb = rotation @ image.reshape(3, -1).float()
+    return rgb.add_(0.5).clamp_(0, 255).to(torch.uint8).view(image.shape)
+
+
+def colour_jitter(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02), in random order, from `generator`;
+    the hue step is `rotate_hue`."""
+    factors = torch.rand(4, generator=generator)
+    order = torch.randperm(4, generator=generator).tolist()
+    for i in order:
+        if i == 0:
+            image = TF.adjust_brightness(image, 0.7 + 0.6 * float(factors[0]))
+        elif i == 1:
+            image = TF.adjust_contrast(image, 0.7 + 0.6 * float(factors[1]))
+        elif i == 2:
+            image = TF.adjust_saturation(image, 0.7 + 0.6 * float(factors[2]))
+        else:
+            image = rotate_hue(image, -0.02 + 0.04 * float(factors[3]))
+    return image
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 image(s) [..., 3, H, W] at `size` (H, W), antialiased: as training, evaluation and prediction see them."""
+    return image if tuple(image.shape[-2:]) == tuple(size) else TF.resize(image, list(size), antialias=True)
+
+
+def _resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image, mask
+    return resize_image(image, size), TF.resize(mask, list(size), interpolation=T.InterpolationMode.NEAREST)
+
+
 def transform_pair(
     image: torch.Tensor, mask: torch.Tensor, cfg: TransformConfig, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1340,45 +1379,6 @@ def transform_pair(
     return image, mask[0].long()
 
 
-def colour_jitter(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02), in random order, from `generator`;
-    the hue step is `rotate_hue`."""
-    factors = torch.rand(4, generator=generator)
-    order = torch.randperm(4, generator=generator).tolist()
-    for i in order:
-        if i == 0:
-            image = TF.adjust_brightness(image, 0.7 + 0.6 * float(factors[0]))
-        elif i == 1:
-            image = TF.adjust_contrast(image, 0.7 + 0.6 * float(factors[1]))
-        elif i == 2:
-            image = TF.adjust_saturation(image, 0.7 + 0.6 * float(factors[2]))
-        else:
-            image = rotate_hue(image, -0.02 + 0.04 * float(factors[3]))
-    return image
-
-
-def rotate_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
-    """Shift the hue of a uint8 image [3, H, W] by `factor` turns: a rotation of RGB space by 2 pi factor about
-    the grey axis, one 3x3 matrix product. Greys stay as they are, and a colour's HSV hue moves by `factor` to
-    within 0.003 of a turn for |factor| <= 0.02 (torchvision's HSV round trip costs 13x more, BENCHMARKS.md)."""
-    t = 2 * math.pi * factor
-    c, k, q = math.cos(t), (1 - math.cos(t)) / 3, math.sin(t) / math.sqrt(3)
-    rotation = torch.tensor([[c + k, k - q, k + q], [k + q, c + k, k - q], [k - q, k + q, c + k]])
-    rgb = rotation @ image.reshape(3, -1).float()
-    return rgb.add_(0.5).clamp_(0, 255).to(torch.uint8).view(image.shape)
-
-
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 image(s) [..., 3, H, W] at `size` (H, W), antialiased: as training, evaluation and prediction see them."""
-    return image if tuple(image.shape[-2:]) == tuple(size) else TF.resize(image, list(size), antialias=True)
-
-
-def _resize_pair(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image, mask
-    return resize_image(image, size), TF.resize(mask, list(size), interpolation=T.InterpolationMode.NEAREST)
-
-
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [..., 3, H, W] -> float32 with ImageNet mean and std; run it on the device."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255
@@ -1386,7 +1386,100 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32, copy=True).sub_(mean).div_(std)  # in place on the copy: 1.6 -> 0.1 ms at 512x1024
 
 
+# ---- demo data: procedural desert scenes in the offroad layout ----------------------------------------------------
+
+
+DEMO_SPLITS = {"train": 160, "val": 40}
+DEMO_VERSION = 2  # bump when the scenes change, so cached copies are regenerated
+DEMO_SIZE = (160, 224)  # H, W: small enough for a CPU, large enough for objects to survive output stride 16
+# raw id -> base RGB colour of each demo class; the texture drawn on top differs per class too
+DEMO_COLOURS = {
+    100: (34, 85, 40),
+    200: (70, 160, 55),
+    300: (214, 196, 92),
+    500: (128, 96, 58),
+    550: (150, 140, 120),
+    600: (90, 150, 70),
+    700: (92, 58, 34),
+    800: (128, 128, 134),
+    7100: (205, 172, 122),
+    10000: (110, 160, 220),
+}
+
+
+def _demo_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """One desert scene: sky over a wavy horizon, sandy landscape, then objects painted far to near."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    horizon = h * rng.uniform(0.28, 0.48) + h * 0.04 * np.sin(xx[0] / w * rng.uniform(3, 9) + rng.uniform(0, 6.3))
+    ids = np.where(yy < horizon, 10000, 7100).astype(np.uint16)
+    img = np.empty((h, w, 3), np.float32)
+    sky = np.array(DEMO_COLOURS[10000]) + (yy / h)[..., None] * np.array([80.0, 60.0, 20.0])
+    ground = np.array(DEMO_COLOURS[7100]) + rng.normal(0, 10, (h, w, 1)) * np.array([1.0, 0.9, 0.7])
+    img[:] = np.where((ids == 10000)[..., None], sky, ground)
+
+    objects = []  # (base y, raw id, centre x, radius y, radius x)
+    for raw, count in ((300, 3), (800, 3), (700, 2), (500, 3), (200, 2), (100, 2), (600, 2), (550, 2)):
+        for _ in range(rng.integers(0, count + 1)):
+            cx = rng.uniform(0, w)
+            top = float(horizon[int(min(cx, w - 1))])
+            cy = rng.uniform(top - 0.05 * h, h) if raw != 100 else top + rng.uniform(-0.02, 0.08) * h
+            scale = 0.8 + (cy - top) / max(h - top, 1)  # nearer objects are larger
+            ry = {100: 0.18, 700: 0.05, 300: 0.09, 550: 0.09, 600: 0.09}.get(raw, 0.11) * h * scale
+            rx = ry * {700: 5.0, 300: 2.5, 550: 1.8, 600: 1.6, 100: 0.8}.get(raw, 1.3)
+            objects.append((cy + ry, raw, cx, cy, ry, rx))
+    for _, raw, cx, cy, ry, rx in sorted(objects):
+        wobble = 1 + 0.15 * np.sin(np.arctan2(yy - cy, xx - cx) * rng.integers(3, 7) + rng.uniform(0, 6.3))
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble**2
+        if raw == 100:  # a tree: canopy plus trunk, both labelled Trees
+            inside |= (np.abs(xx - cx) < rx * 0.15) & (yy > cy) & (yy < cy + 2.2 * ry)
+        colour = np.array(DEMO_COLOURS[raw], np.float32)
+        texture = rng.normal(0, 12, (h, w, 1))
+        if raw == 600:  # flowers: magenta dots on green
+            texture = np.where(rng.random((h, w, 1)) < 0.3, np.array([130.0, -70.0, 90.0]), texture)
+        elif raw == 550:  # ground clutter: dark pebbles in grey debris
+            texture = np.where(rng.random((h, w, 1)) < 0.35, -70.0, texture * 2)
+        elif raw == 300:  # dry grass: vertical streaks
+            texture = texture + 25 * np.sin(xx * 1.7)[..., None]
+        img[inside] = colour + texture[inside]
+        ids[inside] = raw
+    img += rng.normal(0, 6, img.shape) + rng.uniform(-20, 20)  # sensor noise and exposure
+    return np.clip(img, 0, 255).astype(np.uint8), ids
+
+
+def make_demo(
+    root: Path, seed: int = 0, splits: dict[str, int] = DEMO_SPLITS, size: tuple[int, int] = DEMO_SIZE
+) -> Path:
+    """Write the demo dataset (offroad layout, 16-bit raw-id masks) once; later calls reuse it."""
+    root = Path(root)
+    if (root / "COMPLETE").is_file():
+        return root
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    for split_index, (split, n) in enumerate(splits.items()):
+        (tmp / split / "Color_Images").mkdir(parents=True, exist_ok=True)
+        (tmp / split / "Segmentation").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image, ids = _demo_scene(np.random.default_rng([seed, split_index, i]), *size)
+            Image.fromarray(image).save(tmp / split / "Color_Images" / f"{i:04d}.png")
+            Image.fromarray(ids).save(tmp / split / "Segmentation" / f"{i:04d}.png")
+    (tmp / "COMPLETE").write_text(f"demo data, seed {seed}\n")
+    if root.exists():  # a crashed earlier attempt; the finished copy replaces it
+        shutil.rmtree(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root
+
+
+def default_demo_root(seed: int) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "deeplab_demo" / f"v{DEMO_VERSION}-seed{seed}"
+
+
 # ---- the dataset: cache, sampler, samples, batches -----------------------------------------------------------------
+
+
+def read_classes(path: Path, class_map: ClassMap) -> tuple[np.ndarray, int]:
+    """A mask file as class indices [H, W] (uint8), and the number of its pixels whose value has no class."""
+    return class_map.apply(read_mask(path, class_map.encoding == "colour"), is_lossy(path))
 
 
 class DecodedCache:
@@ -1432,11 +1525,6 @@ def cache_dir(pairs: list[tuple[Path, Path]], class_map: ClassMap) -> Path:
             stat = path.stat()
             digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return cache_root() / "deeplab_decoded" / digest.hexdigest()[:16]
-
-
-def read_classes(path: Path, class_map: ClassMap) -> tuple[np.ndarray, int]:
-    """A mask file as class indices [H, W] (uint8), and the number of its pixels whose value has no class."""
-    return class_map.apply(read_mask(path, class_map.encoding == "colour"), is_lossy(path))
 
 
 class EpochSampler(Sampler):
@@ -1550,94 +1638,6 @@ def build_dataset(
         dataset = SegmentationDataset(pairs, class_map, transform, cache, seed, why)
     dataset.about = [tree.describe(), *tree.notes, *(f"warning: {finding}" for finding in tree.findings)]
     return dataset
-
-
-# ---- demo data: procedural desert scenes in the offroad layout ----------------------------------------------------
-
-
-DEMO_SPLITS = {"train": 160, "val": 40}
-DEMO_VERSION = 2  # bump when the scenes change, so cached copies are regenerated
-DEMO_SIZE = (160, 224)  # H, W: small enough for a CPU, large enough for objects to survive output stride 16
-# raw id -> base RGB colour of each demo class; the texture drawn on top differs per class too
-DEMO_COLOURS = {
-    100: (34, 85, 40),
-    200: (70, 160, 55),
-    300: (214, 196, 92),
-    500: (128, 96, 58),
-    550: (150, 140, 120),
-    600: (90, 150, 70),
-    700: (92, 58, 34),
-    800: (128, 128, 134),
-    7100: (205, 172, 122),
-    10000: (110, 160, 220),
-}
-
-
-def _demo_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """One desert scene: sky over a wavy horizon, sandy landscape, then objects painted far to near."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    horizon = h * rng.uniform(0.28, 0.48) + h * 0.04 * np.sin(xx[0] / w * rng.uniform(3, 9) + rng.uniform(0, 6.3))
-    ids = np.where(yy < horizon, 10000, 7100).astype(np.uint16)
-    img = np.empty((h, w, 3), np.float32)
-    sky = np.array(DEMO_COLOURS[10000]) + (yy / h)[..., None] * np.array([80.0, 60.0, 20.0])
-    ground = np.array(DEMO_COLOURS[7100]) + rng.normal(0, 10, (h, w, 1)) * np.array([1.0, 0.9, 0.7])
-    img[:] = np.where((ids == 10000)[..., None], sky, ground)
-
-    objects = []  # (base y, raw id, centre x, radius y, radius x)
-    for raw, count in ((300, 3), (800, 3), (700, 2), (500, 3), (200, 2), (100, 2), (600, 2), (550, 2)):
-        for _ in range(rng.integers(0, count + 1)):
-            cx = rng.uniform(0, w)
-            top = float(horizon[int(min(cx, w - 1))])
-            cy = rng.uniform(top - 0.05 * h, h) if raw != 100 else top + rng.uniform(-0.02, 0.08) * h
-            scale = 0.8 + (cy - top) / max(h - top, 1)  # nearer objects are larger
-            ry = {100: 0.18, 700: 0.05, 300: 0.09, 550: 0.09, 600: 0.09}.get(raw, 0.11) * h * scale
-            rx = ry * {700: 5.0, 300: 2.5, 550: 1.8, 600: 1.6, 100: 0.8}.get(raw, 1.3)
-            objects.append((cy + ry, raw, cx, cy, ry, rx))
-    for _, raw, cx, cy, ry, rx in sorted(objects):
-        wobble = 1 + 0.15 * np.sin(np.arctan2(yy - cy, xx - cx) * rng.integers(3, 7) + rng.uniform(0, 6.3))
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble**2
-        if raw == 100:  # a tree: canopy plus trunk, both labelled Trees
-            inside |= (np.abs(xx - cx) < rx * 0.15) & (yy > cy) & (yy < cy + 2.2 * ry)
-        colour = np.array(DEMO_COLOURS[raw], np.float32)
-        texture = rng.normal(0, 12, (h, w, 1))
-        if raw == 600:  # flowers: magenta dots on green
-            texture = np.where(rng.random((h, w, 1)) < 0.3, np.array([130.0, -70.0, 90.0]), texture)
-        elif raw == 550:  # ground clutter: dark pebbles in grey debris
-            texture = np.where(rng.random((h, w, 1)) < 0.35, -70.0, texture * 2)
-        elif raw == 300:  # dry grass: vertical streaks
-            texture = texture + 25 * np.sin(xx * 1.7)[..., None]
-        img[inside] = colour + texture[inside]
-        ids[inside] = raw
-    img += rng.normal(0, 6, img.shape) + rng.uniform(-20, 20)  # sensor noise and exposure
-    return np.clip(img, 0, 255).astype(np.uint8), ids
-
-
-def make_demo(
-    root: Path, seed: int = 0, splits: dict[str, int] = DEMO_SPLITS, size: tuple[int, int] = DEMO_SIZE
-) -> Path:
-    """Write the demo dataset (offroad layout, 16-bit raw-id masks) once; later calls reuse it."""
-    root = Path(root)
-    if (root / "COMPLETE").is_file():
-        return root
-    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    for split_index, (split, n) in enumerate(splits.items()):
-        (tmp / split / "Color_Images").mkdir(parents=True, exist_ok=True)
-        (tmp / split / "Segmentation").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            image, ids = _demo_scene(np.random.default_rng([seed, split_index, i]), *size)
-            Image.fromarray(image).save(tmp / split / "Color_Images" / f"{i:04d}.png")
-            Image.fromarray(ids).save(tmp / split / "Segmentation" / f"{i:04d}.png")
-    (tmp / "COMPLETE").write_text(f"demo data, seed {seed}\n")
-    if root.exists():  # a crashed earlier attempt; the finished copy replaces it
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
-    return root
-
-
-def default_demo_root(seed: int) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "deeplab_demo" / f"v{DEMO_VERSION}-seed{seed}"
 
 
 # ---- statistics: what the masks of a split hold --------------------------------------------------------------------
@@ -2105,12 +2105,6 @@ def add_transform_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action="store_true", help="colour jitter")
 
 
-def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfig:
-    """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone)."""
-    scale = tuple(args.scale) if args.scale else None
-    return TransformConfig(hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train)
-
-
 def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] | None:
     """`--crop 512` means 512x512; `--crop 512 1024` is H x W."""
     if values is None:
@@ -2118,6 +2112,12 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
     if len(values) > 2 or min(values) <= 0:
         raise DatasetError(f"{flag} takes one or two positive sizes (H W), got {' '.join(map(str, values))}")
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfig:
+    """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone)."""
+    scale = tuple(args.scale) if args.scale else None
+    return TransformConfig(hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train)
 
 
 def main(args: argparse.Namespace) -> None:

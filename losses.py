@@ -21,6 +21,8 @@ from torch import nn
 
 from dataset import IGNORE_INDEX, ArgumentParser
 
+# ---- the losses: forward(logits [B, C, H, W], target [B, H, W]) -> a scalar; IGNORE_INDEX pixels count nowhere -------
+
 
 def _valid_onehot(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities and one-hot target, both [B, C, H, W] float32 and zero at ignored pixels."""
@@ -196,6 +198,9 @@ class CombinedLoss(nn.Module):
         return " + ".join(f"{w:g}*{n}" for n, w in zip(self.names, self.weights))
 
 
+# ---- the loss spec: ce:0.5,lovasz:0.5 -> a module --------------------------------------------------------------------
+
+
 class LossSpecError(ValueError):
     """A --loss spec that cannot be parsed; the message is shown to the user as one line."""
 
@@ -231,6 +236,9 @@ def build_loss(
         }[name]()
         terms.append((name, w, loss))
     return CombinedLoss(terms)
+
+
+# ---- the benchmark: python losses.py --benchmark ---------------------------------------------------------------------
 
 
 def _lovasz_per_class_loop(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -276,6 +284,9 @@ def benchmark(size: tuple[int, int], batch: int, num_classes: int, device: torch
             logits.grad = None
         rows.append((name, statistics.median(times[1:])))
     return rows
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 
 def main(args: argparse.Namespace) -> None:

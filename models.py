@@ -37,19 +37,19 @@ ARCHS = (
     "deeplabv3plus_resnet101",
     "deeplabv2_resnet101",
 )
+
+
 RESNETS = {
     "resnet50": (resnet50, ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (resnet101, ResNet101_Weights.IMAGENET1K_V1),
 }
 
 
-# channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
-# every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
-CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
-
-
 class ModelError(Exception):
     """A model cannot be built or initialised as asked; the message is shown to the user as one line."""
+
+
+# ---- architectures: DeepLabV3/V3+ on torchvision's backbones, DeepLabV2 as in the paper ------------------------------
 
 
 def default_output_stride(arch: str) -> int:
@@ -194,6 +194,17 @@ class ASPPV2(nn.Module):
         return sum(conv(x) for conv in self.conv2d_list)
 
 
+def _download(arch: str, build, *args, **kwargs):
+    """build(*args, **kwargs), where a failure to download ImageNet weights is one line saying what to do."""
+    try:
+        return build(*args, **kwargs)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a broken download fails its hash check
+        raise ModelError(
+            f"could not get the ImageNet weights for {arch} ({type(e).__name__}: {e}); "
+            "offline, train from scratch with --no-pretrained or start from a local file with --init PATH"
+        ) from None
+
+
 def build_model(
     arch: str, num_classes: int, pretrained_backbone: bool = False, output_stride: int | None = None, aux: bool = False
 ) -> SegmentationModel:
@@ -242,15 +253,21 @@ def build_model(
     return model
 
 
-def _download(arch: str, build, *args, **kwargs):
-    """build(*args, **kwargs), where a failure to download ImageNet weights is one line saying what to do."""
-    try:
-        return build(*args, **kwargs)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a broken download fails its hash check
-        raise ModelError(
-            f"could not get the ImageNet weights for {arch} ({type(e).__name__}: {e}); "
-            "offline, train from scratch with --no-pretrained or start from a local file with --init PATH"
-        ) from None
+# ---- placing on the device, and the memory format --------------------------------------------------------------------
+
+
+# channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
+# every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
+CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def use_channels_last(choice: str, arch: str, device: torch.device) -> bool:
@@ -277,6 +294,9 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# ---- parameter groups: the head's own learning rate ------------------------------------------------------------------
+
+
 def param_groups(
     model: SegmentationModel, lr: float, head_lr_mult: float, backbone_lr: float | None = None
 ) -> list[dict]:
@@ -295,6 +315,9 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+# ---- freezing the backbone -------------------------------------------------------------------------------------------
+
+
 def freeze_backbone(model: SegmentationModel) -> None:
     """Stop training the backbone: no gradients (so SGD and AdamW skip it, momentum and weight decay included)
     and, through `set_train_mode`, its BatchNorm statistics stay as they are."""
@@ -306,21 +329,15 @@ def backbone_frozen(model: SegmentationModel) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel and torch.compile wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    ):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def set_train_mode(model: nn.Module) -> None:
     """model.train(), except that a frozen backbone stays in eval mode, so its BatchNorm running stats are kept."""
     model.train()
     inner = unwrap(model)
     if backbone_frozen(inner):
         inner.backbone.eval()
+
+
+# ---- weights and checkpoints -----------------------------------------------------------------------------------------
 
 
 def _init_key(key: str) -> str:
@@ -355,15 +372,6 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
-    """The checkpoint's model (arch, output stride, aux head as it was trained), with its weights."""
-    run = checkpoint["args"]
-    model = build_model(run["arch"], checkpoint["num_classes"], output_stride=run.get("output_stride"),
-                        aux=bool(run.get("aux_loss")))  # fmt: skip
-    load_weights(model, checkpoint, path)
-    return model
-
-
 def load_weights(model: SegmentationModel, checkpoint: dict, path: Path) -> None:
     """A checkpoint's weights into `model`, which may have another output stride (the weights are the same) or
     gain or lose the aux head (a fine-tuning run may add or drop it); anything else that does not fit is an error."""
@@ -377,6 +385,15 @@ def load_weights(model: SegmentationModel, checkpoint: dict, path: Path) -> None
         fits = False
     if not fits:
         raise ModelError(f"checkpoint {path}: weights do not fit {checkpoint['args']['arch']}")
+
+
+def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
+    """The checkpoint's model (arch, output stride, aux head as it was trained), with its weights."""
+    run = checkpoint["args"]
+    model = build_model(run["arch"], checkpoint["num_classes"], output_stride=run.get("output_stride"),
+                        aux=bool(run.get("aux_loss")))  # fmt: skip
+    load_weights(model, checkpoint, path)
+    return model
 
 
 def load_init(model: SegmentationModel, path: Path) -> str:
@@ -404,6 +421,9 @@ def load_init(model: SegmentationModel, path: Path) -> str:
     return f"init: loaded {len(loaded)} tensors from {path}, skipped {len(skipped)}" + (
         f" (e.g. {skipped[0]})" if skipped else ""
     )
+
+
+# ---- counting: parameters and multiply-accumulates -------------------------------------------------------------------
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

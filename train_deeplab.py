@@ -663,7 +663,7 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     return train_m, val_m, lr, time.time() - start
 
 
-# ---- the training loop and entry points ------------------------------------------------------------------------------
+# ---- the training loop: epochs, logging, saving, early stopping ------------------------------------------------------
 
 
 def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
@@ -704,36 +704,6 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
                 break
     run.say(f"Best validation mIoU: {run.best_miou:.4f}")
     return run.best_miou
-
-
-def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
-    """train()'s arguments to continue the run that wrote `path`: that run's flags (defaults for any flag added
-    since), no fine-tuning source, and the checkpoint itself, read once."""
-    state = load_checkpoint(path)
-    args = get_args_parser().parse_args([])
-    for name, value in state["args"].items():
-        is_path = name in ("data", "out", "init", "checkpoint", "classes") and value
-        setattr(args, name, Path(value) if is_path else value)
-    args.resume = path
-    return args, None, state
-
-
-def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None]]) -> None:
-    """prepare() train()'s arguments (args, a checkpoint to fine-tune, a checkpoint to resume), then train; every
-    failure a user can cause ends in one line and a non-zero exit, with no traceback."""
-    try:
-        train(*prepare())
-    except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
-        sys.exit(f"error: {one_line(e)}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit("error: CUDA ran out of memory; try a smaller --batch-size or --crop")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def main(args: argparse.Namespace) -> None:
-    run(lambda: resume_run(args.resume) if args.resume else (args, None, None))  # a resumed run keeps its flags
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
@@ -804,6 +774,40 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_schedule_args(parser.add_argument_group("schedule"))
     add_run_args(parser.add_argument_group("output and hardware"))
     return parser
+
+
+# ---- entry points: a new, resumed or fine-tuning run, every failure in one line --------------------------------------
+
+
+def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
+    """train()'s arguments to continue the run that wrote `path`: that run's flags (defaults for any flag added
+    since), no fine-tuning source, and the checkpoint itself, read once."""
+    state = load_checkpoint(path)
+    args = get_args_parser().parse_args([])
+    for name, value in state["args"].items():
+        is_path = name in ("data", "out", "init", "checkpoint", "classes") and value
+        setattr(args, name, Path(value) if is_path else value)
+    args.resume = path
+    return args, None, state
+
+
+def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None]]) -> None:
+    """prepare() train()'s arguments (args, a checkpoint to fine-tune, a checkpoint to resume), then train; every
+    failure a user can cause ends in one line and a non-zero exit, with no traceback."""
+    try:
+        train(*prepare())
+    except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
+        sys.exit(f"error: {one_line(e)}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: CUDA ran out of memory; try a smaller --batch-size or --crop")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(args: argparse.Namespace) -> None:
+    run(lambda: resume_run(args.resume) if args.resume else (args, None, None))  # a resumed run keeps its flags
+
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())
