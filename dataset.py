@@ -177,7 +177,7 @@ class ClassMap:
     def to_dict(self) -> dict:
         """Plain values, for a checkpoint that loads with torch.load(weights_only=True)."""
         return {"names": list(self.names), "palette": self.palette.tolist(), "keys": list(self.keys),
-                "classes": list(self.classes), "encoding": self.encoding, "source": self.source}  # fmt: skip
+                "classes": list(self.classes), "encoding": self.encoding, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassMap":
@@ -467,7 +467,7 @@ def upright(pixels: np.ndarray, turn: int) -> np.ndarray:
     if turn in (5, 6, 7, 8):
         pixels = pixels.swapaxes(0, 1)  # a transpose, then the flips that make each of the four
     flip_rows, flip_columns = {2: (False, True), 3: (True, True), 4: (True, False), 6: (False, True),
-                               7: (True, True), 8: (True, False)}.get(turn, (False, False))  # fmt: skip
+                               7: (True, True), 8: (True, False)}.get(turn, (False, False))
     if flip_rows:
         pixels = pixels[::-1]
     if flip_columns:
@@ -728,7 +728,7 @@ VOC_LISTS = "ImageSets/Segmentation"  # <split>.txt: one frame name (no suffix) 
 SBD_MASKS, SBD_SPLIT = "SegmentationClassAug", "train_aug"  # SBD's extra masks, as DeepLab repositories use them
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")  # fmt: skip
+               "tvmonitor")
 CVAT_LABELMAP = "labelmap.txt"  # "# label:color_rgb:parts:actions", then name:r,g,b:: per label
 LABELME_CLASSES = "class_names.txt"  # one name a line, _background_ first (id 0); 255 is __ignore__
 ROBOFLOW_CLASSES = "_classes.csv"  # "Pixel Value, Class" then one row per value, in each split folder
@@ -860,7 +860,7 @@ def check_zip(path: Path, archive: zipfile.ZipFile, target: Path) -> None:
     size, packed = sum(info.file_size for info in archive.infolist()), path.stat().st_size
     if size > ZIP_RATIO * packed and size > ZIP_FLOOR:
         raise DatasetError(f"--data {path}: it would unpack to {size:,} bytes, {size / packed:.0f} times its own "
-                           "size; unpack it yourself if you trust it")  # fmt: skip
+                           "size; unpack it yourself if you trust it")
 
 
 def unpack_zip(path: Path) -> tuple[Path, str]:
@@ -921,10 +921,10 @@ def _voc_split(base: Path, list_file: Path, images: dict, masks: dict, layout: s
         else:
             files.pairs.append((image, mask))
     findings = [f"{list_file} names {len(no_image)} frames with no image in {base / VOC_IMAGES}: "
-                + ", ".join(no_image[:5])] if no_image else []  # fmt: skip
+                + ", ".join(no_image[:5])] if no_image else []
     if no_mask:
         findings.append(f"split {split}: {len(no_mask)} frames have no mask (CVAT writes none for a frame without "
-                        "shapes): skipped, not read as background")  # fmt: skip
+                        "shapes): skipped, not read as background")
     return files, findings
 
 
@@ -967,7 +967,7 @@ def read_voc_like(root: Path, layout: str) -> DatasetTree:
     unlisted = sorted(m.name for m in masks.values() if m not in listed)
     if lists and unlisted:
         tree.findings.append(f"{len(unlisted)} masks of {mask_dir} are in no list of {base / VOC_LISTS}: "
-                             + ", ".join(unlisted[:5]))  # fmt: skip
+                             + ", ".join(unlisted[:5]))
     tree.table = voc_like_table(base, layout, [p for f in tree.splits.values() for p in f.pairs])
     return tree
 
@@ -983,7 +983,7 @@ def read_labelme(root: Path) -> DatasetTree:
         tree = read_voc_like(folder, "labelme")
         if merged.table is not None and tree.table.names != merged.table.names:
             raise DatasetError(f"{folder / LABELME_CLASSES} names other classes than {merged.table.source} of "
-                               f"{next(iter(trees.values()))}; one class table serves every split")  # fmt: skip
+                               f"{next(iter(trees.values()))}; one class table serves every split")
         merged.table, merged.splits[split] = tree.table, tree.splits["train"]
         merged.findings += tree.findings
     return merged
@@ -993,7 +993,7 @@ def read_roboflow(root: Path) -> DatasetTree:
     """Roboflow's "Semantic Segmentation Masks": train/, valid/, test/ (or ROOT alone: split train), each with
     NAME.jpg beside NAME_mask.png and _classes.csv; mangled names (a_jpg.rf.<hash>.jpg) pair as they are."""
     folders = {"train": root} if (root / ROBOFLOW_CLASSES).is_file() else {
-        d.name: d for d in sorted(root.iterdir()) if (d / ROBOFLOW_CLASSES).is_file()}  # fmt: skip
+        d.name: d for d in sorted(root.iterdir()) if (d / ROBOFLOW_CLASSES).is_file()}
     if not folders:
         raise DatasetError(f"--layout roboflow: {root} holds no {ROBOFLOW_CLASSES}, nor a split folder with one")
     tree = DatasetTree(root, "roboflow", {})
@@ -1032,7 +1032,7 @@ def coco_classes(categories: list[dict], used: set[int]) -> tuple[ClassTable, di
     used by no annotation); the mask value of each category id, and the value of ignored (overlap) pixels."""
     categories = sorted(categories, key=lambda c: c["id"])
     project = [c for c in categories if c["id"] not in used and len(categories) > 1
-               and all(o.get("supercategory") == c["name"] for o in categories if o is not c)]  # fmt: skip
+               and all(o.get("supercategory") == c["name"] for o in categories if o is not c)]
     kept = [c for c in categories if c not in project]
     ignore = IGNORE_INDEX if len(kept) < IGNORE_INDEX else 65535
     rows = [ClassRow("background", 0)] + [ClassRow(str(c["name"]), i) for i, c in enumerate(kept, 1)]
@@ -1041,7 +1041,7 @@ def coco_classes(categories: list[dict], used: set[int]) -> tuple[ClassTable, di
 
 
 def coco_mask(annotations: list[dict], height: int, width: int, value_of: dict[int, int], ignore: int,
-              where: str) -> tuple[np.ndarray, int, int]:  # fmt: skip
+              where: str) -> tuple[np.ndarray, int, int]:
     """One image's class-value mask from its annotations (polygons, RLE compressed or not), rasterised by
     pycocotools; pixels that annotations of different categories share are `ignore`. Also the overlap's pixels
     and the annotations with no polygon or mask (boxes only), which are skipped."""
@@ -1058,13 +1058,13 @@ def coco_mask(annotations: list[dict], height: int, width: int, value_of: dict[i
             rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(counts, list) else segmentation
         elif isinstance(segmentation, dict):
             raise DatasetError(f"{where}: annotation {ann.get('id')} is an RLE of size {segmentation.get('size')}, "
-                               f"but its image is {height}x{width}")  # fmt: skip
+                               f"but its image is {height}x{width}")
         else:
             boxes += 1
             continue
         if ann.get("category_id") not in value_of:
             raise DatasetError(f"{where}: annotation {ann.get('id')} has category {ann.get('category_id')}, "
-                               "which `categories` does not list")  # fmt: skip
+                               "which `categories` does not list")
         covered, value = mask_utils.decode(rle).astype(bool), value_of[ann["category_id"]]
         clash = covered & (mask != 0) & (mask != value)
         mask[covered & (mask == 0)] = value
@@ -1106,7 +1106,7 @@ def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int
             found["unannotated"].append(image["file_name"])
             continue
         mask, overlap, boxes = coco_mask(annotations[image["id"]], image["height"], image["width"], value_of, ignore,
-                                         str(path))  # fmt: skip
+                                         str(path))
         name = f"{image['id']}.png"
         Image.fromarray(mask).save(partial / name, compress_level=1)
         found["masks"][image["file_name"]] = name
@@ -1137,22 +1137,22 @@ def coco_split(root: Path, split: str, path: Path, folders: list[Path]) -> tuple
             files.pairs.append((image, masks / mask))
     where = f"split {split} ({path.relative_to(root)})"
     findings = [f"{where}: {len(missing)} annotated images are not there, their annotations unused: "
-                + ", ".join(missing[:5])] if missing else []  # fmt: skip
+                + ", ".join(missing[:5])] if missing else []
     if found["orphans"]:
         findings.append(f"{where}: {found['orphans']} annotations are of images the file does not list")
     unused = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"]) if c["id"] not in used
-              and c["id"] in value_of]  # fmt: skip
+              and c["id"] in value_of]
     if unused:
         findings.append(f"{where}: no annotation uses the categories {', '.join(map(str, unused))}")
     pixels, images = found["overlap"]
     if pixels:
         findings.append(f"{where}: annotations of different categories overlap on {pixels:,} pixels in {images} "
-                        "images; those pixels are ignored")  # fmt: skip
+                        "images; those pixels are ignored")
     if found["boxes"]:
         findings.append(f"{where}: {found['boxes']} annotations have no polygon or mask (boxes only): skipped")
     if found["unannotated"]:
         findings.append(f"{where}: {len(found['unannotated'])} images have no annotation: skipped, not read as all "
-                        "background")  # fmt: skip
+                        "background")
     return files, table, findings
 
 
@@ -1161,13 +1161,13 @@ def read_coco(root: Path) -> DatasetTree:
     files = coco_files(root)
     if not files:
         raise DatasetError(f"--layout coco: {root} holds no annotations/{CVAT_COCO}, */{ROBOFLOW_COCO} or "
-                           f"{LABEL_STUDIO_COCO}")  # fmt: skip
+                           f"{LABEL_STUDIO_COCO}")
     tree = DatasetTree(root, "coco", {})
     for split, (path, folders) in files.items():
         tree.splits[split], table, findings = coco_split(root, split, path, folders)
         if tree.table is not None and table.rows != tree.table.rows:
             raise DatasetError(f"the categories of {path} differ from those of {files[next(iter(files))][0]}; "
-                               "one class table serves every split")  # fmt: skip
+                               "one class table serves every split")
         tree.table, tree.findings = table, tree.findings + findings
     return tree
 
@@ -1236,7 +1236,7 @@ def hold_out(tree: DatasetTree, fraction: float | None) -> None:
     if val is not None:
         if fraction is not None:
             raise DatasetError(f"--val-fraction: {tree.root} has a validation split ({val}, "
-                               f"{len(tree.splits[val].pairs)} images); drop the flag to use it")  # fmt: skip
+                               f"{len(tree.splits[val].pairs)} images); drop the flag to use it")
         return
     fraction = DEFAULT_VAL_FRACTION if fraction is None else fraction
     if not 0 < fraction < 1:
@@ -1253,7 +1253,7 @@ def hold_out(tree: DatasetTree, fraction: float | None) -> None:
     tree.splits[train] = replace(tree.splits[train], pairs=[pair for pair in pairs if pair not in held])
     tree.splits["val"] = SplitFiles(held)
     tree.notes.append(f"no validation split: {len(held)} of the {len(pairs)} images of {train} are held out as val "
-                      f"(--val-fraction {fraction}, by a hash of each file name)")  # fmt: skip
+                      f"(--val-fraction {fraction}, by a hash of each file name)")
 
 
 def open_tree(data: Path, layout: str = "auto", val_fraction: float | None = None) -> DatasetTree:
@@ -1731,7 +1731,7 @@ def check_trainable(stats: SplitStats, class_map: ClassMap, where: str, pairs: l
     if problem:
         raise DatasetError(problem)
     warnings = [f"class {name!r} never appears in {where}: it can never be learned"
-                for name, n in zip(class_map.names, stats.pixels) if n == 0]  # fmt: skip
+                for name, n in zip(class_map.names, stats.pixels) if n == 0]
     if stats.unknown > stats.unknown_lossy:
         warnings.append(
             f"{stats.unknown - stats.unknown_lossy:,} pixels of {where} have values outside {class_map.source}; "
@@ -1834,7 +1834,7 @@ def write_class_table(
         keep.sort(key=lambda v: -found[v][0])
     lines = [f"# class table of the masks of {source}, written by `dataset.py --check`: rename the classes (rows in",
              "# class-index order), give rows one name to merge them, and name a row `ignore` for a value of no class",
-             "name,r,g,b" if colour else "name,id"]  # fmt: skip
+             "name,r,g,b" if colour else "name,id"]
     for i, value in enumerate(keep):
         pixels, masks = found[value]
         name = f"class_{i}" if colour else "ignore" if value == IGNORE_INDEX else f"class_{value}"
@@ -1864,7 +1864,7 @@ def print_class_rows(class_map: ClassMap, stats: dict[str, SplitStats]) -> None:
 
 
 def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: ClassMap, colour: bool,
-                   train: str) -> tuple[list[str], list[str]]:  # fmt: skip
+                   train: str) -> tuple[list[str], list[str]]:
     """(errors, warnings) of one split, each one line."""
 
     def some(items: list) -> str:
@@ -1873,13 +1873,13 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
     errors = [*stats.unreadable[:5], *stats.mismatched[:5]]
     if files.images_without_mask:
         errors.append(f"{split}: {len(files.images_without_mask)} images have no mask: "
-                      + some([image.name for image, _ in files.images_without_mask]))  # fmt: skip
+                      + some([image.name for image, _ in files.images_without_mask]))
     if stats.total and stats.ignored == stats.total:
         errors.append(f"{split}: every pixel is ignored")
     warnings = []
     if files.masks_without_image:
         warnings.append(f"{split}: {len(files.masks_without_image)} masks have no image: "
-                        + some([m.name for m in files.masks_without_image]))  # fmt: skip
+                        + some([m.name for m in files.masks_without_image]))
     if stats.total / 2 < stats.ignored < stats.total:
         warnings.append(f"{split}: {stats.ignored / stats.total:.0%} of the pixels are ignored")
     absent = [n for n, p in zip(class_map.names, stats.pixels) if p == 0]
@@ -1889,10 +1889,10 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
         warnings.append(f"{split}: never present, so their IoU is n/a: {', '.join(absent)}")
     if stats.lossy:
         warnings.append(f"{split}: {stats.lossy} masks are lossy (JPEG); {stats.unknown_lossy:,} of their pixels "
-                        "match no class (compression noise) and are ignored; save masks as PNG")  # fmt: skip
+                        "match no class (compression noise) and are ignored; save masks as PNG")
     for value, (pixels, masks) in sorted(stats.unknown_values.items(), key=lambda kv: -kv[1][0])[:5]:
         warnings.append(f"{split}: value {value_name(value, colour)} is in no class: {pixels:,} pixels in "
-                        + some([m.name for m in masks]))  # fmt: skip
+                        + some([m.name for m in masks]))
     if len(stats.unknown_values) > 5:
         warnings.append(f"{split}: {len(stats.unknown_values) - 5} more values are in no class")
     return errors, warnings
@@ -1949,7 +1949,7 @@ def checked_splits(tree: DatasetTree) -> tuple[dict[str, SplitFiles], str]:
 
 
 def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes: Path | None = None,
-                  val_fraction: float | None = None) -> int:  # fmt: skip
+                  val_fraction: float | None = None) -> int:
     """Print what a dataset holds and what would go wrong in training, then a verdict and the command line to
     train with. Returns 1 when training would fail or train wrongly, else 0."""
     tree = open_tree(root, layout, val_fraction)
@@ -2013,7 +2013,7 @@ def reference_pipeline(cfg: TransformConfig) -> Callable[[Path, Path], tuple[tor
     if cfg.augment:
         steps.append(T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
     tail = T.Compose([T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def load(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(image_path) as im, Image.open(mask_path) as m:
@@ -2086,7 +2086,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=float, default=None, metavar="F",
         help=f"data without a validation split: hold out this share of the training images as val (default "
         f"{DEFAULT_VAL_FRACTION}, chosen by a hash of each file name)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo data)")
     parser.add_argument(
         "--cache", action="store_true", help="decode each split once into uint8 files under ~/.cache/deeplab_decoded"

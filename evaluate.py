@@ -311,7 +311,7 @@ def class_ids(class_map: ClassMap) -> np.ndarray:
 def write_prediction(
     path: Path, image: np.ndarray, pred: np.ndarray, class_map: ClassMap, conf: np.ndarray | None = None,
     target: np.ndarray | None = None, ids: np.ndarray | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """For path `DIR/NAME`: NAME.png, the class indices as an 8-bit single-channel PNG (`ids`: each class's raw
     id instead, 16-bit where they need it); NAME_color.png, the prediction in the class colours; NAME_overlay.png,
     the image blended with it (the coloured ground truth beside it when there is one), both with a legend of the
@@ -430,7 +430,7 @@ def stack_batch(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[to
 def predict_images(
     model: nn.Module, paths: list[str], out: Path, size: tuple[int, int] | None, args: argparse.Namespace,
     class_map: ClassMap,
-) -> dict:  # fmt: skip
+) -> dict:
     """Predict every image of `paths` (find_images) in same-size batches and write its files (write_prediction)
     under `out`, mirroring the inputs' relative paths; logits are resized to each image's own size first."""
     found = find_images(paths, args.recursive)
@@ -440,7 +440,7 @@ def predict_images(
     files = [image for image, _ in found]
     sizes = [size or image_size(path)[::-1] for path in files]
     loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, args.batch_size),
-                        num_workers=args.workers, collate_fn=stack_batch)  # fmt: skip
+                        num_workers=args.workers, collate_fn=stack_batch)
     device, ids = torch.device(args.device), class_ids(class_map) if args.label_ids else None
     infer = inference(args)
     model.eval()
@@ -456,7 +456,7 @@ def predict_images(
             write_prediction(
                 out / found[index][1].with_suffix(""), original.permute(1, 2, 0).numpy(), pred.cpu().numpy(),
                 class_map, conf.cpu().numpy() if args.save_probs else None, ids=ids,
-            )  # fmt: skip
+            )
     print(f"wrote the predictions of {len(files)} images to {out}")
     return {"predicted": [str(p) for p in files], "out": str(out)}
 
@@ -513,7 +513,7 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: d
         program = torch.onnx.export(
             model, (sample,), dynamo=True, opset_version=ONNX_OPSET, input_names=["image"], output_names=["logits"],
             dynamic_shapes=({0: batch, 2: height, 3: width},), verbose=False,
-        )  # fmt: skip
+        )
         import onnx
 
         proto = program.model_proto
@@ -534,7 +534,7 @@ def data_source(args: argparse.Namespace, run: dict) -> tuple[Path | None, str, 
 
 def check_batches(args: argparse.Namespace, run: dict, class_map: ClassMap, size: tuple[int, int] | None) -> tuple[
     list[torch.Tensor], str
-]:  # fmt: skip
+]:
     """Two normalised batches of up to two images at two sizes (the second about 3/4 of the first, odd-sized) to
     check an export on: the --predict images, else the checkpoint's validation split, else random input."""
     images, source = [], "random input (no images found)"
@@ -571,7 +571,7 @@ def compare_onnx(model: nn.Module, onnx_model: OnnxModel, batches: list[torch.Te
         agree, pixels = agree + same, pixels + ours[:, 0].numel()
         print(f"  {source}, batch {x.shape[0]} at {x.shape[2]}x{x.shape[3]}: largest logit difference "
               f"{diff:.2e} (logits up to {float(ours.abs().max()):.2f}), classes agree on "
-              f"{same / ours[:, 0].numel():.4%} of pixels")  # fmt: skip
+              f"{same / ours[:, 0].numel():.4%} of pixels")
     return {"max_abs_diff": worst, "max_abs_logit": scale, "agreement": agree / pixels}
 
 
@@ -585,11 +585,11 @@ def export_checkpoint(args: argparse.Namespace) -> dict:
     batches, source = check_batches(args, run, class_map, size)
     metadata = {"class_map": json.dumps(class_map.to_dict()), "size": json.dumps(size), "arch": run["arch"],
                 "input": "float32 RGB [B, 3, H, W], (pixel / 255 - mean) / std",
-                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}  # fmt: skip
+                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
     start = time.perf_counter()
     export_onnx(model, args.export_onnx, tuple(batches[0].shape[-2:]), metadata)
     print(f"exported {run['arch']} to {args.export_onnx} (opset {ONNX_OPSET}, dynamic batch, height and width) "
-          f"in {time.perf_counter() - start:.1f} s; checked with ONNX Runtime on:")  # fmt: skip
+          f"in {time.perf_counter() - start:.1f} s; checked with ONNX Runtime on:")
     onnx_model = OnnxModel(args.export_onnx)
     result = compare_onnx(model, onnx_model, batches, source)
     tolerance = max(ONNX_TOLERANCE, ONNX_RELATIVE * result["max_abs_logit"])
@@ -597,14 +597,14 @@ def export_checkpoint(args: argparse.Namespace) -> dict:
         args.export_onnx.unlink(missing_ok=True)
         raise ModelError(f"--export-onnx: ONNX Runtime disagrees with PyTorch (classes agree on "
                          f"{result['agreement']:.4%} of pixels, largest logit difference {result['max_abs_diff']:.2e} "
-                         f"where {tolerance:.1e} is allowed); {args.export_onnx} removed")  # fmt: skip
+                         f"where {tolerance:.1e} is allowed); {args.export_onnx} removed")
     one, cpu = batches[0][:1], torch.device("cpu")
     result["eager_ms"] = 1000 * time_steps(lambda: model(one), cpu, 1, 5, 10.0)["seconds"]
     result["onnxruntime_ms"] = 1000 * time_steps(lambda: onnx_model(one), cpu, 1, 5, 10.0)["seconds"]
     print(f"agreement {result['agreement']:.4%} (at least {ONNX_AGREEMENT:.1%}), largest logit difference "
-          f"{result['max_abs_diff']:.2e} (at most {tolerance:.1e}): passed")  # fmt: skip
+          f"{result['max_abs_diff']:.2e} (at most {tolerance:.1e}): passed")
     print(f"latency of one {one.shape[2]}x{one.shape[3]} image on the CPU (median of up to 5): PyTorch eager "
-          f"{result['eager_ms']:.1f} ms | ONNX Runtime {result['onnxruntime_ms']:.1f} ms")  # fmt: skip
+          f"{result['eager_ms']:.1f} ms | ONNX Runtime {result['onnxruntime_ms']:.1f} ms")
     return result
 
 
@@ -776,7 +776,7 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
         ("per_class_iou.png", 1, 1, (max(8, 1.2 * len(names)), 5), lambda a: _per_class_bars(a[0, 0], runs, names)),
         ("time.png", 1, 2, (14, 5), lambda a: _time_bars(a, runs)),
         ("tradeoff.png", 1, 1, (8, 5), lambda a: _tradeoff(a[0, 0], runs)),
-    ]  # fmt: skip
+    ]
     for name, nrows, ncols, size, draw in plots:
         fig = Figure(figsize=size)
         draw(fig.subplots(nrows, ncols, squeeze=False))
@@ -806,7 +806,7 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, ru
 def benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
     warmup: int, runs: int, limit: float | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Median latency (ms) of a batch-1 forward pass and images/s at `batch_size`, with how many runs each timed;
     the input in the model's memory format."""
 
@@ -823,7 +823,7 @@ def benchmark(
     latency = timed(1)
     per_batch = latency if batch_size == 1 else timed(batch_size)
     return {"latency_ms": 1000 * latency["seconds"], "images_per_s": batch_size / per_batch["seconds"],
-            "timed": (latency["runs"], per_batch["runs"])}  # fmt: skip
+            "timed": (latency["runs"], per_batch["runs"])}
 
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the model-FLOPs utilisation
@@ -833,7 +833,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 def train_benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
     warmup: int, runs: int, limit: float | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Images/s of full training steps (forward, cross-entropy, backward, SGD) on random data, and peak memory."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
@@ -893,7 +893,7 @@ def print_cost_row(args: argparse.Namespace) -> None:
             f"median of up to {args.runs} runs after {args.warmup}{limit}"
         )
         print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
-              "images/s (batch) | runs timed | memory format |")  # fmt: skip
+              "images/s (batch) | runs timed | memory format |")
         print("|---|---|---|---|---|---|---|---|---|---|")
     for arch, model in cost_models(args):
         (trainable, total), aux = count_params(model), aux_params(model)
@@ -920,7 +920,7 @@ def print_runtime_rows(args: argparse.Namespace) -> None:
     timing_defaults(args, cpu)
     print(f"batch-1 latency (ms) at {size[0]}x{size[1]} on the CPU ({torch.get_num_threads()} threads), median of "
           f"up to {args.runs} runs after {args.warmup}; torch {torch.__version__}, "
-          f"onnxruntime {onnx_runtime().__version__}")  # fmt: skip
+          f"onnxruntime {onnx_runtime().__version__}")
     print("| arch | eager, contiguous | eager, channels_last | ONNX Runtime |")
     print("|---|---|---|---|")
     median = lambda step: time_steps(step, cpu, args.warmup, args.runs, args.time_limit)["seconds"]  # noqa: E731
@@ -1007,7 +1007,7 @@ def picture_writer(args: argparse.Namespace, dataset: Dataset) -> Callable:
         write_prediction(
             args.save_predictions / next(names), image[0].permute(1, 2, 0).numpy(), pred.cpu().numpy(),
             dataset.class_map, conf.cpu().numpy() if args.save_probs else None, target[0].cpu().numpy(), ids,
-        )  # fmt: skip
+        )
 
     return on_batch
 
@@ -1062,7 +1062,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         if other["num_classes"] != len(names):
             raise ModelError(f"--compare-checkpoint has {other['num_classes']} classes, --checkpoint {len(names)}")
         other_model = place(model_from_checkpoint(other, args.compare_checkpoint), other["args"]["arch"],
-                            args.channels_last, device)  # fmt: skip
+                            args.channels_last, device)
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
         theirs = evaluate(other_model, loader, None, device, len(names), amp_dtype, args.tta, window, stride)
         result["comparison"] = compare_verdict(confusions, theirs["confusions"], args.bootstrap, args.seed)
@@ -1110,7 +1110,7 @@ def main(args: argparse.Namespace) -> None:
             predict_onnx(args)
         else:
             sys.exit("error: give --checkpoint (evaluate, --predict, --export-onnx), --benchmark (cost table), "
-                     "--compare RUN... (report) or --predict with --onnx")  # fmt: skip
+                     "--compare RUN... (report) or --predict with --onnx")
     except (DatasetError, ModelError) as e:
         sys.exit(f"error: {one_line(e)}")
 
@@ -1169,7 +1169,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--channels-last", default="auto", choices=("auto", "on", "off"),
         help="memory format (auto: channels_last where measured faster for the arch and device)",
-    )  # fmt: skip
+    )
     parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
     parser.add_argument(
         "--runtimes", action="store_true", help="--benchmark CPU latency: eager, channels_last, ONNX Runtime"

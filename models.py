@@ -111,7 +111,7 @@ class DeepLabV3PlusHead(nn.Module):
         self.fuse = nn.Sequential(
             nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
             nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
-        )  # fmt: skip
+        )
         self.classify = nn.Conv2d(256, num_classes, 1)
 
     def forward(self, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -391,7 +391,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
     """The checkpoint's model (arch, output stride, aux head as it was trained), with its weights."""
     run = checkpoint["args"]
     model = build_model(run["arch"], checkpoint["num_classes"], output_stride=run.get("output_stride"),
-                        aux=bool(run.get("aux_loss")))  # fmt: skip
+                        aux=bool(run.get("aux_loss")))
     load_weights(model, checkpoint, path)
     return model
 

@@ -267,11 +267,11 @@ def build_loaders(
     train_set = build_dataset(
         args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache,
         args.val_fraction,
-    )  # fmt: skip
+    )
     val_set = build_dataset(
         args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
         args.seed, args.cache, args.val_fraction,
-    )  # fmt: skip
+    )
     per_rank = len(train_set) // world
     if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
         raise ModelError(
@@ -337,7 +337,7 @@ def load_class_weights(
 def build_network(
     args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None, num_classes: int,
     device: torch.device, world: int, say: Callable,
-) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+) -> tuple[nn.Module, nn.Module]:
     """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
     and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
     source = resumed or checkpoint
@@ -445,7 +445,7 @@ def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], 
     """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
     trainable, total = count_params(model)
     info = {"class_names": class_names, "trainable_params": trainable, "total_params": total,
-            "aux_params": aux_params(model), "args": plain_args(args)}  # fmt: skip
+            "aux_params": aux_params(model), "args": plain_args(args)}
     (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -529,7 +529,7 @@ def restore(run: Run, resumed: dict) -> None:
     run.scaler.load_state_dict(resumed["scaler"])
     run.best_miou, run.since_best, run.first_epoch = (
         resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
-    )  # fmt: skip
+    )
     torch.set_rng_state(resumed["rng"]["torch"])
     if run.device.type == "cuda" and resumed["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])

@@ -410,7 +410,7 @@ def test_mask_values_count_exactly_what_read_mask_reads(tmp_path):
     ids = np.random.default_rng(0).integers(0, 4, (5, 7))
     files = {"l.png": Image.fromarray(ids.astype(np.uint8)), "i16.png": Image.fromarray((ids * 3000).astype(np.uint16)),
              "grey.png": Image.fromarray(np.repeat((ids * 60).astype(np.uint8)[..., None], 3, -1)),
-             "rgb.png": Image.fromarray(RGB[ids]), "bits.png": Image.fromarray(ids > 1)}  # fmt: skip
+             "rgb.png": Image.fromarray(RGB[ids]), "bits.png": Image.fromarray(ids > 1)}
     palette = Image.frombytes("P", (7, 5), ids.astype(np.uint8).tobytes())
     palette.putpalette(RGB.ravel().tolist())
     files["p.png"] = palette
@@ -429,7 +429,7 @@ def test_counting_by_histogram_equals_mapping_every_pixel(tmp_path):
     raw = np.random.default_rng(0).integers(0, 40, (30, 30))
     # 254 classes: too many for apply's one-step lookup (its marker for unknown values is 254), so the other path
     for class_map in (numbered_table(12).class_map("index"), offroad_table().class_map("index"),
-                      numbered_table(254).class_map("index")):  # fmt: skip
+                      numbered_table(254).class_map("index")):
         values, pixels = np.unique(raw, return_counts=True)
         counts, strange = class_map.count(values, pixels)
         mapped, unknown = class_map.apply(raw)
@@ -782,7 +782,7 @@ def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tup
     categories.append({"id": first_id + 3, "name": "bus", "supercategory": ""})  # never used
     if tool == "roboflow":  # the project category, supercategory of every other
         categories = [{"id": 0, "name": "streets", "supercategory": "none"}] + [
-            {**c, "id": c["id"], "supercategory": "streets"} for c in categories]  # fmt: skip
+            {**c, "id": c["id"], "supercategory": "streets"} for c in categories]
     folder, json_path, prefix = {
         "cvat": (root / "images" / "default", root / "annotations" / "instances_default.json", ""),
         "roboflow": (root / "train", root / "train" / "_annotations.coco.json", ""),
@@ -798,7 +798,7 @@ def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tup
         segmentation = uncompressed_rle(box) if tool == "cvat" else rectangle(x0, y0, x1, y1)
         annotations.append({"id": n + 1, "image_id": image + 1, "category_id": first_id + category - 1,
                             "segmentation": segmentation, "iscrowd": int(tool == "cvat"),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(box.sum())})  # fmt: skip
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(box.sum())})
     annotations.append({"id": 99, "image_id": 4, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
     annotations.append({"id": 100, "image_id": 77, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
     images = [{"id": i + 1, "file_name": prefix + name, "width": w, "height": h} for i, name in enumerate(files)]
@@ -862,7 +862,7 @@ def link_member(name: str) -> zipfile.ZipInfo:
     "member, needle",
     [("../evil.txt", "would land outside"), ("/etc/evil", "would land outside"),
      (link_member("export/link"), "is a link")],
-)  # fmt: skip
+)
 def test_a_zip_member_that_would_land_outside_is_refused_in_one_line(tmp_path, member, needle):
     roboflow_split(tmp_path / "export" / "train", random_masks([0, 1], 2))
     path = zip_folder(tmp_path / "export", tmp_path / "bad.zip", [(member, b"x")])
@@ -889,7 +889,7 @@ def test_photos_read_the_way_up_their_exif_tag_says(tmp_path, turn):
     stored = Image.fromarray(shown).transpose(
         {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-         8: Image.Transpose.ROTATE_270}[turn]) if turn > 1 else Image.fromarray(shown)  # fmt: skip
+         8: Image.Transpose.ROTATE_270}[turn]) if turn > 1 else Image.fromarray(shown)
     exif = Image.Exif()
     exif[0x0112] = turn
     write_folder(tmp_path, "val", [mask])
@@ -972,7 +972,7 @@ def export_with(build: Callable, masks: list[np.ndarray]) -> list[np.ndarray]:
 # each builds a small export in a folder and returns the class-index masks it wrote (255: ignored), every split's
 EXPORTS = {
     "voc": lambda root: export_with(lambda m: voc_tree(root, dict(zip("abcdef", m)), {"train": list("abcd"),
-                                    "val": list("ef")}), random_masks([0, 1, 15], 6)),  # fmt: skip
+                                    "val": list("ef")}), random_masks([0, 1, 15], 6)),
     "cvat": lambda root: export_with(lambda m: cvat_export(root, m), random_masks([0, 1, 2, 3], 6)),
     "labelme": lambda root: export_with(lambda m: labelme_tree(root, m), random_masks([0, 1, 2, 255], 6)),
     "roboflow": lambda root: export_with(lambda m: roboflow_split(root / "train", m), random_masks([0, 1, 2], 6)),
@@ -982,7 +982,7 @@ EXPORTS = {
 
 @pytest.mark.parametrize("layout", EXPORTS)
 def test_each_export_reads_back_the_pixels_written_through_the_loader_stats_and_check(tmp_path, layout, monkeypatch,
-                                                                                     capsys):  # fmt: skip
+                                                                                     capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "export"
     written = EXPORTS[layout](root)
@@ -1011,7 +1011,7 @@ def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     EXPORTS[layout](tmp_path / "export")
     args = ["--data", str(tmp_path / "export"), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
-            "--workers", "0", "--no-pretrained", "--size", "32", "32", "--loss", "ce"]  # fmt: skip
+            "--workers", "0", "--no-pretrained", "--size", "32", "32", "--loss", "ce"]
     train_deeplab.main(train_deeplab.get_args_parser().parse_args(args))
     out = capsys.readouterr().out
     assert f"layout {layout}:" in out and "Epoch 1/1" in out and (tmp_path / "run" / "best.pth").is_file()
@@ -1020,7 +1020,7 @@ def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys)
 
         report = tmp_path / "report.json"
         evaluate.main(evaluate.get_args_parser().parse_args(
-            ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--json", str(report), "--workers", "0"]))  # fmt: skip
+            ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--json", str(report), "--workers", "0"]))
         assert json.loads(report.read_text())["images"] == int(re.search(r"val size (\d+)", out).group(1))
 
 
@@ -1038,7 +1038,7 @@ def test_camvid_frames_as_coco_rle_read_back_their_png_masks_pixel_for_pixel(tmp
         images.append({"id": i, "file_name": frame.name, "height": mask.shape[0], "width": mask.shape[1]})
         for c in np.unique(mask[mask < 11]).tolist():
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1, "iscrowd": 1,
-                                "segmentation": uncompressed_rle(mask == c)})  # fmt: skip
+                                "segmentation": uncompressed_rle(mask == c)})
     categories = [{"id": c + 1, "name": f"camvid_{c}"} for c in range(11)]
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train.json").write_text(

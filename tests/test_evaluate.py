@@ -199,7 +199,7 @@ def run_cli(*args):
 def test_pictures_confusion_and_json_are_written(checkpoint, tiny_demo, tmp_path):
     pictures, confusion, report = tmp_path / "pred", tmp_path / "cm.png", tmp_path / "m.json"
     run_cli("--checkpoint", str(checkpoint), "--save-predictions", str(pictures), "--confusion", str(confusion),
-            "--json", str(report), "--bootstrap", "50")  # fmt: skip
+            "--json", str(report), "--bootstrap", "50")
     stems = sorted(p.stem for p in (tiny_demo / "val" / "Color_Images").iterdir())
     kinds = ("", "_color", "_overlay", "_gt")
     assert sorted(p.name for p in pictures.iterdir()) == sorted(f"{s}{k}.png" for s in stems for k in kinds)
@@ -241,7 +241,7 @@ def test_predicting_a_folder_writes_every_file_with_the_models_argmax(checkpoint
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
     out = tmp_path / "out"
     run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "in"), "--recursive", "--out", str(out),
-            "--save-probs", "--batch-size", "2")  # fmt: skip
+            "--save-probs", "--batch-size", "2")
     model = build_model("deeplabv3_mobilenet_v3_large", 10)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     palette = dataset.offroad_table().class_map("index").palette
@@ -281,7 +281,7 @@ def test_prediction_paths_files_patterns_and_their_errors(tmp_path):
     found = evaluate_module.find_images([str(tmp_path / "x"), str(tmp_path / "x" / "sub" / "*.png")])
     assert [(str(image.relative_to(tmp_path)), str(rel)) for image, rel in found] == [
         ("x/1.png", "1.png"), ("x/2.jpg", "2.jpg"), ("x/sub/3.png", "3.png")
-    ]  # fmt: skip
+    ]
     pattern = str(tmp_path / "**" / "1.png")
     assert [str(rel) for _, rel in evaluate_module.find_images([pattern])] == ["x/1.png", "y/1.png"]
     for paths, needle in (
@@ -309,11 +309,11 @@ def test_label_ids_of_a_cityscapes_model_are_valid_label_ids(tmp_path):
     args = {"arch": "deeplabv3_mobilenet_v3_large", "data": None, "layout": "cityscapes", "size": None}
     torch.save({"model": build_model(args["arch"], 19).state_dict(), "args": args, "num_classes": 19,
                 "class_names": list(table.names), "class_map": table.class_map("index").to_dict(), "epoch": 0},
-               path)  # fmt: skip
+               path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "f.png")
     run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "train"))
     run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "ids"),
-            "--label-ids")  # fmt: skip
+            "--label-ids")
     train_ids = np.asarray(Image.open(tmp_path / "train" / "f.png"))
     label_ids = np.asarray(Image.open(tmp_path / "ids" / "f.png"))
     to_train_id = {c.id: c.train_id for c in Cityscapes.classes if c.train_id not in (255, -1)}  # torchvision's table
@@ -361,7 +361,7 @@ def test_an_export_that_disagrees_is_removed_and_bad_paths_are_one_line(checkpoi
 
 def test_comparing_a_checkpoint_with_itself_finds_no_difference(checkpoint, tmp_path, capsys):
     run_cli("--checkpoint", str(checkpoint), "--compare-checkpoint", str(checkpoint), "--bootstrap", "100",
-            "--json", str(tmp_path / "m.json"))  # fmt: skip
+            "--json", str(tmp_path / "m.json"))
     comparison = json.loads((tmp_path / "m.json").read_text())["comparison"]
     assert comparison["diff"] == 0 and comparison["ci"] == [0, 0]
     assert "no significant difference" in capsys.readouterr().out
@@ -369,7 +369,7 @@ def test_comparing_a_checkpoint_with_itself_finds_no_difference(checkpoint, tmp_
 
 def test_cost_row_of_deeplabv2_at_512x1024(capsys):
     run_cli("--benchmark", "--arch", "deeplabv2_resnet101", "--num-classes", "19", "--size", "512", "1024",
-            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")  # fmt: skip
+            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| deeplabv2_resnet101"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -379,14 +379,14 @@ def test_cost_row_of_deeplabv2_at_512x1024(capsys):
 
 def test_training_benchmark_prints_throughput_and_memory(capsys):
     run_cli("--benchmark", "--train", "--arch", "deeplabv3_mobilenet_v3_large", "--num-classes", "3",
-            "--size", "32", "32", "--batch-size", "2", "--warmup", "0", "--runs", "1", "--device", "cpu")  # fmt: skip
+            "--size", "32", "32", "--batch-size", "2", "--warmup", "0", "--runs", "1", "--device", "cpu")
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("train: ") and "images/s" in line and "peak memory" in line
 
 
 def test_cost_table_lists_every_arch(capsys):
     run_cli("--benchmark", "--arch", "all", "--num-classes", "19", "--size", "64", "64",
-            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")  # fmt: skip
+            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| deeplab")]
     assert [row.split("|")[1].strip() for row in rows] == list(ARCHS)
     for arch, row in zip(ARCHS, rows):

@@ -107,7 +107,7 @@ class Payload:
 def test_a_checkpoint_carrying_pickled_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"model": {}, "args": {"arch": "x"}, "num_classes": 3, "class_names": [], "hook": Payload(marker)},
-               tmp_path / "evil.pth")  # fmt: skip
+               tmp_path / "evil.pth")
     with pytest.raises(ModelError) as e:
         load_checkpoint(tmp_path / "evil.pth")
     assert "cannot be loaded safely" in str(e.value) and "\n" not in str(e.value)
@@ -160,7 +160,7 @@ def test_deeplabv3plus_head_has_the_papers_layers():
         + low * 48 + bn(48)  # low-level features to 48 channels
         + (256 + 48) * 256 * 9 + bn(256) + 256 * 256 * 9 + bn(256)  # two 3x3 convs
         + 256 * c + c  # classifier
-    )  # fmt: skip
+    )
     model = build_model("deeplabv3plus_resnet50", c)
     assert sum(p.numel() for p in model.classifier.parameters()) == expected
     assert [m[0].dilation for m in model.classifier.aspp.convs[1:4]] == [(6, 6), (12, 12), (18, 18)]  # at 16

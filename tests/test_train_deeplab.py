@@ -110,7 +110,7 @@ def test_optimizer_and_loss_defaults_follow_how_the_model_starts(flags, optimize
 
 
 START_FLAGS = {"scratch": ["--no-pretrained"], "imagenet": ["--pretrained"], "init": ["--init", "w.pth"],
-               "checkpoint": ["--no-pretrained"]}  # fmt: skip
+               "checkpoint": ["--no-pretrained"]}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -206,7 +206,7 @@ def metrics_of(log: Path) -> list[dict]:
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_demo, tmp_path):
     flags = ["--data", str(tiny_demo), "--batch-size", "4", "--workers", "2", "--no-pretrained", "--epochs", "4",
              "--size", "128", "192", "--crop", "96", "--scale", "0.75", "1.5", "--augment",
-             "--patience", "0"]  # fmt: skip
+             "--patience", "0"]
     whole = script("train_deeplab.py", *flags, "--out", str(tmp_path / "whole"))
     assert whole.wait(timeout=240) == 0, whole.stderr.read()
 
@@ -231,7 +231,7 @@ def test_two_process_gloo_run_validates_exactly_like_one_process(tmp_path):
     data = make_demo(tmp_path / "demo", seed=1, splits={"train": 8, "val": 5}, size=(64, 96))  # 5: shards of 3 and 2
     run = script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_deeplab.py",
                  "--data", str(data), "--out", str(tmp_path / "ddp"), "--batch-size", "2", "--workers", "0",
-                 "--no-pretrained", "--epochs", "2", "--device", "cpu")  # fmt: skip
+                 "--no-pretrained", "--epochs", "2", "--device", "cpu")
     assert run.wait(timeout=240) == 0, run.stderr.read()
     out = run.stdout.read()
     assert out.count("Epoch 1/2 |") == 1 and "x 2 |" in out  # process 0 alone prints
