@@ -1,6 +1,10 @@
-"""Metrics (ConfusionMatrix), the validation loop, and evaluation of a saved checkpoint.
+"""Metrics (ConfusionMatrix), the validation loop, prediction, evaluation of a trained model, ONNX export, run
+comparison and benchmarks.
 
-python evaluate.py --checkpoint runs/x/best.pth [--data ROOT] [--split val]
+    python evaluate.py --checkpoint runs/x/best.pth [--data ROOT] [--split val]
+
+From Python: `predict(model, images)` and `evaluate_model(model, data)` with `models.load_model(path)` (README,
+"Use from Python"); the command line is a thin layer over them.
 """
 
 import argparse
@@ -15,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -37,16 +42,14 @@ from dataset import (
     ArgumentParser,
     ClassMap,
     DatasetError,
+    SegmentationDataset,
     TransformConfig,
     add_data_args,
     build_dataset,
-    cityscapes_table,
     collate,
     hw_pair,
     image_size,
     normalize,
-    numbered_table,
-    offroad_table,
     one_line,
     read_image,
     resize_image,
@@ -56,11 +59,13 @@ from models import (
     ModelError,
     aux_params,
     build_model,
+    checkpoint_class_map,
     count_macs,
     count_params,
     load_checkpoint,
     memory_format_of,
     model_from_checkpoint,
+    model_with_classes,
     place,
 )
 
@@ -91,6 +96,22 @@ def iou_from_confusion(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return iou, iou.nanmean(dim=-1)
 
 
+def metrics_from_confusion(mat: torch.Tensor) -> dict:
+    """mIoU, per-class IoU, pixel accuracy, and per class: precision, recall and share of the counted pixels."""
+    mat = mat.double().cpu()
+    iou, miou = iou_from_confusion(mat)
+    diag, truth, predicted, total = mat.diagonal(), mat.sum(1), mat.sum(0), mat.sum()
+    nan = torch.full_like(diag, math.nan)
+    return {
+        "miou": float(miou),
+        "iou": iou.tolist(),
+        "pixel_acc": float(diag.sum() / total) if total > 0 else math.nan,
+        "precision": torch.where(predicted > 0, diag / predicted.clamp_min(1), nan).tolist(),
+        "recall": torch.where(truth > 0, diag / truth.clamp_min(1), nan).tolist(),
+        "share": (truth / total.clamp_min(1)).tolist(),
+    }
+
+
 class ConfusionMatrix:
     """Counts of (true class, predicted class) pixel pairs; rows are the truth. Pixels whose target is
     ignore_index (or outside 0..num_classes-1) are not counted."""
@@ -108,22 +129,6 @@ class ConfusionMatrix:
         """miou: mean IoU over classes whose union is non-zero; iou: per class (NaN where the union is zero);
         pixel_acc: correct / counted pixels."""
         return metrics_from_confusion(self.mat)
-
-
-def metrics_from_confusion(mat: torch.Tensor) -> dict:
-    """mIoU, per-class IoU, pixel accuracy, and per class: precision, recall and share of the counted pixels."""
-    mat = mat.double().cpu()
-    iou, miou = iou_from_confusion(mat)
-    diag, truth, predicted, total = mat.diagonal(), mat.sum(1), mat.sum(0), mat.sum()
-    nan = torch.full_like(diag, math.nan)
-    return {
-        "miou": float(miou),
-        "iou": iou.tolist(),
-        "pixel_acc": float(diag.sum() / total) if total > 0 else math.nan,
-        "precision": torch.where(predicted > 0, diag / predicted.clamp_min(1), nan).tolist(),
-        "recall": torch.where(truth > 0, diag / truth.clamp_min(1), nan).tolist(),
-        "share": (truth / total.clamp_min(1)).tolist(),
-    }
 
 
 # ---- evaluation: mixed precision, sliding windows, test-time augmentation, the validation loop -----------------------
@@ -189,6 +194,26 @@ def predict_logits(
         if tta != "none":
             outputs.append(forward(x.flip(-1)).flip(-1))
     return torch.stack(outputs).mean(0)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How logits are computed: test-time augmentation (none, flip or ms), a sliding window (H, W) and its stride
+    (0: half the window's smaller side), and mixed precision (bf16, fp16 or off; CUDA only)."""
+
+    tta: str = "none"
+    window: tuple[int, int] | None = None
+    stride: int = 0
+    amp: str = "off"
+
+    @property
+    def window_stride(self) -> int:
+        return self.stride or (min(self.window) // 2 if self.window else 0)
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, C, H, W] of the normalised images x, at their resolution."""
+        with autocast(x.device, amp_dtype_for(self.amp, x.device)):
+            return predict_logits(model, x, self.tta, self.window, self.window_stride).float()
 
 
 @torch.no_grad()
@@ -333,6 +358,14 @@ def write_prediction(
         Image.fromarray((conf * 255).round().astype(np.uint8)).save(f"{path}_conf.png")
 
 
+def _save(fig: Figure, path: Path) -> None:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
     """The confusion matrix with each row (true class) normalised to sum to 1."""
     mat = mat.double()
@@ -385,7 +418,7 @@ def find_images(paths: list[str], recursive: bool = False) -> list[tuple[Path, P
                 path.is_dir() and not recursive and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
             )
             what = f"folder {given} holds no images" if path.is_dir() else f"{given!r} matches no image"
-            hint = " (its subfolders do: add --recursive)" if deeper else f" ({', '.join(IMAGE_SUFFIXES)})"
+            hint = " (its subfolders do: add --recursive)" if deeper else " (any format Pillow reads: .png, .jpg, ...)"
             raise DatasetError(f"--predict {what}{hint}")
         found += [(p, p.relative_to(base)) for p in images]
     outputs = {}
@@ -426,39 +459,143 @@ def stack_batch(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[to
     return torch.stack(inputs), list(originals), list(indices)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any: ONNX Runtime's)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def to_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits [C, h, w] resized (bilinear) to `size`, unless they are that size already."""
+    if logits.shape[-2:] == size:
+        return logits
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
 @torch.no_grad()
 def predict_images(
-    model: nn.Module, paths: list[str], out: Path, size: tuple[int, int] | None, args: argparse.Namespace,
-    class_map: ClassMap,
+    model: nn.Module, paths: list[str], out: Path, class_map: ClassMap, *, size: tuple[int, int] | None = None,
+    recursive: bool = False, options: InferenceOptions = InferenceOptions(), batch_size: int = 4, workers: int = 0,
+    save_probs: bool = False, label_ids: bool = False,
 ) -> dict:
     """Predict every image of `paths` (find_images) in same-size batches and write its files (write_prediction)
     under `out`, mirroring the inputs' relative paths; logits are resized to each image's own size first."""
-    found = find_images(paths, args.recursive)
+    found = find_images(paths, recursive)
     for image, relative in found:
         if (out / relative).with_suffix(".png").resolve() == image.resolve():
             raise DatasetError(f"--out {out} would overwrite the input image {image}; choose another --out")
     files = [image for image, _ in found]
     sizes = [size or image_size(path)[::-1] for path in files]
-    loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, args.batch_size),
-                        num_workers=args.workers, collate_fn=stack_batch)
-    device, ids = torch.device(args.device), class_ids(class_map) if args.label_ids else None
-    infer = inference(args)
+    loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, batch_size),
+                        num_workers=workers, collate_fn=stack_batch)
+    device, ids = device_of(model), class_ids(class_map) if label_ids else None
     model.eval()
-    memory_format = memory_format_of(model)
     for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
-        x = normalize(inputs.to(device)).contiguous(memory_format=memory_format)
-        with autocast(device, amp_dtype_for(args.amp, device)):
-            logits = infer(model, x).float()
+        logits = options.logits(model, normalize(inputs.to(device)).contiguous(memory_format=memory_format_of(model)))
         for logit, original, index in zip(logits, originals, indices):
-            if logit.shape[-2:] != original.shape[-2:]:
-                logit = F.interpolate(logit[None], size=original.shape[-2:], mode="bilinear", align_corners=False)[0]
-            conf, pred = logit.softmax(0).max(0)
+            conf, pred = to_size(logit, tuple(original.shape[-2:])).softmax(0).max(0)
             write_prediction(
                 out / found[index][1].with_suffix(""), original.permute(1, 2, 0).numpy(), pred.cpu().numpy(),
-                class_map, conf.cpu().numpy() if args.save_probs else None, ids=ids,
+                class_map, conf.cpu().numpy() if save_probs else None, ids=ids,
             )
     print(f"wrote the predictions of {len(files)} images to {out}")
     return {"predicted": [str(p) for p in files], "out": str(out)}
+
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+def as_image(image: ImageLike) -> torch.Tensor:
+    """uint8 RGB [3, H, W] from a file path (read as training reads files: the way up its EXIF tag says), a PIL
+    image (turned the same way) or an HxWx3 (or HxW grey) uint8 array."""
+    if isinstance(image, (str, Path)):
+        return read_image(Path(image))
+    if isinstance(image, Image.Image):
+        image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    array = np.asarray(image)
+    array = np.repeat(array[..., None], 3, -1) if array.ndim == 2 else array
+    if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:
+        raise DatasetError(f"an image array must be HxWx3 uint8 (RGB), not {array.shape} {array.dtype}")
+    return torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)  # a writable copy
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: ImageLike | list[ImageLike], *, probs: bool = False,
+    size: tuple[int, int] | None | str = "model", options: InferenceOptions = InferenceOptions(), batch_size: int = 4,
+) -> np.ndarray | list[np.ndarray]:
+    """The class-index mask (HxW uint8) of an image, or a list of masks for a list of images, each at its image's
+    own size; with probs=True the softmax probabilities (CxHxW float32) instead. Images are file paths, PIL images
+    or HxWx3 uint8 RGB arrays. `size`: the (H, W) the model sees, "model" for the size it was trained at (as
+    load_model sets it), or None for each image as it is.
+
+        masks = predict(load_model("runs/x/best.pth"), ["a.jpg", "b.png"])"""
+    single = not isinstance(images, (list, tuple))
+    tensors = [as_image(image) for image in ([images] if single else images)]
+    size = getattr(model, "size", None) if size == "model" else size
+    device, outputs = device_of(model), [None] * len(tensors)
+    model.eval()
+    for batch in same_size_batches([size or tuple(t.shape[-2:]) for t in tensors], batch_size):
+        x = torch.stack([resize_image(tensors[i], size) if size else tensors[i] for i in batch])
+        logits = options.logits(model, normalize(x.to(device)).contiguous(memory_format=memory_format_of(model)))
+        for i, logit in zip(batch, logits):
+            logit = to_size(logit, tuple(tensors[i].shape[-2:]))
+            outputs[i] = (logit.softmax(0) if probs else logit.argmax(0).to(torch.uint8)).cpu().numpy()
+    return outputs[0] if single else outputs
+
+
+# ---- evaluating a model on a dataset: metrics, their interval, pictures ----------------------------------------------
+
+
+def picture_writer(out: Path, dataset: SegmentationDataset, save_probs: bool, label_ids: bool) -> Callable:
+    """evaluate()'s on_batch for --save-predictions (batches of one): each image's prediction files and its labels."""
+    names = iter(Path(image.stem) for image, _ in dataset.pairs)
+    ids = class_ids(dataset.class_map) if label_ids else None
+
+    def on_batch(image: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        conf, pred = logits[0].softmax(0).max(0)
+        write_prediction(
+            out / next(names), image[0].permute(1, 2, 0).numpy(), pred.cpu().numpy(), dataset.class_map,
+            conf.cpu().numpy() if save_probs else None, target[0].cpu().numpy(), ids,
+        )
+
+    return on_batch
+
+
+def evaluate_dataset(
+    model: nn.Module, dataset: SegmentationDataset, *, options: InferenceOptions = InferenceOptions(),
+    batch_size: int = 4, workers: int = 0, bootstrap: int = 1000, seed: int = 0, pictures: Path | None = None,
+    save_probs: bool = False, label_ids: bool = False,
+) -> tuple[dict, torch.Tensor]:
+    """The numbers `--json` writes for `model` on `dataset` (mIoU and its 95% bootstrap interval over the images,
+    pixel accuracy, per-class IoU, precision, recall and share), and the per-image confusion matrices [N, C, C]
+    that paired comparisons resample. With `pictures`, each image's prediction files are written there."""
+    device = device_of(model)
+    loader = DataLoader(dataset, batch_size=1 if pictures else batch_size, num_workers=workers, collate_fn=collate)
+    on_batch = picture_writer(pictures, dataset, save_probs, label_ids) if pictures else None
+    result = evaluate(model, loader, None, device, dataset.class_map.num_classes, amp_dtype_for(options.amp, device),
+                      options.tta, options.window, options.window_stride, on_batch)
+    confusions = result.pop("confusions")
+    result["miou_ci"] = interval(bootstrap_miou(confusions, resamples=bootstrap, seed=seed)[0])
+    result.update(images=len(dataset), class_names=list(dataset.class_map.names))
+    return result, confusions
+
+
+def evaluate_model(
+    model: nn.Module, data: str | Path | None, *, split: str = "val", layout: str = "auto",
+    val_fraction: float | None = None, size: tuple[int, int] | None | str = "model",
+    options: InferenceOptions = InferenceOptions(), batch_size: int = 4, bootstrap: int = 1000, seed: int = 0,
+) -> dict:
+    """evaluate_dataset on a split of the data at `data` (a folder or an export's .zip, any layout; None: the demo
+    data), its masks read with the model's own class map (load_model sets it), so that each class means what it
+    meant in training; `size` as in predict. The dict is the one `evaluate.py --json` writes.
+
+        report = evaluate_model(load_model("runs/x/best.pth"), "path/to/data", split="val")"""
+    size = getattr(model, "size", None) if size == "model" else size
+    transform = TransformConfig(size=size, train=False)
+    data = Path(data) if data is not None else None
+    dataset = build_dataset(data, layout, split, transform, model.class_map, seed, val_fraction=val_fraction)
+    result, _ = evaluate_dataset(model, dataset, options=options, batch_size=batch_size, bootstrap=bootstrap, seed=seed)
+    return {**result, "split": split}
 
 
 # ---- ONNX export: write the file, check it against PyTorch with ONNX Runtime, time both ------------------------------
@@ -468,6 +605,22 @@ ONNX_AGREEMENT = 0.999  # share of pixels whose predicted class must agree with 
 # the largest logit difference allowed: 1e-3, or 1e-5 of the largest logit where logits pass 100 (float32 keeps about
 # 7 digits, and an untrained DeepLabV2's logits reach 1e5)
 ONNX_TOLERANCE, ONNX_RELATIVE = 1e-3, 1e-5
+
+
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int, runs: int, limit: float | None) -> dict:
+    """Median seconds of `step` over up to `runs` timed calls after `warmup` untimed ones (synchronised on CUDA);
+    timing stops early once the timed calls have taken `limit` seconds, after at least one."""
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            if limit is not None and sum(times) >= limit:
+                break
+    return {"seconds": statistics.median(times), "runs": len(times), "warmup": warmup}
 
 
 def onnx_runtime() -> object:
@@ -525,40 +678,15 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], metadata: d
         raise ModelError(f"--export-onnx {path}: the export failed ({type(e).__name__}: {one_line(e)})") from None
 
 
-def data_source(args: argparse.Namespace, run: dict) -> tuple[Path | None, str, float | None]:
-    """The data, layout and validation hold-out of --data and its flags, else those the checkpoint's run used."""
-    if args.data is not None:
-        return args.data, args.layout, args.val_fraction
-    return (Path(run["data"]) if run.get("data") else None), run.get("layout", "auto"), run.get("val_fraction")
-
-
-def check_batches(args: argparse.Namespace, run: dict, class_map: ClassMap, size: tuple[int, int] | None) -> tuple[
-    list[torch.Tensor], str
-]:
-    """Two normalised batches of up to two images at two sizes (the second about 3/4 of the first, odd-sized) to
-    check an export on: the --predict images, else the checkpoint's validation split, else random input."""
-    images, source = [], "random input (no images found)"
-    try:
-        if args.predict:
-            images = [read_image(path) for path, _ in find_images(args.predict, args.recursive)[:2]]
-            source = "--predict images"
-        else:
-            data, layout, val_fraction = data_source(args, run)
-            dataset = build_dataset(
-                data, layout, args.split, TransformConfig(train=False), class_map, args.seed, False, val_fraction
-            )
-            images = [dataset[i][0] for i in range(min(2, len(dataset)))]
-            source = f"images of split {args.split!r}"
-    except DatasetError as e:
-        if args.predict:
-            raise
-        source = f"random input ({one_line(e)})"
+def check_batches(images: list[torch.Tensor], size: tuple[int, int] | None, seed: int = 0) -> list[torch.Tensor]:
+    """Two normalised batches of the uint8 `images` (random input without any) at two sizes, `size` (or the first
+    image's) and about 3/4 of it, odd-sized: what an export is checked on."""
     first = size or (tuple(images[0].shape[-2:]) if images else (256, 256))
     second = (3 * first[0] // 4 + 1, 3 * first[1] // 4 + 1)
     if not images:
-        generator = torch.Generator().manual_seed(args.seed)
-        return [torch.randn(2, 3, *hw, generator=generator) for hw in (first, second)], source
-    return [normalize(torch.stack([resize_image(image, hw) for image in images])) for hw in (first, second)], source
+        generator = torch.Generator().manual_seed(seed)
+        return [torch.randn(2, 3, *hw, generator=generator) for hw in (first, second)]
+    return [normalize(torch.stack([resize_image(image, hw) for image in images])) for hw in (first, second)]
 
 
 def compare_onnx(model: nn.Module, onnx_model: OnnxModel, batches: list[torch.Tensor], source: str) -> dict:
@@ -576,28 +704,21 @@ def compare_onnx(model: nn.Module, onnx_model: OnnxModel, batches: list[torch.Te
 
 
 @torch.no_grad()
-def export_checkpoint(args: argparse.Namespace) -> dict:
-    """--export-onnx: write the checkpoint's model as ONNX, check ONNX Runtime's logits against PyTorch's on two
-    batches at two sizes (removing the file if they disagree), and print both latencies for one image."""
-    checkpoint = load_checkpoint(args.checkpoint)
-    model, run = model_from_checkpoint(checkpoint, args.checkpoint).eval(), checkpoint["args"]
-    class_map, size = checkpoint_class_map(checkpoint), eval_size(args, checkpoint["args"])
-    batches, source = check_batches(args, run, class_map, size)
-    metadata = {"class_map": json.dumps(class_map.to_dict()), "size": json.dumps(size), "arch": run["arch"],
-                "input": "float32 RGB [B, 3, H, W], (pixel / 255 - mean) / std",
-                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
+def export_model(model: nn.Module, path: Path, batches: list[torch.Tensor], source: str, metadata: dict) -> dict:
+    """Write `model` (eval mode, CPU, contiguous) as ONNX, check ONNX Runtime's logits against PyTorch's on
+    `batches` (removing the file if they disagree), and print both latencies for one image."""
     start = time.perf_counter()
-    export_onnx(model, args.export_onnx, tuple(batches[0].shape[-2:]), metadata)
-    print(f"exported {run['arch']} to {args.export_onnx} (opset {ONNX_OPSET}, dynamic batch, height and width) "
-          f"in {time.perf_counter() - start:.1f} s; checked with ONNX Runtime on:")
-    onnx_model = OnnxModel(args.export_onnx)
+    export_onnx(model, path, tuple(batches[0].shape[-2:]), metadata)
+    print(f"exported {metadata.get('arch', 'the model')} to {path} (opset {ONNX_OPSET}, dynamic batch, height and "
+          f"width) in {time.perf_counter() - start:.1f} s; checked with ONNX Runtime on:")
+    onnx_model = OnnxModel(path)
     result = compare_onnx(model, onnx_model, batches, source)
     tolerance = max(ONNX_TOLERANCE, ONNX_RELATIVE * result["max_abs_logit"])
     if result["agreement"] < ONNX_AGREEMENT or result["max_abs_diff"] > tolerance:
-        args.export_onnx.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise ModelError(f"--export-onnx: ONNX Runtime disagrees with PyTorch (classes agree on "
                          f"{result['agreement']:.4%} of pixels, largest logit difference {result['max_abs_diff']:.2e} "
-                         f"where {tolerance:.1e} is allowed); {args.export_onnx} removed")
+                         f"where {tolerance:.1e} is allowed); {path} removed")
     one, cpu = batches[0][:1], torch.device("cpu")
     result["eager_ms"] = 1000 * time_steps(lambda: model(one), cpu, 1, 5, 10.0)["seconds"]
     result["onnxruntime_ms"] = 1000 * time_steps(lambda: onnx_model(one), cpu, 1, 5, 10.0)["seconds"]
@@ -693,14 +814,6 @@ def _curves(ax, runs: list[dict], column: str, title: str, ylabel: str) -> None:
     ax.grid(True, linestyle="--", alpha=0.5)
 
 
-def _save(fig: Figure, path: Path) -> None:
-    for ax in fig.axes:
-        if ax.get_xlabel() == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def _runtime(run: dict) -> np.ndarray:
     return run["columns"].get("Runtime", np.array([math.nan]))
 
@@ -787,22 +900,6 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
 # ---- benchmarks: parameters, GMACs, latency, throughput --------------------------------------------------------------
 
 
-def time_steps(step: Callable[[], object], device: torch.device, warmup: int, runs: int, limit: float | None) -> dict:
-    """Median seconds of `step` over up to `runs` timed calls after `warmup` untimed ones (synchronised on CUDA);
-    timing stops early once the timed calls have taken `limit` seconds, after at least one."""
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            if limit is not None and sum(times) >= limit:
-                break
-    return {"seconds": statistics.median(times), "runs": len(times), "warmup": warmup}
-
-
 def benchmark(
     model: nn.Module, size: tuple[int, int], batch_size: int, device: torch.device, amp_dtype: torch.dtype | None,
     warmup: int, runs: int, limit: float | None = None,
@@ -857,100 +954,57 @@ def train_benchmark(
     return {"images_per_s": batch_size / timing["seconds"], "peak_memory_gib": peak / 2**30, "timed": timing["runs"]}
 
 
-def cost_models(args: argparse.Namespace) -> Iterator[tuple[str, nn.Module]]:
-    """(arch, model) to measure: the checkpoint's model, or --arch (`all`: each arch in turn, built when needed)."""
-    if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint)
-        yield checkpoint["args"]["arch"], model_from_checkpoint(checkpoint, args.checkpoint)
+@dataclass(frozen=True)
+class Timing:
+    """How a benchmark times: `warmup` untimed passes, then at most `runs` timed ones, stopped once they have taken
+    `limit` seconds (None: never)."""
+
+    warmup: int
+    runs: int
+    limit: float | None
+
+    @classmethod
+    def for_device(
+        cls, device: torch.device, warmup: int | None = None, runs: int | None = None, limit: float | None = None
+    ) -> "Timing":
+        """What is left unset: on CUDA 3 warm-up passes and 10 timed runs (a stable median); on the CPU 1 and 3,
+        timing stopped after 30 s, so the slowest arch at 512x1024 takes about a minute. A limit of 0: never."""
+        cuda = device.type == "cuda"
+        return cls((3 if cuda else 1) if warmup is None else warmup, (10 if cuda else 3) if runs is None else runs,
+                   (None if cuda else 30.0) if limit is None else limit or None)
+
+
+def cost_models(
+    checkpoint: Path | None, arch: str = "all", num_classes: int | None = None, output_stride: int | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """(arch, model) to measure: the checkpoint's model, or `arch` (all: each arch in turn, built when needed)."""
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        yield state["args"]["arch"], model_from_checkpoint(state, checkpoint)
         return
-    for arch in ARCHS if args.arch == "all" else (args.arch,):
-        stride = args.output_stride if "resnet" in arch and arch.startswith("deeplabv3") else None
-        yield arch, build_model(arch, args.num_classes or 19, output_stride=stride)
-
-
-def timing_defaults(args: argparse.Namespace, device: torch.device) -> None:
-    """--warmup, --runs and --time-limit left unset: on CUDA 3 warm-up passes and 10 timed runs (a stable median);
-    on the CPU 1 and 3, timing stopped after 30 s, so the slowest arch at 512x1024 takes about a minute."""
-    cuda = device.type == "cuda"
-    args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
-    args.runs = (10 if cuda else 3) if args.runs is None else args.runs
-    args.time_limit = (None if cuda else 30.0) if args.time_limit is None else args.time_limit or None
-
-
-def print_cost_row(args: argparse.Namespace) -> None:
-    """The second study's results columns, a row per model: params (an aux head's apart: only training uses it),
-    GMACs, latency, throughput, and how many runs each timing took."""
-    size = hw_pair(args.size) or (512, 1024)
-    device = torch.device(args.device)
-    amp_dtype = amp_dtype_for(args.amp, device)
-    timing_defaults(args, device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if not args.train:
-        limit = f", each timing stopped after {args.time_limit:g} s" if args.time_limit else ""
-        print(
-            f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
-            f"channels_last {args.channels_last}, compile {args.compile}, "
-            f"median of up to {args.runs} runs after {args.warmup}{limit}"
-        )
-        print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
-              "images/s (batch) | runs timed | memory format |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-    for arch, model in cost_models(args):
-        (trainable, total), aux = count_params(model), aux_params(model)
-        macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
-        model = place(model.eval(), arch, args.channels_last, device)
-        if args.compile:
-            model = torch.compile(model)
-        if args.train:
-            print_train_row(args, model, arch, size, conv_macs, device, amp_dtype)
-            continue
-        timing = benchmark(model, size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.time_limit)
-        print(
-            f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
-            f"{macs:.2f} | {conv_macs:.2f} | {timing['latency_ms']:.2f} | {timing['images_per_s']:.2f} "
-            f"({args.batch_size}) | {' / '.join(map(str, timing['timed']))} | {format_name(model)} |"
-        )
-
-
-@torch.no_grad()
-def print_runtime_rows(args: argparse.Namespace) -> None:
-    """--benchmark --runtimes: batch-1 CPU latency of each model in eager PyTorch (contiguous and channels_last) and
-    in ONNX Runtime (exported to a temporary file, as --export-onnx exports)."""
-    size, cpu = hw_pair(args.size) or (512, 1024), torch.device("cpu")
-    timing_defaults(args, cpu)
-    print(f"batch-1 latency (ms) at {size[0]}x{size[1]} on the CPU ({torch.get_num_threads()} threads), median of "
-          f"up to {args.runs} runs after {args.warmup}; torch {torch.__version__}, "
-          f"onnxruntime {onnx_runtime().__version__}")
-    print("| arch | eager, contiguous | eager, channels_last | ONNX Runtime |")
-    print("|---|---|---|---|")
-    median = lambda step: time_steps(step, cpu, args.warmup, args.runs, args.time_limit)["seconds"]  # noqa: E731
-    for arch, model in cost_models(args):
-        model, x, row = model.eval(), torch.randn(1, 3, *size), []
-        for memory_format in (torch.contiguous_format, torch.channels_last):
-            model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
-            row.append(median(partial(model, x)))
-        model, x = model.to(memory_format=torch.contiguous_format), x.contiguous()
-        with tempfile.TemporaryDirectory() as folder:
-            export_onnx(model, Path(folder) / "model.onnx", size, {})
-            row.append(median(partial(OnnxModel(Path(folder) / "model.onnx"), x)))
-        print(f"| {arch} | " + " | ".join(f"{1000 * seconds:.1f}" for seconds in row) + " |")
+    for name in ARCHS if arch == "all" else (arch,):
+        stride = output_stride if "resnet" in name and name.startswith("deeplabv3") else None
+        yield name, build_model(name, num_classes or 19, output_stride=stride)
 
 
 def format_name(model: nn.Module) -> str:
     return "channels_last" if memory_format_of(model) == torch.channels_last else "contiguous"
 
 
-def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
+def print_train_row(
+    model: nn.Module, arch: str, size: tuple[int, int], macs: float, batch_size: int, device: torch.device,
+    amp_dtype: torch.dtype | None, timing: Timing,
+) -> None:
     """Training throughput (in channels_last also the contiguous figure, measured after it, for comparison); on CUDA
     also the achieved TFLOP/s (a training step is counted as 3x the forward FLOPs) beside the GPU's dense bf16
     peak, which gives the model-FLOPs utilisation."""
-    timing = (size, args.batch_size, device, amp_dtype, args.warmup, args.runs, args.time_limit)
-    result, chosen = train_benchmark(model, *timing), format_name(model)
-    where = f"{device}, dtype {amp_dtype or torch.float32}, batch {args.batch_size}"
-    print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {result['timed']} after {args.warmup}")
+    settings = (size, batch_size, device, amp_dtype, timing.warmup, timing.runs, timing.limit)
+    result, chosen = train_benchmark(model, *settings), format_name(model)
+    where = f"{device}, dtype {amp_dtype or torch.float32}, batch {batch_size}"
+    print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {result['timed']} after {timing.warmup}")
     line = f"train: {result['images_per_s']:.2f} images/s ({chosen})"
     if chosen == "channels_last":
-        contiguous = train_benchmark(model.to(memory_format=torch.contiguous_format), *timing)
+        contiguous = train_benchmark(model.to(memory_format=torch.contiguous_format), *settings)
         line += f" | contiguous {contiguous['images_per_s']:.2f} images/s"
     line += f" | peak memory {result['peak_memory_gib']:.2f} GiB"
     if device.type == "cuda":
@@ -962,135 +1016,198 @@ def print_train_row(args, model, arch, size, macs, device, amp_dtype) -> None:
     print(line)
 
 
-# ---- a checkpoint: evaluate it, predict with it, export it -----------------------------------------------------------
+def print_cost_rows(
+    models: Iterator[tuple[str, nn.Module]], size: tuple[int, int], batch_size: int, device: torch.device,
+    amp: str = "off", channels_last: str = "auto", compile: bool = False, timing: Timing | None = None,
+    train: bool = False,
+) -> None:
+    """The second study's results columns, a row per model: params (an aux head's apart: only training uses it),
+    GMACs, latency, throughput, and how many runs each timing took; with `train`, training steps instead."""
+    amp_dtype, timing = amp_dtype_for(amp, device), timing or Timing.for_device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if not train:
+        limit = f", each timing stopped after {timing.limit:g} s" if timing.limit else ""
+        print(f"measured on {device} ({where}), torch {torch.__version__}, dtype {amp_dtype or torch.float32}, "
+              f"channels_last {channels_last}, compile {compile}, median of up to {timing.runs} runs after "
+              f"{timing.warmup}{limit}")
+        print("| arch | input | trainable params | total params | GMACs | GMACs (conv) | latency (ms, batch 1) | "
+              "images/s (batch) | runs timed | memory format |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for arch, model in models:
+        (trainable, total), aux = count_params(model), aux_params(model)
+        macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
+        model = place(model.eval(), arch, channels_last, device)
+        model = torch.compile(model) if compile else model
+        if train:
+            print_train_row(model, arch, size, conv_macs, batch_size, device, amp_dtype, timing)
+            continue
+        result = benchmark(model, size, batch_size, device, amp_dtype, timing.warmup, timing.runs, timing.limit)
+        print(f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
+              f"{macs:.2f} | {conv_macs:.2f} | {result['latency_ms']:.2f} | {result['images_per_s']:.2f} "
+              f"({batch_size}) | {' / '.join(map(str, result['timed']))} | {format_name(model)} |")
 
 
-def eval_size(args: argparse.Namespace, run: dict) -> tuple[int, int] | None:
+@torch.no_grad()
+def print_runtime_rows(models: Iterator[tuple[str, nn.Module]], size: tuple[int, int], timing: Timing) -> None:
+    """Batch-1 CPU latency of each model in eager PyTorch (contiguous and channels_last) and in ONNX Runtime
+    (exported to a temporary file, as --export-onnx exports)."""
+    cpu = torch.device("cpu")
+    print(f"batch-1 latency (ms) at {size[0]}x{size[1]} on the CPU ({torch.get_num_threads()} threads), median of "
+          f"up to {timing.runs} runs after {timing.warmup}; torch {torch.__version__}, "
+          f"onnxruntime {onnx_runtime().__version__}")
+    print("| arch | eager, contiguous | eager, channels_last | ONNX Runtime |")
+    print("|---|---|---|---|")
+    median = lambda step: time_steps(step, cpu, timing.warmup, timing.runs, timing.limit)["seconds"]  # noqa: E731
+    for arch, model in models:
+        model, x, row = model.eval(), torch.randn(1, 3, *size), []
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
+            row.append(median(partial(model, x)))
+        model, x = model.to(memory_format=torch.contiguous_format), x.contiguous()
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(model, Path(folder) / "model.onnx", size, {})
+            row.append(median(partial(OnnxModel(Path(folder) / "model.onnx"), x)))
+        print(f"| {arch} | " + " | ".join(f"{1000 * seconds:.1f}" for seconds in row) + " |")
+
+
+# ---- command line: each mode a thin layer over the functions above --------------------------------------------------
+
+
+def eval_size(size: list | None, trained: list | None) -> tuple[int, int] | None:
     """--size H W, or `--size off` (each image as it is), or else the size the checkpoint was trained at."""
-    if args.size == ["off"]:
+    if size == ["off"]:
         return None
-    if args.size and "off" in args.size:
-        raise DatasetError(f"--size takes H W or off, got {' '.join(map(str, args.size))}")
-    return hw_pair(args.size) if args.size else hw_pair(run.get("size"))
+    if size and "off" in size:
+        raise DatasetError(f"--size takes H W or off, got {' '.join(map(str, size))}")
+    return hw_pair(size) if size else hw_pair(trained)
 
 
-def predict_onnx(args: argparse.Namespace) -> dict:
-    """--predict with --onnx and no checkpoint: the class map and input size come from the file's metadata."""
-    model = OnnxModel(args.onnx)
-    if "class_map" not in model.metadata:
-        raise ModelError(f"--onnx {args.onnx} has no class map in its metadata: pass the --checkpoint it came from")
-    size = eval_size(args, {"size": json.loads(model.metadata["size"])})
-    class_map = ClassMap.from_dict(json.loads(model.metadata["class_map"]))
-    out = args.out or Path("predictions")
-    return predict_images(model, args.predict, out, size, args, class_map)
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    return InferenceOptions(args.tta, hw_pair(args.sliding_window, "--sliding-window"), args.stride or 0, args.amp)
 
 
-def window_and_stride(args: argparse.Namespace) -> tuple[tuple[int, int] | None, int]:
-    """--sliding-window and its --stride (default: half the window's smaller side)."""
-    window = hw_pair(args.sliding_window, "--sliding-window")
-    return window, args.stride or (min(window) // 2 if window else 0)
+def data_source(args: argparse.Namespace, run: dict) -> tuple[Path | None, str, float | None]:
+    """The data, layout and validation hold-out of --data and its flags, else those the checkpoint's run used."""
+    if args.data is not None:
+        return args.data, args.layout, args.val_fraction
+    return (Path(run["data"]) if run.get("data") else None), run.get("layout", "auto"), run.get("val_fraction")
 
 
-def inference(args: argparse.Namespace) -> Callable:
-    """infer(model, x): the logits of `x` with --tta and --sliding-window applied."""
-    window, stride = window_and_stride(args)
-    return lambda m, x: predict_logits(m, x, args.tta, window, stride)
-
-
-def picture_writer(args: argparse.Namespace, dataset: Dataset) -> Callable:
-    """evaluate()'s on_batch for --save-predictions (batches of one): each image's prediction files and its labels."""
-    names = iter(Path(image.stem) for image, _ in dataset.pairs)
-    ids = class_ids(dataset.class_map) if args.label_ids else None
-
-    def on_batch(image: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        conf, pred = logits[0].softmax(0).max(0)
-        write_prediction(
-            args.save_predictions / next(names), image[0].permute(1, 2, 0).numpy(), pred.cpu().numpy(),
-            dataset.class_map, conf.cpu().numpy() if args.save_probs else None, target[0].cpu().numpy(), ids,
-        )
-
-    return on_batch
-
-
-def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    """Metrics, bootstrap interval, optional paired comparison, pictures and JSON for one checkpoint; or its
-    predictions for --predict images (through ONNX Runtime with --onnx)."""
-    checkpoint = load_checkpoint(args.checkpoint)
-    names = checkpoint["class_names"]
-    class_map = checkpoint_class_map(checkpoint)
-    run = checkpoint["args"]
-    size = eval_size(args, run)
-    data, layout, val_fraction = data_source(args, run)
-    device = torch.device(args.device)
-    if args.onnx:  # the checkpoint gives the classes, size and data; ONNX Runtime runs the exported model
-        model = OnnxModel(args.onnx)
-    else:
-        model = place(model_from_checkpoint(checkpoint, args.checkpoint), run["arch"], args.channels_last, device)
-    window, stride = window_and_stride(args)
-    if args.predict:
-        out = args.out or args.save_predictions or Path("predictions")
-        return predict_images(model, args.predict, out, size, args, class_map)
-
-    dataset = build_dataset(
-        data, layout, args.split, TransformConfig(size=size, train=False), class_map, args.seed, False, val_fraction
-    )
-    pictures = args.save_predictions
-    loader = DataLoader(
-        dataset, batch_size=1 if pictures else args.batch_size, num_workers=args.workers, collate_fn=collate
-    )
-    on_batch = picture_writer(args, dataset) if pictures else None
-    amp_dtype = amp_dtype_for(args.amp, device)
-    result = evaluate(model, loader, None, device, len(names), amp_dtype, args.tta, window, stride, on_batch)
-    confusions = result.pop("confusions")
-    boot = bootstrap_miou(confusions, resamples=args.bootstrap, seed=args.seed)[0]
-    result.update(checkpoint=str(args.checkpoint), split=args.split, images=len(dataset), class_names=names)
-    result["miou_ci"] = interval(boot)
-
-    runtime = f", run by ONNX Runtime from {args.onnx}" if args.onnx else ""
-    print(f"{args.checkpoint} on split {args.split!r} ({len(dataset)} images, tta {args.tta}{runtime})")
+def print_metrics(result: dict, bootstrap: int) -> None:
     lo, hi = result["miou_ci"]
-    print(
-        f"mIoU {result['miou']:.4f} (95% CI [{lo:.4f}, {hi:.4f}], {args.bootstrap} bootstrap resamples of the images)"
-    )
+    print(f"mIoU {result['miou']:.4f} (95% CI [{lo:.4f}, {hi:.4f}], {bootstrap} bootstrap resamples of the images)")
     print(f"pixel acc {result['pixel_acc']:.4f}")
     print(f"  {'class':<20} {'IoU':>7} {'share':>7} {'precision':>9} {'recall':>7}")
-    for row in zip(names, result["iou"], result["share"], result["precision"], result["recall"]):
+    for row in zip(result["class_names"], result["iou"], result["share"], result["precision"], result["recall"]):
         print(f"  {row[0]:<20} " + " ".join(f"{v:>{w}.4f}" for v, w in zip(row[1:], (7, 7, 9, 7))))
 
+
+def compare_command(args: argparse.Namespace, dataset: SegmentationDataset, result: dict, confusions: torch.Tensor
+                    ) -> dict:
+    """--compare-checkpoint: the paired bootstrap of the second model against the first, on the same images."""
+    other = load_checkpoint(args.compare_checkpoint)
+    if other["num_classes"] != len(result["class_names"]):
+        raise ModelError(f"--compare-checkpoint has {other['num_classes']} classes, --checkpoint "
+                         f"{len(result['class_names'])}")
+    model = model_with_classes(other, args.compare_checkpoint, args.device, args.channels_last)
+    theirs, their_confusions = evaluate_dataset(model, dataset, options=inference_options(args),
+                                                batch_size=args.batch_size, workers=args.workers,
+                                                bootstrap=args.bootstrap, seed=args.seed)
+    comparison = compare_verdict(confusions, their_confusions, args.bootstrap, args.seed)
+    comparison.update(a=str(args.checkpoint), b=str(args.compare_checkpoint), miou_b=theirs["miou"])
+    print(f"A = {args.checkpoint} (mIoU {result['miou']:.4f})")
+    print(f"B = {args.compare_checkpoint} (mIoU {theirs['miou']:.4f})")
+    print(f"{comparison['verdict']} (B ahead in {comparison['share_above_zero']:.1%} of resamples)")
+    return comparison
+
+
+def predict_command(args: argparse.Namespace, model: nn.Module, class_map: ClassMap, size: tuple[int, int] | None
+                    ) -> dict:
+    out = args.out or args.save_predictions or Path("predictions")
+    return predict_images(model, args.predict, out, class_map, size=size, recursive=args.recursive,
+                          options=inference_options(args), batch_size=args.batch_size, workers=args.workers,
+                          save_probs=args.save_probs, label_ids=args.label_ids)
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    """--checkpoint: metrics, bootstrap interval, optional paired comparison, pictures and JSON; or the predictions
+    of --predict images. With --onnx, ONNX Runtime runs the exported model and no PyTorch model is built."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    run, class_map = checkpoint["args"], checkpoint_class_map(checkpoint)
+    model = OnnxModel(args.onnx) if args.onnx else model_with_classes(
+        checkpoint, args.checkpoint, args.device, args.channels_last)
+    size = eval_size(args.size, run.get("size"))
+    if args.predict:
+        return predict_command(args, model, class_map, size)
+    data, layout, val_fraction = data_source(args, run)
+    transform = TransformConfig(size=size, train=False)
+    dataset = build_dataset(data, layout, args.split, transform, class_map, args.seed, val_fraction=val_fraction)
+    result, confusions = evaluate_dataset(
+        model, dataset, options=inference_options(args), batch_size=args.batch_size, workers=args.workers,
+        bootstrap=args.bootstrap, seed=args.seed, pictures=args.save_predictions, save_probs=args.save_probs,
+        label_ids=args.label_ids,
+    )
+    result.update(checkpoint=str(args.checkpoint), split=args.split)
+    runtime = f", run by ONNX Runtime from {args.onnx}" if args.onnx else ""
+    print(f"{args.checkpoint} on split {args.split!r} ({len(dataset)} images, tta {args.tta}{runtime})")
+    print_metrics(result, args.bootstrap)
     if args.compare_checkpoint:
-        other = load_checkpoint(args.compare_checkpoint)
-        if other["num_classes"] != len(names):
-            raise ModelError(f"--compare-checkpoint has {other['num_classes']} classes, --checkpoint {len(names)}")
-        other_model = place(model_from_checkpoint(other, args.compare_checkpoint), other["args"]["arch"],
-                            args.channels_last, device)
-        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate)
-        theirs = evaluate(other_model, loader, None, device, len(names), amp_dtype, args.tta, window, stride)
-        result["comparison"] = compare_verdict(confusions, theirs["confusions"], args.bootstrap, args.seed)
-        result["comparison"].update(a=str(args.checkpoint), b=str(args.compare_checkpoint), miou_b=theirs["miou"])
-        print(f"A = {args.checkpoint} (mIoU {result['miou']:.4f})")
-        print(f"B = {args.compare_checkpoint} (mIoU {theirs['miou']:.4f})")
-        share = result["comparison"]["share_above_zero"]
-        print(f"{result['comparison']['verdict']} (B ahead in {share:.1%} of resamples)")
+        result["comparison"] = compare_command(args, dataset, result, confusions)
     if args.confusion:
-        plot_confusion(confusions.sum(0), names, args.confusion)
+        plot_confusion(confusions.sum(0), result["class_names"], args.confusion)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def checkpoint_class_map(checkpoint: dict) -> ClassMap:
-    """The class map the model was trained with (checkpoints written before class maps: its layout's table, or
-    ids 0..C-1 for the folder layout)."""
-    if "class_map" in checkpoint:
-        return ClassMap.from_dict(checkpoint["class_map"])
-    names = tuple(checkpoint["class_names"])
-    for table in (offroad_table(), cityscapes_table()):
-        if names == table.names:
-            return table.class_map("index")
-    return numbered_table(len(names), list(names)).class_map("index")
+def predict_onnx_command(args: argparse.Namespace) -> dict:
+    """--predict with --onnx and no checkpoint: the class map and input size come from the file's metadata."""
+    model = OnnxModel(args.onnx)
+    if "class_map" not in model.metadata:
+        raise ModelError(f"--onnx {args.onnx} has no class map in its metadata: pass the --checkpoint it came from")
+    size = eval_size(args.size, json.loads(model.metadata["size"]))
+    return predict_command(args, model, ClassMap.from_dict(json.loads(model.metadata["class_map"])), size)
 
 
-# ---- command line ----------------------------------------------------------------------------------------------------
+def export_images(args: argparse.Namespace, run: dict, class_map: ClassMap) -> tuple[list[torch.Tensor], str]:
+    """Up to two images to check an export on, and where they come from: the --predict images, else the
+    checkpoint's validation split, else none (random input)."""
+    try:
+        if args.predict:
+            return [read_image(path) for path, _ in find_images(args.predict, args.recursive)[:2]], "--predict images"
+        data, layout, val_fraction = data_source(args, run)
+        transform = TransformConfig(train=False)
+        dataset = build_dataset(data, layout, args.split, transform, class_map, args.seed, val_fraction=val_fraction)
+        return [dataset[i][0] for i in range(min(2, len(dataset)))], f"images of split {args.split!r}"
+    except DatasetError as e:
+        if args.predict:
+            raise
+        return [], f"random input ({one_line(e)})"
+
+
+def export_command(args: argparse.Namespace) -> dict:
+    """--export-onnx: the checkpoint's model (CPU, contiguous), checked on two batches at two sizes."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    model, run = model_from_checkpoint(checkpoint, args.checkpoint).eval(), checkpoint["args"]
+    class_map, size = checkpoint_class_map(checkpoint), eval_size(args.size, run.get("size"))
+    images, source = export_images(args, run, class_map)
+    batches = check_batches(images, size, args.seed)
+    metadata = {"class_map": json.dumps(class_map.to_dict()), "size": json.dumps(size), "arch": run["arch"],
+                "input": "float32 RGB [B, 3, H, W], (pixel / 255 - mean) / std",
+                "mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
+    return export_model(model, args.export_onnx, batches, source, metadata)
+
+
+def benchmark_command(args: argparse.Namespace) -> None:
+    """--benchmark: the cost table (or, with --train, training steps; with --runtimes, CPU runtimes)."""
+    size, device = hw_pair(args.size) or (512, 1024), torch.device("cpu" if args.runtimes else args.device)
+    models = cost_models(args.checkpoint, args.arch, args.num_classes, args.output_stride)
+    timing = Timing.for_device(device, args.warmup, args.runs, args.time_limit)
+    if args.runtimes:
+        print_runtime_rows(models, size, timing)
+    else:
+        print_cost_rows(models, size, args.batch_size, device, args.amp, args.channels_last, args.compile, timing,
+                        args.train)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1098,16 +1215,14 @@ def main(args: argparse.Namespace) -> None:
         if args.compare:
             files = compare_runs(args.compare, args.report)
             print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
-        elif args.benchmark and args.runtimes:
-            print_runtime_rows(args)
         elif args.benchmark:
-            print_cost_row(args)
+            benchmark_command(args)
         elif args.checkpoint is not None and args.export_onnx is not None:
-            export_checkpoint(args)
+            export_command(args)
         elif args.checkpoint is not None:
-            evaluate_checkpoint(args)
+            evaluate_command(args)
         elif args.predict and args.onnx:
-            predict_onnx(args)
+            predict_onnx_command(args)
         else:
             sys.exit("error: give --checkpoint (evaluate, --predict, --export-onnx), --benchmark (cost table), "
                      "--compare RUN... (report) or --predict with --onnx")
@@ -1119,68 +1234,68 @@ def size_value(text: str) -> int | str:
     return text if text == "off" else int(text)
 
 
+def add_inference_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--size", type=size_value, nargs="+", default=None,
+                       help="resize to H W, or off (default: as trained)")
+    group.add_argument("--batch-size", type=int, default=4)
+    group.add_argument("--workers", type=int, default=2)
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--amp", default="off", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
+    group.add_argument("--tta", default="none", choices=tuple(TTA_SCALES),
+                       help="flip, or ms: scales 0.75/1/1.25 + flip")
+    group.add_argument("--sliding-window", type=int, nargs="+", default=None, metavar="H W", help="predict by windows")
+    group.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half a window)")
+    group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                       help="memory format (auto: channels_last where measured faster for the arch and device)")
+
+
+def add_output_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CI of mIoU")
+    group.add_argument("--compare-checkpoint", type=Path, default=None, help="paired bootstrap against this model")
+    group.add_argument("--confusion", type=Path, default=None, help="write the row-normalised confusion matrix PNG")
+    group.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
+                       help="write each image's prediction files here")
+    group.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    group.add_argument("--predict", nargs="+", default=None, metavar="PATH",
+                       help="predict images: files, folders or glob patterns")
+    group.add_argument("--out", type=Path, default=None, help="--predict: output folder (default: predictions)")
+    group.add_argument("--recursive", action="store_true", help="--predict: images in subfolders too")
+    group.add_argument("--save-probs", action="store_true", help="also write NAME_conf.png, the max softmax")
+    group.add_argument("--label-ids", action="store_true", help="NAME.png in the masks' own ids (Cityscapes labelIds)")
+    group.add_argument("--export-onnx", type=Path, default=None, metavar="OUT", help="export to ONNX and check it")
+    group.add_argument("--onnx", type=Path, default=None, help="predict or evaluate with this file in ONNX Runtime")
+
+
+def add_benchmark_args(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--benchmark", action="store_true", help="print the cost row: params, GMACs, latency")
+    group.add_argument("--train", action="store_true", help="--benchmark training steps instead of inference")
+    group.add_argument("--arch", default="deeplabv2_resnet101", choices=(*ARCHS, "all"),
+                       help="model for --benchmark (all: each)")
+    group.add_argument("--output-stride", type=int, default=None, choices=(8, 16),
+                       help="--benchmark: of the ResNet DeepLabV3/V3+ archs")
+    group.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
+    group.add_argument("--runtimes", action="store_true",
+                       help="--benchmark CPU latency: eager, channels_last, ONNX Runtime")
+    group.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
+    group.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")
+    group.add_argument("--time-limit", type=float, default=None, metavar="S",
+                       help="stop timing after S s (CPU 30; 0: never)")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Evaluate, compare and benchmark DeepLab models", add_help=add_help)
     parser.add_argument("--checkpoint", type=Path, default=None, help="best.pth or last.pth of a run")
-    add_data_args(parser)
-    parser.add_argument("--split", default="val", help="split to evaluate")
-    parser.add_argument(
-        "--size", type=size_value, nargs="+", default=None, help="resize to H W, or off (default: as trained)"
-    )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", default="off", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
-    parser.add_argument(
-        "--tta", default="none", choices=tuple(TTA_SCALES), help="flip, or ms: scales 0.75/1/1.25 + flip"
-    )
-    parser.add_argument("--sliding-window", type=int, nargs="+", default=None, metavar="H W", help="predict by windows")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half a window)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CI of mIoU")
-    parser.add_argument("--compare-checkpoint", type=Path, default=None, help="paired bootstrap against this model")
-    parser.add_argument("--confusion", type=Path, default=None, help="write the row-normalised confusion matrix PNG")
-    parser.add_argument(
-        "--save-predictions", type=Path, default=None, metavar="DIR", help="write each image's prediction files here"
-    )
-    parser.add_argument(
-        "--predict", nargs="+", default=None, metavar="PATH", help="predict images: files, folders or glob patterns"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="--predict: output folder (default: predictions)")
-    parser.add_argument("--recursive", action="store_true", help="--predict: images in subfolders too")
-    parser.add_argument("--save-probs", action="store_true", help="also write NAME_conf.png, the max softmax")
-    parser.add_argument("--label-ids", action="store_true", help="NAME.png in the masks' own ids (Cityscapes labelIds)")
-    parser.add_argument("--export-onnx", type=Path, default=None, metavar="OUT", help="export to ONNX and check it")
-    parser.add_argument("--onnx", type=Path, default=None, help="predict or evaluate with this file in ONNX Runtime")
-    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
-    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN", help="run folders to compare")
-    parser.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
-    parser.add_argument("--benchmark", action="store_true", help="print the cost row: params, GMACs, latency")
-    parser.add_argument("--train", action="store_true", help="--benchmark training steps instead of inference")
-    parser.add_argument(
-        "--arch", default="deeplabv2_resnet101", choices=(*ARCHS, "all"), help="model for --benchmark (all: each)"
-    )
-    parser.add_argument(
-        "--output-stride",
-        type=int,
-        default=None,
-        choices=(8, 16),
-        help="--benchmark: of the ResNet DeepLabV3/V3+ archs",
-    )
-    parser.add_argument(
-        "--channels-last", default="auto", choices=("auto", "on", "off"),
-        help="memory format (auto: channels_last where measured faster for the arch and device)",
-    )
-    parser.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
-    parser.add_argument(
-        "--runtimes", action="store_true", help="--benchmark CPU latency: eager, channels_last, ONNX Runtime"
-    )
-    parser.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
-    parser.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")
-    parser.add_argument(
-        "--time-limit", type=float, default=None, metavar="S", help="stop timing after S s (CPU 30; 0: never)"
-    )
+    data = parser.add_argument_group("data")
+    add_data_args(data)
+    data.add_argument("--split", default="val", help="split to evaluate")
+    add_inference_args(parser.add_argument_group("inference"))
+    add_output_args(parser.add_argument_group("outputs: metrics, pictures, predictions, ONNX"))
+    comparison = parser.add_argument_group("comparing runs")
+    comparison.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN",
+                            help="run folders to compare")
+    comparison.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
+    add_benchmark_args(parser.add_argument_group("benchmarks"))
     return parser
-
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

@@ -28,6 +28,8 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dataset import ClassMap, cityscapes_table, hw_pair, numbered_table, offroad_table
+
 ARCHS = (
     "deeplabv3_mobilenet_v3_large",
     "deeplabv3_resnet50",
@@ -394,6 +396,43 @@ def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
                         aux=bool(run.get("aux_loss")))
     load_weights(model, checkpoint, path)
     return model
+
+
+def checkpoint_class_map(checkpoint: dict) -> ClassMap:
+    """The class map the model was trained with (checkpoints written before class maps: its layout's table, or
+    ids 0..C-1 for the folder layout)."""
+    if "class_map" in checkpoint:
+        return ClassMap.from_dict(checkpoint["class_map"])
+    names = tuple(checkpoint["class_names"])
+    for table in (offroad_table(), cityscapes_table()):
+        if names == table.names:
+            return table.class_map("index")
+    return numbered_table(len(names), list(names)).class_map("index")
+
+
+def model_with_classes(
+    checkpoint: dict, path: Path, device: str | torch.device = "cpu", channels_last: str = "auto"
+) -> SegmentationModel:
+    """load_model for a checkpoint already read from `path`."""
+    run = checkpoint["args"]
+    model = place(model_from_checkpoint(checkpoint, path), run["arch"], channels_last, torch.device(device)).eval()
+    model.class_map = checkpoint_class_map(checkpoint)
+    model.class_names, model.palette = list(model.class_map.names), model.class_map.palette
+    model.size, model.arch, model.run = hw_pair(run.get("size")), run["arch"], run
+    return model
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", channels_last: str = "auto"
+) -> SegmentationModel:
+    """A trained model from its checkpoint (best.pth or last.pth), in eval mode on `device`, ready to predict:
+
+        model = load_model("runs/x/best.pth")
+        model.class_names, model.palette  # the class table it was trained with, and each class's colour
+        model.size                        # the (H, W) it was trained at (None: each image as it is)
+
+    It also keeps `class_map` (how mask values map to classes), `arch` and `run` (the training run's arguments)."""
+    return model_with_classes(load_checkpoint(Path(path)), Path(path), device, channels_last)
 
 
 def load_init(model: SegmentationModel, path: Path) -> str:

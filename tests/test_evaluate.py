@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from evaluate import (
     sliding_window,
 )
 from losses import CrossEntropyLoss
-from models import ARCHS, build_model
+from models import ARCHS, build_model, load_model
 
 
 def test_confusion_matrix_metrics_on_a_hand_made_case():
@@ -400,3 +401,42 @@ def test_a_missing_onnx_package_is_named_in_one_line(checkpoint, tmp_path, monke
         run_cli("--checkpoint", str(checkpoint), "--export-onnx", str(tmp_path / "m.onnx"))
     assert e.value.code == "error: ONNX needs the package onnxscript: pip install -r requirements.txt"
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_readme_python_example_runs_and_agrees_with_the_command_line(checkpoint, tiny_demo, tmp_path,
+                                                                          monkeypatch):
+    """README's "Use from Python" block, run as written (placeholders replaced by real files), against the
+    command line's prediction files and --json numbers."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Use from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    frames = sorted((tiny_demo / "val" / "Color_Images").glob("*.png"))
+    Image.open(frames[0]).save(tmp_path / "a.jpg", quality=95)
+    shutil.copy(frames[1], tmp_path / "b.png")
+    monkeypatch.chdir(tmp_path)
+    code = code.replace("runs/x/best.pth", str(checkpoint)).replace("path/to/data", str(tiny_demo))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    masks, probs, report, model = namespace["masks"], namespace["probs"], namespace["report"], namespace["model"]
+    run_cli("--checkpoint", str(checkpoint), "--predict", "a.jpg", "b.png", "--out", "cli", "--json", "m.json")
+    for name, mask in zip(("a", "b"), masks):
+        assert mask.dtype == np.uint8 and np.array_equal(np.asarray(Image.open(f"cli/{name}.png")), mask)
+    assert probs.shape == (10, *masks[0].shape) and np.allclose(probs.sum(0), 1, atol=1e-4)
+    assert np.array_equal(probs.argmax(0), masks[0]) and not model.training
+    assert model.class_names == [name for _, name in OFFROAD_CLASSES]
+    run_cli("--checkpoint", str(checkpoint), "--json", "m.json")
+    cli = json.loads(Path("m.json").read_text())
+    for key in ("miou", "pixel_acc", "iou", "miou_ci", "images", "class_names"):
+        assert report[key] == pytest.approx(cli[key]), key
+
+
+def test_predict_takes_paths_pil_images_and_arrays_and_keeps_each_images_size(checkpoint, tmp_path):
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (33, 47, 3), dtype=np.uint8)]
+    Image.fromarray(arrays[0]).save(tmp_path / "x.png")
+    from_path, from_pil = evaluate_module.predict(model, [tmp_path / "x.png", Image.fromarray(arrays[1])])
+    assert from_path.shape == (40, 56) and from_pil.shape == (33, 47)
+    assert np.array_equal(from_path, evaluate_module.predict(model, arrays[0]))
+    assert np.array_equal(from_path, expected_classes(model, tmp_path / "x.png")[0])  # the model's own argmax
+    with pytest.raises(DatasetError, match="HxWx3 uint8"):
+        evaluate_module.predict(model, np.zeros((4, 4, 3), np.float32))
