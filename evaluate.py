@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import html
 import json
 import math
 import resource
@@ -63,6 +64,7 @@ from models import (
     count_macs,
     count_params,
     load_checkpoint,
+    load_model,
     memory_format_of,
     model_from_checkpoint,
     model_with_classes,
@@ -305,20 +307,36 @@ def colourize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return lut[mask.astype(np.uint8)]
 
 
-def with_legend(picture: np.ndarray, classes: list[int], class_map: ClassMap) -> np.ndarray:
-    """The picture [H, W, 3] with a white panel on its right naming `classes` beside their colours, so that it
-    can be read without the class table (the picture is padded below when the list is the taller)."""
+def legend(picture: np.ndarray, entries: list[tuple[tuple, str]]) -> np.ndarray:
+    """`picture` [H, W, 3] with a white panel on its right naming each (colour, name) entry beside its colour."""
     font = ImageFont.load_default()
-    names = [class_map.names[c] for c in classes]
-    row, width = 14, 28 + max((int(font.getlength(name)) for name in names), default=0)
-    panel = Image.new("RGB", (width, max(picture.shape[0], 8 + row * len(classes))), "white")
+    row, width = 14, 28 + max((int(font.getlength(name)) for _, name in entries), default=0)
+    panel = Image.new("RGB", (width, max(picture.shape[0], 8 + row * len(entries))), "white")
     draw = ImageDraw.Draw(panel)
-    for k, (c, name) in enumerate(zip(classes, names)):
+    for k, (colour, name) in enumerate(entries):
         y = 4 + k * row
-        draw.rectangle((4, y, 15, y + 11), fill=tuple(int(v) for v in class_map.palette[c]), outline="black")
+        draw.rectangle((4, y, 15, y + 11), fill=tuple(int(v) for v in colour), outline="black")
         draw.text((20, y), name, fill="black", font=font)
     picture = np.pad(picture, ((0, panel.height - picture.shape[0]), (0, 0), (0, 0)), constant_values=255)
     return np.concatenate([picture, np.asarray(panel)], axis=1)
+
+
+def with_legend(picture: np.ndarray, classes: list[int], class_map: ClassMap) -> np.ndarray:
+    """The picture [H, W, 3] with a white panel on its right naming `classes` beside their colours, so that it
+    can be read without the class table (the picture is padded below when the list is the taller)."""
+    return legend(picture, [(class_map.palette[c], class_map.names[c]) for c in classes])
+
+
+ERROR_COLOURS = {"correct": (56, 168, 82), "wrong": (214, 39, 40), "ignored": (170, 170, 170)}
+
+
+def error_map(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Correct, wrong and ignored pixels in three plain colours."""
+    picture = np.empty((*target.shape, 3), np.uint8)
+    picture[pred == target] = ERROR_COLOURS["correct"]
+    picture[pred != target] = ERROR_COLOURS["wrong"]
+    picture[target == IGNORE_INDEX] = ERROR_COLOURS["ignored"]
+    return picture
 
 
 def class_ids(class_map: ClassMap) -> np.ndarray:
@@ -577,6 +595,9 @@ def evaluate_dataset(
     confusions = result.pop("confusions")
     result["miou_ci"] = interval(bootstrap_miou(confusions, resamples=bootstrap, seed=seed)[0])
     result.update(images=len(dataset), class_names=list(dataset.class_map.names))
+    result["images_per_class"] = (confusions.sum(-1) > 0).sum(0).tolist()  # images whose ground truth holds it
+    result["image_names"] = [image.name for image, _ in dataset.pairs]
+    result["per_image_miou"] = iou_from_confusion(confusions)[1].tolist()
     return result, confusions
 
 
@@ -596,6 +617,161 @@ def evaluate_model(
     dataset = build_dataset(data, layout, split, transform, model.class_map, seed, val_fraction=val_fraction)
     result, _ = evaluate_dataset(model, dataset, options=options, batch_size=batch_size, bootstrap=bootstrap, seed=seed)
     return {**result, "split": split}
+
+
+# ---- the HTML report: where a model fails, on one page that opens from disk ------------------------------------------
+
+REPORT_BEST = 4  # the best images shown beside the worst, for contrast
+PAGE_STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1500px}
+table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f0f0f0;cursor:pointer;user-select:none}td:first-child,th:first-child{text-align:left}
+.sw{display:inline-block;width:12px;height:12px;border:1px solid #000;margin-right:6px;vertical-align:middle}
+.na{color:#999}.figs img{max-width:48%;margin:4px}.case{margin:14px 0;padding:8px;border-top:1px solid #ddd}
+.case img{height:170px;margin-right:6px;vertical-align:top}.muted{color:#666}"""
+SORT_SCRIPT = """document.querySelectorAll('table.sortable th').forEach((th, col) =>
+ th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], rows = [...body.rows], up = th.dataset.dir !== 'up';
+  const key = r => { const v = r.cells[col].dataset.v; return v === undefined ? r.cells[col].textContent : +v; };
+  rows.sort((a, b) => { const x = key(a), y = key(b); if (Number.isNaN(x)) return 1; if (Number.isNaN(y)) return -1;
+    return (x > y ? 1 : x < y ? -1 : 0) * (up ? 1 : -1); });
+  th.dataset.dir = up ? 'up' : 'down'; rows.forEach(r => body.appendChild(r)); }));"""
+
+
+def page(title: str, body: list[str]) -> str:
+    """A whole HTML page with no outside resource: styles and the table-sorting script inline."""
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{PAGE_STYLE}</style></head>\n<body>\n" + "\n".join(body) + f"\n<script>{SORT_SCRIPT}</script>"
+            "\n</body></html>\n")
+
+
+def cell(value: float | None, digits: int = 4, percent: bool = False) -> str:
+    """A sortable number cell; NaN or None is n/a (sorted last)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '<td class="na" data-v="NaN">n/a</td>'
+    text = f"{value:.{digits - 2}%}" if percent else f"{value:.{digits}f}" if isinstance(value, float) else f"{value}"
+    return f'<td data-v="{value!r}">{text}</td>'
+
+
+def sortable_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Header names (escaped here) and rows of ready <td> cells."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    return (f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>\n'
+            + "\n".join(f"<tr>{''.join(r)}</tr>" for r in rows) + "\n</tbody></table>")
+
+
+def swatch(colour: np.ndarray | tuple) -> str:
+    return '<span class="sw" style="background:rgb({},{},{})"></span>'.format(*(int(c) for c in colour))
+
+
+def mistakes(mat: np.ndarray, names: list[str], top: int = 3) -> list[str]:
+    """`true -> predicted (share of the true class's pixels)` for the largest off-diagonal cells of a confusion
+    matrix [C, C], most pixels first."""
+    off = mat * (1 - np.eye(len(names), dtype=mat.dtype))
+    order = np.argsort(off, axis=None)[::-1][:top]
+    truth = mat.sum(1)
+    return [f"{names[t]} → {names[p]} ({off[t, p] / truth[t]:.0%})" for t, p in zip(*np.unravel_index(order, off.shape))
+            if off[t, p] > 0]
+
+
+def gallery_case(model: nn.Module, dataset: SegmentationDataset, index: int, score: float, mat: np.ndarray,
+                 folder: Path, options: InferenceOptions) -> str:
+    """One image's four pictures (image, ground truth, prediction, errors), each with its legend, as HTML."""
+    image, target = dataset[index]
+    x = normalize(image[None].to(device_of(model))).contiguous(memory_format=memory_format_of(model))
+    pred, target = options.logits(model, x)[0].argmax(0).cpu().numpy(), target.numpy()
+    class_map, name = dataset.class_map, dataset.pairs[index][0].stem
+    classes = lambda *masks: sorted(set().union(*(np.unique(m).tolist() for m in masks)) - {IGNORE_INDEX})  # noqa: E731
+    entries = lambda cs: [(class_map.palette[c], class_map.names[c]) for c in cs]  # noqa: E731
+    pictures = {
+        "image": image.permute(1, 2, 0).numpy(),
+        "truth": legend(colourize(target, class_map.palette), entries(classes(target))),
+        "prediction": legend(colourize(pred, class_map.palette), entries(classes(pred))),
+        "errors": legend(error_map(pred, target), [(c, n) for n, c in ERROR_COLOURS.items()]),
+    }
+    cells = []
+    for kind, picture in pictures.items():
+        Image.fromarray(picture).save(folder / f"{index:05d}_{kind}.png")
+        cells.append(f'<img src="images/{index:05d}_{kind}.png" alt="{kind}" title="{kind}">')
+    wrong = ", ".join(html.escape(m) for m in mistakes(mat, list(class_map.names))) or "none"
+    miou = "n/a" if math.isnan(score) else f"{score:.4f}"
+    return (f'<div class="case"><b>{html.escape(name)}</b> · image mIoU {miou} · most wrong: {wrong}<br>'
+            + "".join(cells) + "</div>")
+
+
+def report_plots(out: Path, result: dict, confusions: torch.Tensor, per_image: list[float]) -> list[str]:
+    """The confusion matrix, the per-image mIoU histogram and IoU against pixel share, as PNGs; their <img>s."""
+    names = result["class_names"]
+    plot_confusion(confusions.sum(0), names, out / "confusion.png")
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    scores = [s for s in per_image if not math.isnan(s)]
+    ax.hist(scores, bins=min(20, max(len(scores), 1)), range=(0, 1), color="#4c72b0")
+    ax.set(xlabel="per-image mIoU", ylabel="images", title=f"Per-image mIoU ({len(scores)} images)")
+    _save(fig, out / "per_image_miou.png")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    present = [i for i, share in enumerate(result["share"]) if share > 0]
+    ax.scatter([result["share"][i] for i in present], [result["iou"][i] for i in present], color="#dd8452")
+    for i in present:
+        ax.annotate(names[i], (result["share"][i], result["iou"][i]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="share of ground-truth pixels (log)", ylabel="IoU", ylim=(0, 1), title="Where rare classes stand")
+    _save(fig, out / "iou_vs_share.png")
+    return [f'<img src="{n}" alt="{n}">' for n in ("confusion.png", "per_image_miou.png", "iou_vs_share.png")]
+
+
+def mistaken_for(row: np.ndarray, c: int, names: list[str], top: int = 2) -> str:
+    """The classes a class's pixels are most often predicted as, with their share: `Road 12%, Car 3%`."""
+    off = row.astype(np.float64).copy()
+    off[c] = 0
+    picks = [p for p in np.argsort(off)[::-1][:top] if off[p] > 0]
+    return ", ".join(f"{names[p]} {off[p] / max(row.sum(), 1):.0%}" for p in picks)
+
+
+def class_rows(result: dict, palette: np.ndarray, confusions: torch.Tensor) -> list[list[str]]:
+    """The per-class table: the --json numbers, n/a for a class absent from the split's ground truth."""
+    total, names = confusions.sum(0).numpy(), result["class_names"]
+    rows = []
+    for c, name in enumerate(names):
+        absent = result["share"][c] == 0
+        rows.append([f"<td>{swatch(palette[c])}{html.escape(name)}</td>",
+                     cell(math.nan if absent else result["iou"][c]), cell(result["precision"][c]),
+                     cell(math.nan if absent else result["recall"][c]), cell(result["share"][c], percent=True),
+                     cell(result["images_per_class"][c]),
+                     f"<td>{html.escape(mistaken_for(total[c], c, names)) or '—'}</td>"])
+    return rows
+
+
+def write_report(out: Path, model: nn.Module, dataset: SegmentationDataset, result: dict, confusions: torch.Tensor,
+                 context: dict[str, str], options: InferenceOptions = InferenceOptions(), images: int = 12) -> Path:
+    """OUT/index.html: the headline, the per-class table, the confusion matrix, the per-image mIoU histogram, the
+    worst images (and a few of the best) with their pictures, IoU against pixel share. Every number is one of
+    `result`'s (the --json numbers); every name from the data is escaped."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scores = result["per_image_miou"]
+    order = sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), scores[i]))
+    worst = order[:images]
+    best = [i for i in reversed(order) if i not in worst and not math.isnan(scores[i])][:REPORT_BEST]
+    case = lambda i: gallery_case(model, dataset, i, scores[i], confusions[i].numpy(), out / "images", options)  # noqa: E731
+    lo, hi = result["miou_ci"]
+    headers = ["class", "IoU", "precision", "recall", "share of pixels", "images", "most often predicted as"]
+    body = [
+        f"<h1>Where the model fails: {html.escape(context.get('checkpoint', 'model'))}</h1>",
+        f"<p><b>mIoU {result['miou']:.4f}</b> (95% CI [{lo:.4f}, {hi:.4f}], bootstrap over the images) · "
+        f"pixel accuracy {result['pixel_acc']:.4f}</p>",
+        '<p class="muted">' + " · ".join(f"{html.escape(k)}: {html.escape(str(v))}" for k, v in context.items())
+        + "</p>",
+        "<h2>Per class</h2>", sortable_table(headers, class_rows(result, dataset.class_map.palette, confusions)),
+        "<h2>Confusion, per-image mIoU, rare classes</h2>",
+        '<div class="figs">' + "".join(report_plots(out, result, confusions, scores)) + "</div>",
+        f"<h2>The {len(worst)} worst images by mIoU</h2>",
+        '<p class="muted">each: the image, its ground truth, the prediction, and the errors</p>',
+        *(case(i) for i in worst),
+        f"<h2>The {len(best)} best, for contrast</h2>", *(case(i) for i in best),
+    ]
+    (out / "index.html").write_text(page(f"Report: {context.get('checkpoint', 'model')}", body))
+    return out / "index.html"
 
 
 # ---- ONNX export: write the file, check it against PyTorch with ONNX Runtime, time both ------------------------------
@@ -771,30 +947,88 @@ def _value(run: dict, column: str, row: int | None) -> float:
     return math.nan if values is None or row is None else float(values[row])
 
 
-def summary_markdown(runs: list[dict]) -> str:
+SUMMARY_FORMATS = ("", ".4f", ".0f", ".4f", ".4f", ".4f", ".1f", ".1f", "")  # then per-class IoU, .4f
+
+
+def summary_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """One row per run: best val mIoU and its epoch, final mIoUs, pixel acc and per-class val IoU at the best
-    epoch, run time and trainable parameters."""
+    epoch, run time and trainable parameters (the values; summary_markdown and the HTML page format them)."""
     names = class_names_of(runs)
     header = ["run", "best val mIoU", "best epoch", "final train mIoU", "final val mIoU", "pixel acc"]
     header += ["total time (s)", "mean epoch time (s)", "trainable params", *names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for run in runs:
         best = best_epoch_row(run)
         runtime = run["columns"].get("Runtime", np.array([math.nan]))
-        cells = [
-            run["name"],
-            f"{_value(run, 'val_mIoU', best):.4f}",
-            f"{_value(run, 'epoch', best):.0f}",
-            f"{_value(run, 'train_mIoU', -1):.4f}",
-            f"{_value(run, 'val_mIoU', -1):.4f}",
-            f"{_value(run, 'pixel_acc', best):.4f}",
-            f"{runtime.sum():.1f}",
-            f"{runtime.mean():.1f}",
-            str(run["meta"].get("trainable_params", "n/a")),
-            *(f"{_value(run, f'class_{c}_val', best):.4f}" for c in range(len(names))),
-        ]
+        rows.append([run["name"], _value(run, "val_mIoU", best), _value(run, "epoch", best),
+                     _value(run, "train_mIoU", -1), _value(run, "val_mIoU", -1), _value(run, "pixel_acc", best),
+                     float(runtime.sum()), float(runtime.mean()), run["meta"].get("trainable_params", "n/a"),
+                     *(_value(run, f"class_{c}_val", best) for c in range(len(names)))])
+    return header, rows
+
+
+def summary_markdown(runs: list[dict]) -> str:
+    header, rows = summary_rows(runs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    formats = SUMMARY_FORMATS + (".4f",) * (len(header) - len(SUMMARY_FORMATS))
+    for row in rows:
+        cells = [format(v, f) if f and isinstance(v, float) else str(v) for v, f in zip(row, formats)]
         lines.append("| " + " | ".join(cells).replace("nan", "n/a") + " |")
     return "\n".join(lines) + "\n"
+
+
+def differing_args(runs: list[dict]) -> list[dict]:
+    """For each run, its arguments whose values differ from the first run's (where it wrote them)."""
+    first = runs[0]["meta"].get("args", {})
+    ignored = ("out", "resume")
+    return [{k: v for k, v in run["meta"].get("args", {}).items() if k not in ignored and first.get(k) != v}
+            for run in runs]
+
+
+def paired_comparisons(run_dirs: list[Path], runs: list[dict], bootstrap: int, seed: int) -> list[dict | None]:
+    """Each run's best.pth against the first run's on the first run's validation split (a paired bootstrap over
+    the images), where every run has a best.pth and was trained on the same data; else an empty list."""
+    data_keys = ("data", "layout", "val_fraction", "val_split")
+    args = [run["meta"].get("args", {}) for run in runs]
+    same = all(all(a.get(k) == args[0].get(k) for k in data_keys) for a in args)
+    if not same or not all((Path(d) / "best.pth").is_file() for d in run_dirs) or not args[0]:
+        return []
+    models = [load_model(Path(d) / "best.pth") for d in run_dirs]
+    data, size = args[0].get("data"), models[0].size
+    split, transform = args[0].get("val_split", "val"), TransformConfig(size=size, train=False)
+    dataset = build_dataset(Path(data) if data else None, args[0].get("layout", "auto"), split, transform,
+                            models[0].class_map, args[0].get("seed", 0), val_fraction=args[0].get("val_fraction"))
+    confusions = [evaluate_dataset(m, dataset, bootstrap=1)[1] for m in models]
+    return [None] + [compare_verdict(confusions[0], c, bootstrap, seed) for c in confusions[1:]]
+
+
+def compare_html(report: Path, runs: list[dict], plots: list[str], comparisons: list[dict | None]) -> Path:
+    """REPORT/index.html: the summary table (sortable; with the paired bootstrap against the first run where there
+    is one), every plot, and each run's arguments that differ from the first run's."""
+    header, rows = summary_rows(runs)
+    formats = SUMMARY_FORMATS + (".4f",) * (len(header) - len(SUMMARY_FORMATS))
+    table = []
+    for k, row in enumerate(rows):
+        cells = [f"<td>{html.escape(str(row[0]))}</td>"] + [
+            cell(v, int(f[1]) if f else 4) if isinstance(v, float) else cell(v)
+            for v, f in zip(row[1:], formats[1:])]
+        verdict = comparisons[k] if comparisons else None
+        if comparisons:  # beside the best val mIoU: the paired difference to the first run and its interval
+            cells[2:2] = [cell(verdict["diff"]) if verdict else "<td>(the reference)</td>",
+                          f"<td>[{verdict['ci'][0]:+.4f}, {verdict['ci'][1]:+.4f}]</td>" if verdict else "<td></td>"]
+        table.append(cells)
+    if comparisons:
+        header = header[:2] + ["mIoU - first run's (paired, first run's val split)", "95% CI"] + header[2:]
+    changed = [f"<li><b>{html.escape(run['name'])}</b>: " + (", ".join(
+        f"{html.escape(k)}={html.escape(json.dumps(v))}" for k, v in diff.items()) or (
+        "the reference" if k == 0 else "the same arguments")) + "</li>"
+        for k, (run, diff) in enumerate(zip(runs, differing_args(runs)))]
+    body = ["<h1>Comparing runs</h1>", '<div style="overflow-x:auto">' + sortable_table(header, table) + "</div>",
+            "<h2>What differs from the first run</h2>", "<ul>" + "".join(changed) + "</ul>",
+            "<h2>Curves and bars</h2>", '<div class="figs">' + "".join(
+                f'<img src="{html.escape(p)}" alt="{html.escape(p)}">' for p in plots) + "</div>"]
+    (report / "index.html").write_text(page("Comparing runs", body))
+    return report / "index.html"
 
 
 def _curves(ax, runs: list[dict], column: str, title: str, ylabel: str) -> None:
@@ -873,8 +1107,9 @@ def _tradeoff(ax, runs: list[dict]) -> None:
     ax.grid(True, linestyle="--", alpha=0.5)
 
 
-def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
-    """Write summary.md and the comparison plots of several runs into `report`; return the files written."""
+def compare_runs(run_dirs: list[Path], report: Path, bootstrap: int = 1000, seed: int = 0) -> list[Path]:
+    """Write summary.md, the comparison plots of several runs and index.html into `report`; return the files
+    written."""
     runs = [read_run(Path(d)) for d in run_dirs]
     report.mkdir(parents=True, exist_ok=True)
     (report / "summary.md").write_text(summary_markdown(runs))
@@ -894,7 +1129,9 @@ def compare_runs(run_dirs: list[Path], report: Path) -> list[Path]:
         fig = Figure(figsize=size)
         draw(fig.subplots(nrows, ncols, squeeze=False))
         _save(fig, report / name)
-    return [report / "summary.md", *(report / name for name, *_ in plots)]
+    comparisons = paired_comparisons([Path(d) for d in run_dirs], runs, bootstrap, seed)
+    index = compare_html(report, runs, [name for name, *_ in plots], comparisons)
+    return [report / "summary.md", *(report / name for name, *_ in plots), index]
 
 
 # ---- benchmarks: parameters, GMACs, latency, throughput --------------------------------------------------------------
@@ -1156,7 +1393,15 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     if args.confusion:
         plot_confusion(confusions.sum(0), result["class_names"], args.confusion)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.report:
+        context = {"checkpoint": str(args.checkpoint), "data": str(data or "the demo data"), "split": args.split,
+                   "images": len(dataset), "size": "as stored" if size is None else f"{size[0]}x{size[1]}",
+                   "tta": args.tta, "sliding window": " ".join(map(str, args.sliding_window or [])) or "off"}
+        index = write_report(args.report, model, dataset, result, confusions, context, inference_options(args),
+                             args.report_images)
+        print(f"wrote {index}")
     return result
 
 
@@ -1213,8 +1458,9 @@ def benchmark_command(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> None:
     try:
         if args.compare:
-            files = compare_runs(args.compare, args.report)
-            print(f"wrote {len(files)} files to {args.report}: {', '.join(f.name for f in files)}")
+            report = args.report or Path("report")
+            files = compare_runs(args.compare, report, args.bootstrap, args.seed)
+            print(f"wrote {len(files)} files to {report}: {', '.join(f.name for f in files)}")
         elif args.benchmark:
             benchmark_command(args)
         elif args.checkpoint is not None and args.export_onnx is not None:
@@ -1293,7 +1539,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     comparison = parser.add_argument_group("comparing runs")
     comparison.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN",
                             help="run folders to compare")
-    comparison.add_argument("--report", type=Path, default=Path("report"), help="output folder of --compare")
+    comparison.add_argument("--report", type=Path, default=None, metavar="DIR",
+                            help="write DIR/index.html: with --checkpoint where the model fails, with --compare the "
+                            "runs side by side (default for --compare: report)")
+    comparison.add_argument("--report-images", type=int, default=12, metavar="N",
+                            help="--report: the N worst images by mIoU (and a few of the best)")
     add_benchmark_args(parser.add_argument_group("benchmarks"))
     return parser
 

@@ -47,7 +47,7 @@ from dataset import (
     split_statistics,
     transform_from_args,
 )
-from evaluate import ConfusionMatrix, amp_dtype_for, autocast, evaluate, format_iou
+from evaluate import ConfusionMatrix, amp_dtype_for, autocast, colourize, evaluate, format_iou
 from losses import LossSpecError, build_loss
 from models import (
     ARCHS,
@@ -369,6 +369,15 @@ def aux_note(model: nn.Module) -> str:
     return f" (+ aux head {aux_params(model)}, training only)" if aux_params(model) else ""
 
 
+def open_tensorboard(out: Path) -> object:
+    """A SummaryWriter into OUT/tensorboard. tensorboard is optional, so without it one line says how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ModelError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 @dataclass
 class Run:
     """One training run: its data, model, optimisation state and where it writes. Under torchrun every process
@@ -390,6 +399,7 @@ class Run:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     loss_changes: dict[int, str]
+    writer: object | None = None  # TensorBoard's SummaryWriter (--tensorboard, process 0)
     best_miou: float = -math.inf
     since_best: int = 0
     first_epoch: int = 1
@@ -428,7 +438,8 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Run(args=args, rank=rank, world=world, device=device, out=out, train_set=train_set,
+    writer = open_tensorboard(out) if args.tensorboard and rank == 0 else None
+    return Run(writer=writer, args=args, rank=rank, world=world, device=device, out=out, train_set=train_set,
                train_loader=train_loader, val_loader=val_loader, make_loss=make_loss, model=model, net=net,
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loss_changes=loss_changes)
 
@@ -535,6 +546,54 @@ def restore(run: Run, resumed: dict) -> None:
         torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
 
 
+# ---- TensorBoard: curves and pictures while training (optional: --tensorboard) -------------------------------------
+
+TENSORBOARD_IMAGES = 4  # the first validation images, shown with their predictions after each epoch
+
+
+def step_logger(run: Run, epoch: int) -> Callable[[int, torch.Tensor], None] | None:
+    """train_one_epoch's on_step: the training loss and learning rate of a step, at its global step number."""
+    if run.writer is None:
+        return None
+    first = (epoch - 1) * len(run.train_loader)
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        run.writer.add_scalar("train/loss_per_step", float(loss), first + step)
+        run.writer.add_scalar("train/lr_per_step", run.optimizer.param_groups[0]["lr"], first + step)
+
+    return on_step
+
+
+@torch.no_grad()
+def validation_pictures(run: Run) -> list[tuple[str, np.ndarray]]:
+    """(name, the image | its ground truth | the prediction, side by side) of the first validation images."""
+    dataset, palette, model = run.val_loader.dataset, run.class_map.palette, run.model.eval()
+    pictures = []
+    for i in range(min(TENSORBOARD_IMAGES, len(dataset))):
+        image, target = dataset[i]
+        x = normalize(image[None].to(run.device)).contiguous(memory_format=memory_format_of(model))
+        with autocast(run.device, run.amp_dtype):
+            pred = model(x).argmax(1)[0].cpu().numpy()
+        row = [image.permute(1, 2, 0).numpy(), colourize(target.numpy(), palette), colourize(pred, palette)]
+        pictures.append((dataset.pairs[i][0].stem, np.concatenate(row, axis=1)))
+    return pictures
+
+
+def log_epoch(run: Run, epoch: int, train_m: dict, val_m: dict, lr: float, runtime: float) -> None:
+    """An epoch's numbers (the log.csv row's) and the validation pictures, to TensorBoard."""
+    if run.writer is None:
+        return
+    scalars = {"loss/train": train_m["loss"], "loss/val": val_m["loss"], "mIoU/train": train_m["miou"],
+               "mIoU/val": val_m["miou"], "pixel_acc/val": val_m["pixel_acc"], "lr/epoch_start": lr,
+               "time/epoch_s": runtime, "time/data_wait": train_m["data_wait"]}
+    scalars |= {f"val_iou/{name}": iou for name, iou in zip(run.class_map.names, val_m["iou"]) if not math.isnan(iou)}
+    for tag, value in scalars.items():
+        run.writer.add_scalar(tag, value, epoch)
+    for name, picture in validation_pictures(run):
+        run.writer.add_image(f"val/{name}", picture, epoch, dataformats="HWC")
+    run.writer.flush()
+
+
 # ---- one epoch: the training pass, then validation -------------------------------------------------------------------
 
 
@@ -560,6 +619,9 @@ class StepOptions:
     aux_weight: float = 0.0  # adds this multiple of the aux head's loss
     skip_nonfinite: bool = False  # check every step on the host and skip those whose loss is NaN or inf
     show_progress: bool = True
+    # on_step(step, loss) every `log_every` steps (TensorBoard): reading the loss waits for the device, so not always
+    on_step: Callable[[int, torch.Tensor], None] | None = None
+    log_every: int = 20
 
 
 def step_loss(
@@ -617,6 +679,8 @@ def train_one_epoch(
         loss_sum += loss.detach() * image.shape[0]
         images += image.shape[0]
         cm.update(logits.detach().argmax(1), target)
+        if options.on_step is not None and step % options.log_every == 0:
+            options.on_step(step, loss.detach())
         if not bar.disable and step % 20 == 0:  # reading the loss syncs with the device, so only now and then
             bar.set_postfix(loss=f"{float(loss_sum / images.clamp_min(1)):.4f}")
         ready = time.perf_counter()
@@ -644,7 +708,7 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
     num_classes = run.class_map.num_classes
     options = StepOptions(run.amp_dtype, args.downsample_gt is not None, args.aux_loss, args.skip_nonfinite,
-                          show_progress=run.rank == 0)
+                          show_progress=run.rank == 0, on_step=step_logger(run, epoch))
     train_m = train_one_epoch(run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
                               num_classes, f"Epoch {epoch}/{args.epochs}", options)
     if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
@@ -666,6 +730,33 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
 # ---- the training loop: epochs, logging, saving, early stopping ------------------------------------------------------
 
 
+def train_epochs(run: Run) -> float:
+    """The epochs of a built run, with early stopping; returns the best val mIoU."""
+    args = run.args
+    for epoch in range(run.first_epoch, args.epochs + 1):
+        train_m, val_m, lr, runtime = run_epoch(run, epoch)
+        run.say(
+            f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
+            f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
+        )
+        run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
+        improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
+        run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
+        if run.rank == 0:
+            append_log(run.out / "log.csv", epoch, lr, train_m, val_m, runtime)
+            log_epoch(run, epoch, train_m, val_m, lr, runtime)
+            save(run, epoch, improved)
+        if improved:
+            run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
+        else:
+            run.say(f"No improvement for {run.since_best} epoch(s)")
+            if args.patience and run.since_best >= args.patience:
+                run.say("Early stopping triggered.")
+                break
+    run.say(f"Best validation mIoU: {run.best_miou:.4f}")
+    return run.best_miou
+
+
 def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
     """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
     `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
@@ -683,27 +774,11 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
     start_log(run, resumed is not None)
     if resumed is not None:
         run.say(f"Resuming at epoch {run.first_epoch} of {args.epochs}")
-    for epoch in range(run.first_epoch, args.epochs + 1):
-        train_m, val_m, lr, runtime = run_epoch(run, epoch)
-        run.say(
-            f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
-            f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
-        )
-        run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
-        improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
-        run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
-        if run.rank == 0:
-            append_log(run.out / "log.csv", epoch, lr, train_m, val_m, runtime)
-            save(run, epoch, improved)
-        if improved:
-            run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
-        else:
-            run.say(f"No improvement for {run.since_best} epoch(s)")
-            if args.patience and run.since_best >= args.patience:
-                run.say("Early stopping triggered.")
-                break
-    run.say(f"Best validation mIoU: {run.best_miou:.4f}")
-    return run.best_miou
+    try:
+        return train_epochs(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
@@ -760,6 +835,8 @@ def add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on CUDA)")
     group.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     group.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (syncs)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="training curves and validation pictures to OUT/tensorboard (pip install tensorboard)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +442,107 @@ def test_predict_takes_paths_pil_images_and_arrays_and_keeps_each_images_size(ch
     assert np.array_equal(from_path, expected_classes(model, tmp_path / "x.png")[0])  # the model's own argmax
     with pytest.raises(DatasetError, match="HxWx3 uint8"):
         evaluate_module.predict(model, np.zeros((4, 4, 3), np.float32))
+
+
+# ---- the HTML report --------------------------------------------------------------------------------------------
+
+
+class Page(HTMLParser):
+    """What a browser would load and show of a report page: its tables (each cell's text and data-v), image
+    sources, links, and the tags left open."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables, self.images, self.links, self.open, self.text = [], [], [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag not in ("img", "meta", "br", "link"):
+            self.open.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append({"text": "", "v": attrs.get("data-v")})
+        self.images += [attrs["src"]] if tag == "img" else []
+        self.links += [attrs[k] for k in ("href", "src") if k in attrs and tag in ("a", "script", "link")]
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open.pop() == tag, f"</{tag}> closes nothing open"
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.open and self.open[-1] in ("td", "th"):
+            self.tables[-1][-1][-1]["text"] += data
+
+
+def report_of(checkpoint: Path, out: Path, *extra: str) -> tuple[Page, dict]:
+    run_cli("--checkpoint", str(checkpoint), "--report", str(out), "--json", str(out / "m.json"), "--bootstrap", "50",
+            *extra)
+    page = Page((out / "index.html").read_text())
+    assert not page.open  # every tag closed: the page parses
+    return page, json.loads((out / "m.json").read_text())
+
+
+def test_report_shows_the_json_numbers_every_picture_it_names_and_the_worst_images_first(checkpoint, tmp_path):
+    page, numbers = report_of(checkpoint, tmp_path / "r", "--report-images", "3")
+    rows = page.tables[0][1:]
+    assert [r[0]["text"] for r in rows] == numbers["class_names"]
+    for row, c in zip(rows, range(len(rows))):
+        absent = numbers["share"][c] == 0
+        for cell, key in zip(row[1:5], ("iou", "precision", "recall", "share")):
+            value = numbers[key][c]
+            if (absent and key in ("iou", "recall")) or math.isnan(value):
+                assert cell["text"] == "n/a"
+            else:
+                assert float(cell["v"]) == value and cell["text"] in (f"{value:.4f}", f"{value:.2%}")
+        assert int(row[5]["v"]) == numbers["images_per_class"][c]
+    assert f"mIoU {numbers['miou']:.4f}" in "".join(page.text)
+    assert page.images and all((tmp_path / "r" / src).is_file() for src in page.images)
+    assert not [link for link in page.links if "://" in link]  # nothing from the network
+    shown = [float(m) for m in re.findall(r"image mIoU (\d\.\d{4})", "".join(page.text))]
+    worst = sorted(s for s in numbers["per_image_miou"] if not math.isnan(s))[:3]
+    assert shown[:3] == pytest.approx(worst, abs=1e-4) and shown[:3] == sorted(shown[:3])
+
+
+def constant_checkpoint(tmp_path: Path, data: Path, names: list[str], layout: str = "auto") -> Path:
+    """A model that predicts class 0 everywhere, saved as training saves one."""
+    model = build_model("deeplabv3_mobilenet_v3_large", len(names))
+    with torch.no_grad():
+        model.classifier[-1].weight.zero_()
+        model.classifier[-1].bias.copy_(torch.tensor([10.0] + [0.0] * (len(names) - 1)))
+    args = {"arch": "deeplabv3_mobilenet_v3_large", "data": str(data), "layout": layout, "size": None}
+    table = dataset.numbered_table(len(names), names).class_map("index")
+    path = tmp_path / "constant.pth"
+    torch.save({"model": model.state_dict(), "args": args, "num_classes": len(names), "class_names": names,
+                "class_map": table.to_dict(), "epoch": 0}, path)
+    return path
+
+
+def test_a_one_image_split_and_a_one_class_model_give_a_page_with_absent_classes_as_n_a(tmp_path):
+    from conftest import write_folder
+
+    mask = np.zeros((32, 48), np.uint8)
+    mask[:, 24:] = 1  # class 2 never appears
+    write_folder(tmp_path / "data", "train", [mask, mask])
+    write_folder(tmp_path / "data", "val", [mask])
+    names = ["road", "<img src=x onerror=alert(1)>", "sky"]  # a name from somebody's labelmap
+    page, numbers = report_of(constant_checkpoint(tmp_path, tmp_path / "data", names), tmp_path / "r")
+    assert numbers["images"] == 1 and numbers["iou"][1] == 0.0
+    assert [r[1]["text"] for r in page.tables[0][1:]] == [f"{numbers['iou'][0]:.4f}", "0.0000", "n/a"]
+    text = (tmp_path / "r" / "index.html").read_text()
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (Debian: apt install chromium)")
+def test_the_report_renders_in_a_real_browser(checkpoint, tmp_path):
+    report_of(checkpoint, tmp_path / "r", "--report-images", "2")
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+                    (tmp_path / "r" / "index.html").as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 10  # drawn, not blank

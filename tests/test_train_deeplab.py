@@ -374,3 +374,32 @@ def test_downsample_gt_follows_the_stride_of_the_logits():
     args = parse("--arch", "deeplabv3plus_resnet101")
     train_deeplab.resolve_defaults(args)
     assert args.output_stride == 16  # the paper's training stride is the default
+
+
+def test_tensorboard_holds_the_logs_numbers_per_step_points_and_validation_pictures(tiny_demo, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    train_deeplab.train(train_args(tiny_demo, out, "--epochs", "2", "--tensorboard", "--batch-size", "2"))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars, log = events.Tags()["scalars"], read_log(out / "log.csv")
+    for tag, column in (("mIoU/val", "val_mIoU"), ("loss/train", "train_loss"), ("pixel_acc/val", "pixel_acc"),
+                        ("time/data_wait", "data_wait"), ("val_iou/Sky", "class_9_val")):
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [1, 2]
+        assert [p.value for p in points] == pytest.approx([float(r[column]) for r in log], rel=1e-4, abs=1e-4)
+    steps = [p.step for p in events.Scalars("train/loss_per_step")]
+    assert steps == list(range(0, 8, 20)) + list(range(4, 8, 20))  # 4 steps an epoch, one point every 20 steps
+    assert "train/lr_per_step" in scalars and len(events.Tags()["images"]) == 4  # the first 4 validation images
+    picture = events.Images(events.Tags()["images"][0])[-1]
+    assert (picture.width, picture.height) == (3 * 96, 64)  # image | ground truth | prediction
+
+
+def test_tensorboard_without_the_package_is_one_line(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, tmp_path / "r", "--tensorboard"))
+    assert str(e.value.code) == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    assert not (tmp_path / "r" / "log.csv").exists()

@@ -193,6 +193,17 @@ def test_compare_writes_the_summary_and_every_plot(base_run, tmp_path, capsys):
     assert f"| {best:.4f} |" in head_row
     trainable = int(re.search(r"trainable params (\d+)", capsys.readouterr().out).group(1))
     assert f"| {trainable} |" in head_row
+    page = (report / "index.html").read_text()  # the same table, the plots and what each run changed
+    assert all(f'src="{name}"' in page for name in names[1:]) and "freeze_backbone=true" in page
+    assert page.count("<tr>") == 1 + 3 and f'data-v="{best!r}"' in page and "paired" not in page  # lacking: no .pth
+
+
+def test_compare_report_bootstraps_each_run_against_the_first_on_the_same_images(base_run, tmp_path):
+    report = tmp_path / "report"
+    args = ["--compare", str(base_run), str(base_run), "--report", str(report), "--bootstrap", "50", "--workers", "0"]
+    evaluate.main(evaluate.get_args_parser().parse_args(args))
+    rows = re.findall(r"<tr>(.*?)</tr>", (report / "index.html").read_text())
+    assert "paired" in rows[0] and '<td data-v="0.0">0.0000</td><td>[+0.0000, +0.0000]</td>' in rows[2]
 
 
 def test_without_checkpoint_the_newest_best_pth_under_runs_is_fine_tuned(base_run, tmp_path, monkeypatch, capsys):
