@@ -1539,11 +1539,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     comparison = parser.add_argument_group("comparing runs")
     comparison.add_argument("--compare", type=Path, nargs="+", default=None, metavar="RUN",
                             help="run folders to compare")
-    comparison.add_argument("--report", type=Path, default=None, metavar="DIR",
-                            help="write DIR/index.html: with --checkpoint where the model fails, with --compare the "
-                            "runs side by side (default for --compare: report)")
-    comparison.add_argument("--report-images", type=int, default=12, metavar="N",
-                            help="--report: the N worst images by mIoU (and a few of the best)")
+    report = parser.add_argument_group("the HTML report")
+    report.add_argument("--report", type=Path, default=None, metavar="DIR",
+                        help="write DIR/index.html: with --checkpoint where the model fails, with --compare the runs "
+                        "side by side (default for --compare: report)")
+    report.add_argument("--report-images", type=int, default=12, metavar="N",
+                        help="--report: the N worst images by mIoU (and a few of the best)")
     add_benchmark_args(parser.add_argument_group("benchmarks"))
     return parser
 
