@@ -1263,7 +1263,7 @@ def open_tree(data: Path, layout: str = "auto", val_fraction: float | None = Non
     if data.suffix.lower() == ".zip" and data.is_file():
         data, note = unpack_zip(data)
         notes.append(note)
-        inner = [p for p in data.iterdir() if not p.name.startswith(".")]
+        inner = [p for p in data.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]  # Finder's
         if len(inner) == 1 and inner[0].is_dir() and not detectable(data):
             data = inner[0]  # the export's own top folder
     if not data.is_dir():
