@@ -1083,6 +1083,12 @@ def load_coco(path: Path) -> dict:
         raise DatasetError(f"cannot read COCO file {path}: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in COCO_LISTS):
         raise DatasetError(f"{path} is not a COCO file: a JSON object with lists images, annotations and categories")
+    for key, fields in zip(COCO_LISTS, (("id", "file_name", "width", "height"), ("image_id", "category_id"),
+                                        ("id", "name"))):
+        for item in data[key]:
+            missing = [f for f in fields if not isinstance(item, dict) or f not in item]
+            if missing:
+                raise DatasetError(f"{path}: an entry of `{key}` has no {' or '.join(missing)}: {str(item)[:80]}")
     return data
 
 

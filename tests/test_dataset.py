@@ -1061,3 +1061,11 @@ def test_a_test_split_of_images_alone_is_no_split_and_is_said(tmp_path):
     assert train.about[1] == f"{root / 'test' / 'images'} has no masks/ folder beside it: not a split"
     with pytest.raises(DatasetError, match="has no split 'test'"):
         build_dataset(root, "auto", "test", PLAIN, ClassOptions(num_classes=2))
+
+
+def test_a_coco_file_missing_what_rasterising_needs_is_one_line(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], "categories": [{"id": 1, "name": "car"}]}))
+    out = run_cli(["--data", str(tmp_path), "--check"])
+    assert "instances_train.json: an entry of `images` has no width or height" in out and "Traceback" not in out
