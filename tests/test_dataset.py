@@ -1069,3 +1069,18 @@ def test_a_coco_file_missing_what_rasterising_needs_is_one_line(tmp_path):
         {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], "categories": [{"id": 1, "name": "car"}]}))
     out = run_cli(["--data", str(tmp_path), "--check"])
     assert "instances_train.json: an entry of `images` has no width or height" in out and "Traceback" not in out
+
+
+def test_cvat_masks_of_voc_labels_without_a_labelmap_read_as_voc_by_their_colours(tmp_path):
+    """CVAT writes labelmap.txt only for labels that are not VOC's: then its RGB masks are in VOC's colours."""
+    masks = random_masks([0, 1, 3], 3)
+    root = cvat_export(tmp_path / "cvat", masks, unmasked=0)
+    (root / "labelmap.txt").unlink()
+    voc = np.array(VOC_FIRST_COLOURS, np.uint8)
+    for i, mask in enumerate(masks):  # repainted in VOC's colours, as CVAT paints VOC's labels
+        Image.fromarray(voc[mask]).save(root / "SegmentationClass" / f"frame_{i:06d}.png")
+    train = build_dataset(root, "auto", "train", PLAIN)
+    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
+    assert train.about[0].startswith("layout voc: the VOC table") and train.class_map.encoding == "colour"
+    pixels = sum(split_statistics(ds.pairs, train.class_map).pixels for ds in (train, val))
+    assert pixels[[0, 1, 3]].tolist() == counts_of(masks, [0, 1, 3]) and pixels.sum() == 3 * 12 * 16
