@@ -408,12 +408,14 @@ def _match_by_stem(image_dir: Path, mask_dir: Path) -> SplitFiles:
     return files
 
 
+SPLIT_FOLDERS = {"offroad": ("Color_Images", "Segmentation"), "folder": ("images", "masks")}  # ROOT/SPLIT/...
+
+
 def split_files(root: Path, layout: str, split: str) -> SplitFiles:
     """The files of one split of the offroad, folder or cityscapes layout, in a stable order."""
-    if layout == "offroad":
-        return _match_by_stem(root / split / "Color_Images", root / split / "Segmentation")
-    if layout == "folder":
-        return _match_by_stem(root / split / "images", root / split / "masks")
+    if layout in SPLIT_FOLDERS:
+        images, masks = SPLIT_FOLDERS[layout]
+        return _match_by_stem(root / split / images, root / split / masks)
     if layout == "cityscapes":
         image_root, files = root / "leftImg8bit" / split, SplitFiles()
         if not image_root.is_dir():
@@ -434,7 +436,7 @@ def find_splits(root: Path, layout: str) -> list[str]:
     (a test split of images alone is no split to train or evaluate on)."""
     if layout == "cityscapes":
         return sorted(p.name for p in (root / "leftImg8bit").iterdir() if p.is_dir())
-    images, masks = ("Color_Images", "Segmentation") if layout == "offroad" else ("images", "masks")
+    images, masks = SPLIT_FOLDERS[layout]
     return sorted(p.name for p in root.iterdir() if (p / images).is_dir() and (p / masks).is_dir())
 
 
@@ -1192,10 +1194,9 @@ def detect_layout(root: Path) -> str:
         return "roboflow"
     if coco_files(root):
         return "coco"
-    if any((d / "Color_Images").is_dir() for d in subfolders):
-        return "offroad"
-    if any((d / "images").is_dir() for d in subfolders):
-        return "folder"
+    for layout in ("offroad", "folder"):
+        if any((d / SPLIT_FOLDERS[layout][0]).is_dir() for d in subfolders):
+            return layout
     raise DatasetError(
         f"cannot detect the layout of {root}: expected SPLIT/images + SPLIT/masks (folder), SPLIT/Color_Images "
         f"(offroad), leftImg8bit + gtFine (cityscapes), JPEGImages + SegmentationClass (voc, cvat, labelme), "
@@ -1221,9 +1222,9 @@ def read_tree(root: Path, layout: str) -> DatasetTree:
         raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     table = {"offroad": offroad_table, "cityscapes": cityscapes_table}.get(layout, lambda: None)()
     tree = DatasetTree(root, layout, {s: split_files(root, layout, s) for s in find_splits(root, layout)}, table)
-    images, masks = ("Color_Images", "Segmentation") if layout == "offroad" else ("images", "masks")
-    for folder in sorted(p for p in root.iterdir() if (p / images).is_dir() and not (p / masks).is_dir()):
-        tree.notes.append(f"{folder / images} has no {masks}/ folder beside it: not a split")
+    images, masks = SPLIT_FOLDERS.get(layout, ("", ""))
+    unlabelled = [p for p in root.iterdir() if images and (p / images).is_dir() and not (p / masks).is_dir()]
+    tree.notes += [f"{folder / images} has no {masks}/ folder beside it: not a split" for folder in sorted(unlabelled)]
     return tree
 
 
@@ -1476,8 +1477,7 @@ def make_demo(
 
 
 def default_demo_root(seed: int) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "deeplab_demo" / f"v{DEMO_VERSION}-seed{seed}"
+    return cache_root() / "deeplab_demo" / f"v{DEMO_VERSION}-seed{seed}"
 
 
 # ---- the dataset: cache, sampler, samples, batches -----------------------------------------------------------------
