@@ -1078,9 +1078,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 
 
-def load_coco(path: Path) -> dict:
+def load_coco(path: Path) -> tuple[dict, str]:
+    """A COCO file's contents, checked for what rasterising needs, and a digest of its bytes (the cache's key)."""
     try:
-        data = json.loads(path.read_bytes())
+        raw = path.read_bytes()
+        data = json.loads(raw)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read COCO file {path}: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in COCO_LISTS):
@@ -1091,13 +1093,12 @@ def load_coco(path: Path) -> dict:
             missing = [f for f in fields if not isinstance(item, dict) or f not in item]
             if missing:
                 raise DatasetError(f"{path}: an entry of `{key}` has no {' or '.join(missing)}: {str(item)[:80]}")
-    return data
+    return data, hashlib.sha1(raw + f"{COCO_MASKS_VERSION}".encode()).hexdigest()[:16]
 
 
-def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int) -> tuple[Path, dict]:
-    """Every annotated image's mask as a PNG, written once into a cache folder named by the file's bytes, and
+def rasterise_coco(path: Path, data: dict, digest: str, value_of: dict[int, int], ignore: int) -> tuple[Path, dict]:
+    """Every annotated image's mask as a PNG, written once into a cache folder named by the file's `digest`, and
     what rasterising found (overlaps, boxes, images without annotations); later runs read both back."""
-    digest = hashlib.sha1(path.read_bytes() + f"{COCO_MASKS_VERSION}".encode()).hexdigest()[:16]
     folder = cache_root() / "deeplab_coco_masks" / digest
     if (folder / "found.json").is_file():
         return folder, json.loads((folder / "found.json").read_text())
@@ -1130,10 +1131,10 @@ def rasterise_coco(path: Path, data: dict, value_of: dict[int, int], ignore: int
 
 def coco_split(root: Path, split: str, path: Path, folders: list[Path]) -> tuple[SplitFiles, ClassTable, list[str]]:
     """One COCO file's (image, rasterised mask) pairs, its class table and its findings."""
-    data = load_coco(path)
+    data, digest = load_coco(path)
     used = {ann.get("category_id") for ann in data["annotations"]}
     table, value_of, ignore = coco_classes(data["categories"], used)
-    masks, found = rasterise_coco(path, data, value_of, ignore)
+    masks, found = rasterise_coco(path, data, digest, value_of, ignore)
     files, missing = SplitFiles(), []
     for file_name, mask in found["masks"].items():
         name = file_name.replace("\\", "/")
@@ -1615,6 +1616,39 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return images, masks
 
 
+def open_data(data: Path | None, layout: str, seed: int = 0, val_fraction: float | None = None) -> DatasetTree:
+    """open_tree of `data`; with no data folder (or layout 'demo') the demo data, generated first."""
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if data is None or layout == "demo":
+        data = make_demo(data if data is not None else default_demo_root(seed), seed=seed)
+        layout = "offroad"
+    return open_tree(Path(data), layout, val_fraction)
+
+
+def split_dataset(
+    tree: DatasetTree,
+    split: str,
+    transform: TransformConfig,
+    classes: ClassOptions | ClassMap = ClassOptions(),
+    seed: int = 0,
+    cache: bool = False,
+) -> SegmentationDataset:
+    """The dataset of one split of a tree. `classes`: what the user said about the classes, resolved against this
+    split's masks, or the ClassMap of another split or of a checkpoint. `about` holds the lines that say how the
+    data was read."""
+    pairs = list_pairs(tree, split)
+    if not pairs:
+        raise DatasetError(f"split {tree.resolve(split)!r} of {tree.root} holds no images")
+    if isinstance(classes, ClassMap):
+        dataset = SegmentationDataset(pairs, classes, transform, cache, seed)
+    else:
+        class_map, why = resolve_class_map(tree.root, tree.layout, pairs, classes, tree.table, tree.encoding)
+        dataset = SegmentationDataset(pairs, class_map, transform, cache, seed, why)
+    dataset.about = [tree.describe(), *tree.notes, *(f"warning: {finding}" for finding in tree.findings)]
+    return dataset
+
+
 def build_dataset(
     data: Path | None,
     layout: str,
@@ -1625,25 +1659,8 @@ def build_dataset(
     cache: bool = False,
     val_fraction: float | None = None,
 ) -> SegmentationDataset:
-    """The dataset of one split. `classes`: what the user said about the classes, resolved against this split's
-    masks, or the ClassMap of another split or of a checkpoint. With no data folder (or layout 'demo') the demo
-    data is generated first. `about` holds the lines that say how the data was read."""
-    if layout not in LAYOUTS:
-        raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if data is None or layout == "demo":
-        data = make_demo(data if data is not None else default_demo_root(seed), seed=seed)
-        layout = "offroad"
-    tree = open_tree(Path(data), layout, val_fraction)
-    pairs = list_pairs(tree, split)
-    if not pairs:
-        raise DatasetError(f"split {tree.resolve(split)!r} of {data} holds no images")
-    if isinstance(classes, ClassMap):
-        dataset = SegmentationDataset(pairs, classes, transform, cache, seed)
-    else:
-        class_map, why = resolve_class_map(tree.root, tree.layout, pairs, classes, tree.table, tree.encoding)
-        dataset = SegmentationDataset(pairs, class_map, transform, cache, seed, why)
-    dataset.about = [tree.describe(), *tree.notes, *(f"warning: {finding}" for finding in tree.findings)]
-    return dataset
+    """The dataset of one split of the data at `data` (open_data, then split_dataset)."""
+    return split_dataset(open_data(data, layout, seed, val_fraction), split, transform, classes, seed, cache)
 
 
 # ---- statistics: what the masks of a split hold --------------------------------------------------------------------

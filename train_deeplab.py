@@ -38,12 +38,13 @@ from dataset import (
     SplitStats,
     add_data_args,
     add_transform_args,
-    build_dataset,
     check_trainable,
     class_weights,
     collate,
     normalize,
     one_line,
+    open_data,
+    split_dataset,
     split_statistics,
     transform_from_args,
 )
@@ -264,13 +265,12 @@ def build_loaders(
     """Training batches sharded over the processes (order and augmentation fixed by seed and epoch alone), and
     validation images split between them without the padding a DistributedSampler would add. The class map is
     resolved on the training split (or given) and shared by the validation split."""
-    train_set = build_dataset(
-        args.data, args.layout, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache,
-        args.val_fraction,
+    tree = open_data(args.data, args.layout, args.seed, args.val_fraction)  # read once, for both splits
+    train_set = split_dataset(
+        tree, args.train_split, transform_from_args(args, train=True), classes, args.seed, args.cache
     )
-    val_set = build_dataset(
-        args.data, args.layout, args.val_split, transform_from_args(args, train=False), train_set.class_map,
-        args.seed, args.cache, args.val_fraction,
+    val_set = split_dataset(
+        tree, args.val_split, transform_from_args(args, train=False), train_set.class_map, args.seed, args.cache
     )
     per_rank = len(train_set) // world
     if args.arch.startswith("deeplabv3") and min(args.batch_size, per_rank) < 2:
