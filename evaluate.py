@@ -677,8 +677,7 @@ def gallery_case(model: nn.Module, dataset: SegmentationDataset, index: int, sco
                  folder: Path, options: InferenceOptions) -> str:
     """One image's four pictures (image, ground truth, prediction, errors), each with its legend, as HTML."""
     image, target = dataset[index]
-    x = normalize(image[None].to(device_of(model))).contiguous(memory_format=memory_format_of(model))
-    pred, target = options.logits(model, x)[0].argmax(0).cpu().numpy(), target.numpy()
+    pred, target = predict(model, image.permute(1, 2, 0).numpy(), size=None, options=options), target.numpy()
     class_map, name = dataset.class_map, dataset.pairs[index][0].stem
     classes = lambda *masks: sorted(set().union(*(np.unique(m).tolist() for m in masks)) - {IGNORE_INDEX})  # noqa: E731
     entries = lambda cs: [(class_map.palette[c], class_map.names[c]) for c in cs]  # noqa: E731

@@ -48,7 +48,16 @@ from dataset import (
     split_statistics,
     transform_from_args,
 )
-from evaluate import ConfusionMatrix, amp_dtype_for, autocast, colourize, evaluate, format_iou
+from evaluate import (
+    ConfusionMatrix,
+    InferenceOptions,
+    amp_dtype_for,
+    autocast,
+    colourize,
+    evaluate,
+    format_iou,
+    predict,
+)
 from losses import LossSpecError, build_loss
 from models import (
     ARCHS,
@@ -564,17 +573,15 @@ def step_logger(run: Run, epoch: int) -> Callable[[int, torch.Tensor], None] | N
     return on_step
 
 
-@torch.no_grad()
 def validation_pictures(run: Run) -> list[tuple[str, np.ndarray]]:
     """(name, the image | its ground truth | the prediction, side by side) of the first validation images."""
-    dataset, palette, model = run.val_loader.dataset, run.class_map.palette, run.model.eval()
+    dataset, palette, options = run.val_loader.dataset, run.class_map.palette, InferenceOptions(amp=run.args.amp)
     pictures = []
     for i in range(min(TENSORBOARD_IMAGES, len(dataset))):
         image, target = dataset[i]
-        x = normalize(image[None].to(run.device)).contiguous(memory_format=memory_format_of(model))
-        with autocast(run.device, run.amp_dtype):
-            pred = model(x).argmax(1)[0].cpu().numpy()
-        row = [image.permute(1, 2, 0).numpy(), colourize(target.numpy(), palette), colourize(pred, palette)]
+        image = image.permute(1, 2, 0).numpy()
+        pred = predict(run.model, image, size=None, options=options)
+        row = [image, colourize(target.numpy(), palette), colourize(pred, palette)]
         pictures.append((dataset.pairs[i][0].stem, np.concatenate(row, axis=1)))
     return pictures
 
