@@ -727,6 +727,7 @@ VOC_ROOTS = (".", "VOCdevkit/VOC2012", "VOCdevkit/VOC2007", "VOC2012", "VOC2007"
 VOC_IMAGES = "JPEGImages"
 VOC_MASKS = ("SegmentationClass", "SegmentationClassPNG")  # older labelme2voc.py wrote its PNGs to ...PNG
 VOC_LISTS = "ImageSets/Segmentation"  # <split>.txt: one frame name (no suffix) a line
+VOC_UNION = "trainval"  # train and val together: never the training split beside val, not read twice by --check
 SBD_MASKS, SBD_SPLIT = "SegmentationClassAug", "train_aug"  # SBD's extra masks, as DeepLab repositories use them
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -834,7 +835,7 @@ class DatasetTree:
         if split in self.splits:
             return split
         found = [s for s in VALIDATION_NAMES if s in self.splits] if split == "val" else []
-        unions = ("trainval",) if any(s in self.splits for s in VALIDATION_NAMES) else ()  # it holds val
+        unions = (VOC_UNION,) if any(s in self.splits for s in VALIDATION_NAMES) else ()  # it holds val
         others = [s for s in self.splits if s not in (*VALIDATION_NAMES, "test", *unions)]
         found += others if split == "train" and len(others) == 1 else []
         if not found:
@@ -1961,14 +1962,16 @@ def doctor_class_map(
 def checked_splits(tree: DatasetTree) -> tuple[dict[str, SplitFiles], str]:
     """The splits --check reads (VOC's trainval, the union of train and val, is not read twice) and the training
     split among them."""
-    files = {s: f for s, f in tree.splits.items() if not (s == "trainval" and {"train", "val"} <= tree.splits.keys())}
-    if not any(f.pairs for f in files.values()):
+    union = {"train", "val"} <= tree.splits.keys()
+    files = {s: f for s, f in tree.splits.items() if not (s == VOC_UNION and union)}
+    with_pairs = [s for s, f in files.items() if f.pairs]
+    if not with_pairs:
         raise DatasetError(f"{tree.root} holds no image with a mask" + "".join(f"; {note}" for note in tree.notes))
     try:
         train = tree.resolve("train")
     except DatasetError:
-        train = next(s for s, f in files.items() if f.pairs)
-    return files, train if files.get(train) and files[train].pairs else next(s for s, f in files.items() if f.pairs)
+        train = with_pairs[0]
+    return files, train if train in with_pairs else with_pairs[0]
 
 
 def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes: Path | None = None,
