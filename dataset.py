@@ -12,20 +12,17 @@ import colorsys
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import shlex
 import shutil
-import stat
 import sys
 import time
-import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,24 +33,44 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
 
+from annotations import (
+    IGNORE_INDEX,
+    IMAGE_SUFFIXES,
+    TOOL_FILES,
+    TOOL_READERS,
+    VALIDATION_NAMES,
+    ClassRow,
+    ClassTable,
+    DatasetError,
+    DatasetTree,
+    SplitFiles,
+    cache_root,
+    detect_tool,
+    displayed_size,
+    image_size,
+    images_by_stem,
+    is_ignore,
+    orientation,
+    pair_by_stem,
+    sample_masks,
+    some,
+    unpack_zip,
+)
+
 try:
     import pyspng
 except ImportError:  # an optional speed-up: Pillow decodes every PNG without it
     pyspng = None
 
-IGNORE_INDEX = 255
 UNKNOWN = 254  # ClassMap's marker for a raw value that is no key, before it becomes IGNORE_INDEX
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LAYOUTS = ("auto", "offroad", "cityscapes", "folder", "voc", "cvat", "labelme", "roboflow", "coco", "demo")
+LAYOUTS = ("auto", "offroad", "cityscapes", "folder", *TOOL_READERS, "demo")
 ENCODINGS = ("auto", "index", "binary", "colour")
-# Pillow's formats with no decoder of their own (stubs, a ghostscript or Windows call, MPEG's header only)
-UNDECODED_FORMATS = ("BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a lossy (JPEG) mask value within this distance (per channel) of exactly one class value counts as that class
 LOSSY_TOLERANCE = 24
-DETECT_SAMPLE = 16  # masks read to detect the encoding, spread over the split
 
 # Offroad Segmentation dataset: raw 16-bit mask value -> (class index, name). Value 0 and anything else
 # unlisted is ignored; the dataset's starter scripts fold them (and Flowers) into a Background class.
@@ -69,10 +86,6 @@ OFFROAD_CLASSES = (
     (7100, "Landscape"),
     (10000, "Sky"),
 )
-
-
-class DatasetError(Exception):
-    """Bad input data: the message names the file or folder and is shown to the user as one line."""
 
 
 # ---- class tables: which raw mask value or colour is which class -------------------------------------------------
@@ -193,58 +206,25 @@ def distinct_palette(n: int) -> np.ndarray:
     return (np.array(colours) * 255).round().astype(np.uint8).reshape(n, 3)
 
 
-def is_ignore(name: str) -> bool:
-    return name.strip().lower() == "ignore"
-
-
-@dataclass(frozen=True)
-class ClassRow:
-    """One row of a class table: a class name (or "ignore"), and the raw id and/or colour that mean it."""
-
-    name: str
-    id: int | None = None
-    colour: tuple[int, int, int] | None = None
-
-
-@dataclass(frozen=True)
-class ClassTable:
-    """Classes in index order, each named once; several rows of one name merge their ids or colours into one
-    class, and rows named `ignore` mark values that mean "ignore". Without ids, class i has id i."""
-
-    rows: tuple[ClassRow, ...]
-    source: str
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r.name for r in self.rows if not is_ignore(r.name)))
-
-    @property
-    def has_ids(self) -> bool:
-        return any(r.id is not None for r in self.rows)
-
-    @property
-    def has_colours(self) -> bool:
-        return any(r.colour is not None for r in self.rows)
-
-    def class_map(self, encoding: str) -> ClassMap:
-        """The ClassMap for masks in `encoding`: colour masks use the colours, index masks the ids (or i for
-        class i, with 255 meaning ignore, when the table has no ids)."""
-        names = self.names
-        index = {name: i for i, name in enumerate(names)}
-        of = lambda row: IGNORE_INDEX if is_ignore(row.name) else index[row.name]  # noqa: E731
-        if encoding == "colour":
-            if not self.has_colours:
-                raise DatasetError(f"class table {self.source} has no r,g,b columns, which colour masks need")
-            pairs = {int(pack_rgb(np.array(r.colour))): of(r) for r in self.rows if r.colour is not None}
-        elif self.has_ids:
-            pairs = {r.id: of(r) for r in self.rows if r.id is not None}
-        else:
-            pairs = {i: i for i in range(len(names))} | {IGNORE_INDEX: IGNORE_INDEX}
-        palette = distinct_palette(len(names))
-        for row in reversed(self.rows):  # a class's first colour wins
-            if row.colour is not None and not is_ignore(row.name):
-                palette[index[row.name]] = row.colour
-        return ClassMap(names, palette, tuple(pairs), tuple(pairs.values()), encoding, self.source)
+def class_map_of(table: ClassTable, encoding: str) -> ClassMap:
+    """The ClassMap for masks in `encoding`: colour masks use the table's colours, index masks its ids (or i for
+    class i, with 255 meaning ignore, when the table has no ids)."""
+    names = table.names
+    index = {name: i for i, name in enumerate(names)}
+    of = lambda row: IGNORE_INDEX if is_ignore(row.name) else index[row.name]  # noqa: E731
+    if encoding == "colour":
+        if not table.has_colours:
+            raise DatasetError(f"class table {table.source} has no r,g,b columns, which colour masks need")
+        pairs = {int(pack_rgb(np.array(r.colour))): of(r) for r in table.rows if r.colour is not None}
+    elif table.has_ids:
+        pairs = {r.id: of(r) for r in table.rows if r.id is not None}
+    else:
+        pairs = {i: i for i in range(len(names))} | {IGNORE_INDEX: IGNORE_INDEX}
+    palette = distinct_palette(len(names))
+    for row in reversed(table.rows):  # a class's first colour wins
+        if row.colour is not None and not is_ignore(row.name):
+            palette[index[row.name]] = row.colour
+    return ClassMap(names, palette, tuple(pairs), tuple(pairs.values()), encoding, table.source)
 
 
 def offroad_table() -> ClassTable:
@@ -336,51 +316,6 @@ def read_class_table(path: Path) -> ClassTable:
 # ---- files and layouts ---------------------------------------------------------------------------------------------
 
 
-def readable_suffixes() -> tuple[str, ...]:
-    """Every file suffix Pillow opens and decodes, for images and masks alike (GIF masks as DRIVE ships them,
-    PPM/PGM, TIFF, ...)."""
-    Image.init()
-    extensions = Image.registered_extensions().items()
-    return tuple(sorted(e for e, f in extensions if f in Image.OPEN and f not in UNDECODED_FORMATS))
-
-
-IMAGE_SUFFIXES = readable_suffixes()
-
-
-@dataclass
-class SplitFiles:
-    """The (image, mask) pairs of one split, and the files that have no partner."""
-
-    pairs: list[tuple[Path, Path]] = field(default_factory=list)
-    images_without_mask: list[tuple[Path, Path]] = field(default_factory=list)  # (image, the mask it expects)
-    masks_without_image: list[Path] = field(default_factory=list)
-
-
-def images_by_stem(folder: Path, recursive: bool = False) -> dict[str, Path]:
-    """The image files of a folder by name without suffix (a path relative to the folder when recursive); the
-    first of two files of one stem wins."""
-    files = sorted(folder.rglob("*") if recursive else folder.iterdir()) if folder.is_dir() else []
-    found: dict[str, Path] = {}
-    for path in files:
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            found.setdefault(path.relative_to(folder).with_suffix("").as_posix(), path)
-    return found
-
-
-def pair_by_stem(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, suffix: str = "") -> SplitFiles:
-    """Each image with the mask of its stem (plus `suffix`: Roboflow's `_mask`), in a stable order."""
-    files = SplitFiles()
-    masks = dict(masks)
-    for stem, image in sorted(images.items()):
-        mask = masks.pop(stem + suffix, None)
-        if mask is None:
-            files.images_without_mask.append((image, mask_dir / f"{stem}{suffix}.png"))
-        else:
-            files.pairs.append((image, mask))
-    files.masks_without_image = sorted(masks.values())
-    return files
-
-
 def why_unpaired(image_dir: Path, mask_dir: Path) -> str:
     """Why a folder of masks gives no pair: a mask it holds, and its suffix or its stem."""
     masks = sorted(p for p in mask_dir.iterdir() if p.is_file()) if mask_dir.is_dir() else []
@@ -447,22 +382,6 @@ def is_lossy(path: Path) -> bool:
 # ---- decoding: 8-bit PNGs through libspng (pyspng), the same pixels as Pillow's; every other file through Pillow -
 
 
-EXIF_ORIENTATION = 0x0112  # the tag a phone writes instead of turning the pixels of a photo taken upright
-
-
-def orientation(im: Image.Image) -> int:
-    """An opened image's EXIF orientation, 1 (as stored) to 8. A PNG's comes only from an eXIf chunk before its
-    pixels, the one Pillow's open sees, so that reading a PNG's size never decodes it; a broken EXIF block counts
-    as no tag."""
-    if im.format == "PNG" and "exif" not in im.info:
-        return 1
-    try:
-        value = im.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # Pillow raises many kinds for a malformed block; a photo is not refused for one
-        return 1
-    return value if value in range(1, 9) else 1
-
-
 def upright(pixels: np.ndarray, turn: int) -> np.ndarray:
     """Pixels [H, W, ...] as stored -> as displayed under EXIF orientation `turn` (PIL.ImageOps.exif_transpose's
     turns, on the array)."""
@@ -477,9 +396,20 @@ def upright(pixels: np.ndarray, turn: int) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is displayed: swapped for the EXIF orientations that turn it a quarter."""
-    return im.size[::-1] if orientation(im) in (5, 6, 7, 8) else im.size
+LINE_ENDINGS_CHANGED = (b"\x89PNG\r\r\n", b"\x89PNG\n\x1a\n")  # a PNG signature after LF -> CRLF, CRLF -> LF
+
+
+def unreadable(what: str, path: Path, error: Exception) -> DatasetError:
+    """The one line for a file that does not decode; a PNG whose signature shows a text-mode copy says so."""
+    try:
+        with path.open("rb") as f:
+            converted = f.read(10).startswith(LINE_ENDINGS_CHANGED)
+    except OSError:
+        converted = False
+    why = ("; its bytes show a line-ending (\\r\\n) conversion, as a text-mode copy makes (git's autocrlf, an FTP "
+           "ASCII transfer): copy the export again as binary (in git: `*.png binary` in .gitattributes)"
+           if converted else "")
+    return DatasetError(f"cannot read {what} {path}: {error}{why}")
 
 
 def fast_png(data: bytes, kinds: tuple[tuple[int, int], ...], fmt: str) -> np.ndarray | None:
@@ -531,7 +461,7 @@ def read_mask(path: Path, colour: bool = False) -> np.ndarray:
             turn = orientation(im)
             raw = _mask_pixels(im, path, colour)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path}: {e}") from None
+        raise unreadable("mask", path, e) from None
     return upright(raw, turn)
 
 
@@ -545,17 +475,8 @@ def read_image(path: Path) -> torch.Tensor:
                 turn = orientation(im)
                 rgb = upright(np.array(im if im.mode == "RGB" else im.convert("RGB")), turn)  # writable
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from None
+        raise unreadable("image", path, e) from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed, from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return displayed_size(im)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from None
 
 
 # ---- mask encodings: index, binary or colour -----------------------------------------------------------------------
@@ -577,7 +498,7 @@ def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
                 order = np.argsort(codes)
                 return codes[order], np.array([n for n, _ in found], np.int64)[order], displayed_size(im)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path}: {e}") from None
+        raise unreadable("mask", path, e) from None
     raw = read_mask(path, colour)  # any other mode: through the pixels
     values, pixels = np.unique(pack_rgb(raw) if colour else raw, return_counts=True)
     return values, pixels, (raw.shape[1], raw.shape[0])
@@ -594,12 +515,6 @@ def is_colour_mask(path: Path) -> bool:
         return False  # an unreadable mask: the checks that read every mask name it
     spread = rgb.max(-1) - rgb.min(-1)
     return (spread > LOSSY_TOLERANCE).mean() > 0.01 if is_lossy(path) else bool(spread.any())
-
-
-def sample_masks(pairs: list[tuple[Path, Path]], n: int = DETECT_SAMPLE) -> list[Path]:
-    """n masks spread evenly over the split."""
-    picks = np.linspace(0, len(pairs) - 1, min(n, len(pairs))).round().astype(int)
-    return [pairs[i][1] for i in sorted(set(picks.tolist()))]
 
 
 def detect_encoding(masks: list[Path], num_classes: int | None) -> tuple[str, str, int]:
@@ -704,9 +619,9 @@ def resolve_class_map(
         if count not in (None, 2):
             raise DatasetError(f"binary masks have 2 classes, not {count} ({why})")
         names = table.names if table else options.names
-        class_map = binary_table(foreground, list(names) if names else None).class_map("binary")
+        class_map = class_map_of(binary_table(foreground, list(names) if names else None), "binary")
         if table is not None and table.has_colours:
-            class_map = replace(class_map, palette=table.class_map("index").palette, source=table.source)
+            class_map = replace(class_map, palette=class_map_of(table, "index").palette, source=table.source)
         return class_map, why
     if table is None:
         if options.num_classes is None:
@@ -716,493 +631,29 @@ def resolve_class_map(
                 "index",
             )
         table = numbered_table(options.num_classes, list(options.names) if options.names else None)
-    return table.class_map(encoding), why
+    return class_map_of(table, encoding), why
 
 
-# ---- annotation tools' exports: voc, cvat, labelme, roboflow, coco; zips; a held-out validation split -----------
+# ---- layouts: which reader a folder needs, and a validation split where it has none -------------------------------
 
-# Each tool's facts, from its own exporter. VOC and the trees built on it (CVAT's "Segmentation mask 1.1",
-# LabelMe's labelme2voc.py) differ only in the class table file and the mask encoding.
-VOC_ROOTS = (".", "VOCdevkit/VOC2012", "VOCdevkit/VOC2007", "VOC2012", "VOC2007")
-VOC_IMAGES = "JPEGImages"
-VOC_MASKS = ("SegmentationClass", "SegmentationClassPNG")  # older labelme2voc.py wrote its PNGs to ...PNG
-VOC_LISTS = "ImageSets/Segmentation"  # <split>.txt: one frame name (no suffix) a line
-VOC_UNION = "trainval"  # train and val together: never the training split beside val, not read twice by --check
-SBD_MASKS, SBD_SPLIT = "SegmentationClassAug", "train_aug"  # SBD's extra masks, as DeepLab repositories use them
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
-CVAT_LABELMAP = "labelmap.txt"  # "# label:color_rgb:parts:actions", then name:r,g,b:: per label
-LABELME_CLASSES = "class_names.txt"  # one name a line, _background_ first (id 0); 255 is __ignore__
-ROBOFLOW_CLASSES = "_classes.csv"  # "Pixel Value, Class" then one row per value, in each split folder
-ROBOFLOW_MASK = "_mask"  # NAME.jpg beside NAME_mask.png
-ROBOFLOW_COCO, CVAT_COCO, LABEL_STUDIO_COCO = "_annotations.coco.json", "instances_*.json", "result.json"
-VALIDATION_NAMES = ("val", "valid", "validation")  # Roboflow calls it valid
 DEFAULT_VAL_FRACTION = 0.1
-ZIP_RATIO, ZIP_FLOOR = 200, 256 * 2**20  # an archive unpacking to more than both (x its size, bytes) is refused
-COCO_LISTS = ("images", "annotations", "categories")
-COCO_MASKS_VERSION = 1  # bump when rasterising changes, so cached masks are made anew
-
-
-def voc_colormap(n: int) -> np.ndarray:
-    """The VOC colour of each index 0..n-1 (the devkit's bit-interleaving; LabelMe and CVAT paint with it too)."""
-    colours = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for shift in range(7, -1, -1):
-            r, g, b = r | ((c & 1) << shift), g | (((c >> 1) & 1) << shift), b | (((c >> 2) & 1) << shift)
-            c >>= 3
-        colours[i] = (r, g, b)
-    return colours
-
-
-def voc_table() -> ClassTable:
-    """VOC's 21 classes by index and colour; 255 (its cream border colour) is void."""
-    colours = voc_colormap(256)
-    rows = tuple(ClassRow(name, i, tuple(colours[i].tolist())) for i, name in enumerate(VOC_CLASSES))
-    return ClassTable(rows + (ClassRow("ignore", IGNORE_INDEX, (224, 224, 192)),), "the VOC table")
-
-
-def _text_lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read {path}: {e}") from None
-    return [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
-
-
-def read_labelmap(path: Path) -> ClassTable:
-    """CVAT's labelmap.txt: `name:r,g,b:parts:actions` per label, in index order (the name may hold colons)."""
-    rows, seen = [], {}
-    for n, line in _text_lines(path):
-        name, colour = (line.rsplit(":", 3) + ["", ""])[:2] if line.count(":") >= 3 else (line, "")
-        rgb = tuple(int(v) for v in colour.split(",") if v.strip().isdigit())
-        if len(rgb) != 3 or len(colour.split(",")) != 3 or max(rgb) > 255:
-            raise DatasetError(f"{path}, line {n}: expected name:r,g,b::, got {line!r}")
-        if rgb in seen:
-            raise DatasetError(f"{path}, line {n}: colour {rgb} is already the colour of line {seen[rgb]}")
-        seen[rgb] = n
-        rows.append(ClassRow(name.strip(), None, rgb))
-    if not rows:
-        raise DatasetError(f"{path} lists no label")
-    return ClassTable(tuple(rows), f"{path.name} with {len(rows)} labels")
-
-
-def read_class_names(path: Path) -> ClassTable:
-    """labelme2voc.py's class_names.txt: class i is line i (mask index i), drawn in the VOC colour of i."""
-    names = [line for _, line in _text_lines(path)]
-    if not names or len(set(names)) != len(names):
-        raise DatasetError(f"{path} {'repeats a name' if names else 'lists no class'}")
-    colours = voc_colormap(len(names))
-    rows = tuple(ClassRow(name, i, tuple(colours[i].tolist())) for i, name in enumerate(names))
-    return ClassTable(rows + (ClassRow("ignore", IGNORE_INDEX),), f"{path.name} with {len(rows)} classes")
-
-
-def read_roboflow_classes(path: Path) -> ClassTable:
-    """Roboflow's _classes.csv: a `Pixel Value, Class` header (a space after the comma), then value, name rows."""
-    lines = _text_lines(path)
-    header = [c.strip().lower() for c in next(csv.reader([lines[0][1]]))] if lines else []
-    if header[:2] != ["pixel value", "class"]:
-        raise DatasetError(f"{path}: expected the header `Pixel Value, Class`, got {lines[0][1] if lines else ''!r}")
-    rows = []
-    for n, line in lines[1:]:
-        cells = [c.strip() for c in next(csv.reader([line]))]
-        if len(cells) < 2 or not cells[0].isdigit() or not cells[1] or int(cells[0]) > 65535:
-            raise DatasetError(f"{path}, line {n}: expected `value, name` with a value in 0..65535, got {line!r}")
-        rows.append(ClassRow(cells[1], int(cells[0])))
-    if not rows:
-        raise DatasetError(f"{path} lists no class")
-    return ClassTable(tuple(rows), f"{path.name} with {len(rows)} classes")
-
-
-@dataclass
-class DatasetTree:
-    """A dataset root as its layout reads it: the files of every split, the layout's own class table and mask
-    encoding ("auto": the masks say), what the tree gets wrong (`findings`, one line each) and what was done on
-    the user's behalf (`notes`: unzipped, frames skipped, a validation split held out)."""
-
-    root: Path
-    layout: str
-    splits: dict[str, SplitFiles]
-    table: ClassTable | None = None
-    encoding: str = "auto"
-    findings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def resolve(self, split: str) -> str:
-        """A split by name; `val` also finds valid or validation, and `train` the one split of a tree whose only
-        split is not train (CVAT's `default`)."""
-        if split in self.splits:
-            return split
-        found = [s for s in VALIDATION_NAMES if s in self.splits] if split == "val" else []
-        unions = (VOC_UNION,) if any(s in self.splits for s in VALIDATION_NAMES) else ()  # it holds val
-        others = [s for s in self.splits if s not in (*VALIDATION_NAMES, "test", *unions)]
-        found += others if split == "train" and len(others) == 1 else []
-        if not found:
-            names, notes = ", ".join(self.splits) or "none", "".join(f"; {note}" for note in self.notes)
-            raise DatasetError(f"{self.root} (layout {self.layout}) has no split {split!r}; its splits: {names}{notes}")
-        return found[0]
-
-    def describe(self) -> str:
-        """One line: `layout cvat: labelmap.txt with 12 labels, splits train (12) and val (4)`."""
-        counts = [f"{s} ({len(f.pairs)})" for s, f in self.splits.items()]
-        listed = ", ".join(counts[:-1]) + f" and {counts[-1]}" if len(counts) > 1 else "".join(counts) or "none"
-        table = f"{self.table.source}, " if self.table is not None else ""
-        return f"layout {self.layout}: {table}split{'s' if len(counts) > 1 else ''} {listed}"
-
-
-def check_zip(path: Path, archive: zipfile.ZipFile, target: Path) -> None:
-    """Refuse, with one line, a member whose path would land outside `target` (absolute, ../, a drive, a link),
-    and an archive that would unpack to an absurd size against its own (a zip bomb)."""
-    for info in archive.infolist():
-        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-        if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in (parts[0] if parts else ""):
-            raise DatasetError(f"--data {path}: member {info.filename!r} would land outside {target}")
-        if stat.S_ISLNK(info.external_attr >> 16):
-            raise DatasetError(f"--data {path}: member {info.filename!r} is a link; links are not unpacked")
-    size, packed = sum(info.file_size for info in archive.infolist()), path.stat().st_size
-    if size > ZIP_RATIO * packed and size > ZIP_FLOOR:
-        raise DatasetError(f"--data {path}: it would unpack to {size:,} bytes, {size / packed:.0f} times its own "
-                           "size; unpack it yourself if you trust it")
-
-
-def unpack_zip(path: Path) -> tuple[Path, str]:
-    """An export's .zip, unpacked once into NAME_unzipped/ beside it and reused while the zip is unchanged (its
-    size and time, kept in a marker file there), and the line that says so. Another process of the same run
-    (torchrun) may unpack it at the same time: the first to finish wins, the other's copy is dropped."""
-    target = path.with_name(f"{path.stem}_unzipped")
-    stamp = f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}"
-    marker = target / ".unzipped-from"
-    done = lambda: marker.is_file() and marker.read_text() == stamp  # noqa: E731
-    if done():
-        return target, f"{path}: unpacked before into {target}"
-    if target.exists() and not marker.is_file():
-        raise DatasetError(f"--data {path}: {target} exists and was not unpacked from it; move it away")
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            check_zip(path, archive, target)
-            shutil.rmtree(partial, ignore_errors=True)
-            archive.extractall(partial)
-            files = sum(not info.is_dir() for info in archive.infolist())
-        (partial / marker.name).write_text(stamp)
-        if target.exists() and not done():
-            shutil.rmtree(target)  # unpacked from an older version of the zip
-        partial.rename(target)
-    except (zipfile.BadZipFile, OSError) as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        if not done():
-            raise DatasetError(f"--data {path}: cannot unpack it ({e})") from None
-        return target, f"{path}: unpacked into {target} by another process of this run"
-    return target, f"{path}: unpacked {files} files into {target}"
-
-
-def voc_base(root: Path) -> Path | None:
-    """Where a VOC-like tree (a mask folder beside JPEGImages) is: ROOT itself, or VOCdevkit/VOC2012 or
-    VOC2007 under it."""
-    for sub in VOC_ROOTS:
-        base = root / sub
-        if (base / VOC_IMAGES).is_dir() and any((base / d).is_dir() for d in (*VOC_MASKS, SBD_MASKS)):
-            return base
-    return None
-
-
-def _voc_split(base: Path, list_file: Path, images: dict, masks: dict, layout: str) -> tuple[SplitFiles, list[str]]:
-    """The files a list names, and findings; CVAT writes no mask for a frame without shapes: those are skipped."""
-    files, no_image, no_mask, split = SplitFiles(), [], [], list_file.stem
-    mask_dir = base / (SBD_MASKS if split == SBD_SPLIT else VOC_MASKS[0])
-    for _, line in _text_lines(list_file):
-        name = line if line in images or line in masks else line.split()[0]  # VOC's Main lists add a flag
-        image, mask = images.get(name), masks.get(name)
-        if image is None:
-            no_image.append(name)
-            files.masks_without_image += [mask] if mask is not None else []
-        elif mask is None and layout == "cvat":
-            no_mask.append(name)
-        elif mask is None:
-            files.images_without_mask.append((image, mask_dir / f"{name}.png"))
-        else:
-            files.pairs.append((image, mask))
-    findings = [f"{list_file} names {len(no_image)} frames with no image in {base / VOC_IMAGES}: "
-                + ", ".join(no_image[:5])] if no_image else []
-    if no_mask:
-        findings.append(f"split {split}: {len(no_mask)} frames have no mask (CVAT writes none for a frame without "
-                        "shapes): skipped, not read as background")
-    return files, findings
-
-
-def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> ClassTable | None:
-    if (base / CVAT_LABELMAP).is_file():
-        return read_labelmap(base / CVAT_LABELMAP)
-    if (base / LABELME_CLASSES).is_file():
-        return read_class_names(base / LABELME_CLASSES)
-    if layout == "cvat":
-        raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
-    sample = sample_masks(pairs) if pairs else []
-    encoding = "colour" if any(is_colour_mask(mask) for mask in sample) else "index"
-    values = set()
-    for mask in sample:
-        try:
-            values.update(mask_values(mask, encoding == "colour")[0].tolist())
-        except DatasetError:  # named by the checks that read every mask
-            continue
-    return voc_table() if values <= set(voc_table().class_map(encoding).keys) else None
-
-
-def read_voc_like(root: Path, layout: str) -> DatasetTree:
-    """A VOC, CVAT or LabelMe tree: the splits its lists name (without lists: every image with a mask, as
-    split train), and its class table: labelmap.txt, class_names.txt, else VOC's own when no mask index passes 20."""
-    base = voc_base(root)
-    if base is None:
-        raise DatasetError(f"--layout {layout}: {root} holds no {VOC_IMAGES}/ beside {VOC_MASKS[0]}/")
-    images = images_by_stem(base / VOC_IMAGES, recursive=True)
-    mask_dir = next((base / d for d in VOC_MASKS if images_by_stem(base / d)), base / VOC_MASKS[0])
-    masks = images_by_stem(mask_dir, recursive=True)
-    lists = sorted((base / VOC_LISTS).glob("*.txt"))
-    tree = DatasetTree(root, layout, {}, encoding="colour" if layout == "cvat" else "auto")
-    for list_file in lists:
-        split_masks = images_by_stem(base / SBD_MASKS, True) if list_file.stem == SBD_SPLIT else masks
-        tree.splits[list_file.stem], findings = _voc_split(base, list_file, images, split_masks, layout)
-        tree.findings += findings
-    if not lists:
-        tree.splits["train"] = pair_by_stem(images, masks, mask_dir)
-    listed = {m for files in tree.splits.values() for m in (*(p[1] for p in files.pairs), *files.masks_without_image)}
-    unlisted = sorted(m.name for m in masks.values() if m not in listed)
-    if lists and unlisted:
-        tree.findings.append(f"{len(unlisted)} masks of {mask_dir} are in no list of {base / VOC_LISTS}: "
-                             + ", ".join(unlisted[:5]))
-    tree.table = voc_like_table(base, layout, [p for f in tree.splits.values() for p in f.pairs])
-    return tree
-
-
-def read_labelme(root: Path) -> DatasetTree:
-    """labelme2voc.py's output: one tree at ROOT (split train), or one per split under it (train/, val/)."""
-    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and voc_base(d)]
-    trees = {d.name: d for d in folders if (d / LABELME_CLASSES).is_file()}
-    if voc_base(root) is not None or not trees:
-        return read_voc_like(root, "labelme")
-    merged = DatasetTree(root, "labelme", {})
-    for split, folder in trees.items():
-        tree = read_voc_like(folder, "labelme")
-        if merged.table is not None and tree.table.names != merged.table.names:
-            raise DatasetError(f"{folder / LABELME_CLASSES} names other classes than {merged.table.source} of "
-                               f"{next(iter(trees.values()))}; one class table serves every split")
-        merged.table, merged.splits[split] = tree.table, tree.splits["train"]
-        merged.findings += tree.findings
-    return merged
-
-
-def read_roboflow(root: Path) -> DatasetTree:
-    """Roboflow's "Semantic Segmentation Masks": train/, valid/, test/ (or ROOT alone: split train), each with
-    NAME.jpg beside NAME_mask.png and _classes.csv; mangled names (a_jpg.rf.<hash>.jpg) pair as they are."""
-    folders = {"train": root} if (root / ROBOFLOW_CLASSES).is_file() else {
-        d.name: d for d in sorted(root.iterdir()) if (d / ROBOFLOW_CLASSES).is_file()}
-    if not folders:
-        raise DatasetError(f"--layout roboflow: {root} holds no {ROBOFLOW_CLASSES}, nor a split folder with one")
-    tree = DatasetTree(root, "roboflow", {})
-    for split, folder in folders.items():
-        table = read_roboflow_classes(folder / ROBOFLOW_CLASSES)
-        if tree.table is not None and table.rows != tree.table.rows:
-            first = next(iter(folders.values())) / ROBOFLOW_CLASSES
-            raise DatasetError(f"{folder / ROBOFLOW_CLASSES} differs from {first}; one class table serves every split")
-        tree.table = table
-        files = images_by_stem(folder)
-        masks = {stem: path for stem, path in files.items() if stem.endswith(ROBOFLOW_MASK)}
-        images = {stem: path for stem, path in files.items() if stem not in masks}
-        tree.splits[split] = pair_by_stem(images, masks, folder, ROBOFLOW_MASK)
-    return tree
-
-
-def coco_files(root: Path) -> dict[str, tuple[Path, list[Path]]]:
-    """split -> (COCO file, folders its images may be in), as CVAT (annotations/instances_<split>.json with
-    images/<split>/), Roboflow (<split>/_annotations.coco.json beside the images) and Label Studio (result.json
-    with images/) write them."""
-    found = {}
-    for path in sorted((root / "annotations").glob(CVAT_COCO)):
-        split = path.stem.removeprefix("instances_")
-        found[split] = (path, [root / "images" / split, root / "images", root])
-    for path in sorted(root.glob(f"*/{ROBOFLOW_COCO}")):
-        found[path.parent.name] = (path, [path.parent])
-    for name in (ROBOFLOW_COCO, LABEL_STUDIO_COCO):
-        if (root / name).is_file():
-            found.setdefault("train", (root / name, [root, root / "images"]))
-    return found
-
-
-def coco_classes(categories: list[dict], used: set[int]) -> tuple[ClassTable, dict[int, int], int]:
-    """The class table of a COCO file: background (class 0: the pixels no annotation covers, as the tools mean
-    them), then the categories in id order, less Roboflow's project category (the supercategory of every other,
-    used by no annotation); the mask value of each category id, and the value of ignored (overlap) pixels."""
-    categories = sorted(categories, key=lambda c: c["id"])
-    project = [c for c in categories if c["id"] not in used and len(categories) > 1
-               and all(o.get("supercategory") == c["name"] for o in categories if o is not c)]
-    kept = [c for c in categories if c not in project]
-    ignore = IGNORE_INDEX if len(kept) < IGNORE_INDEX else 65535
-    rows = [ClassRow("background", 0)] + [ClassRow(str(c["name"]), i) for i, c in enumerate(kept, 1)]
-    rows.append(ClassRow("ignore", ignore))
-    return ClassTable(tuple(rows), f"{len(kept)} categories"), {c["id"]: i for i, c in enumerate(kept, 1)}, ignore
-
-
-def coco_mask(annotations: list[dict], height: int, width: int, value_of: dict[int, int], ignore: int,
-              where: str) -> tuple[np.ndarray, int, int]:
-    """One image's class-value mask from its annotations (polygons, RLE compressed or not), rasterised by
-    pycocotools; pixels that annotations of different categories share are `ignore`. Also the overlap's pixels
-    and the annotations with no polygon or mask (boxes only), which are skipped."""
-    from pycocotools import mask as mask_utils
-
-    mask = np.zeros((height, width), np.uint8 if ignore == IGNORE_INDEX else np.uint16)
-    boxes = 0
-    for ann in annotations:
-        segmentation = ann.get("segmentation")
-        if isinstance(segmentation, list) and [p for p in segmentation if len(p) >= 6]:
-            rle = mask_utils.merge(mask_utils.frPyObjects([p for p in segmentation if len(p) >= 6], height, width))
-        elif isinstance(segmentation, dict) and list(segmentation.get("size", ())) == [height, width]:
-            counts = segmentation.get("counts")
-            rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(counts, list) else segmentation
-        elif isinstance(segmentation, dict):
-            raise DatasetError(f"{where}: annotation {ann.get('id')} is an RLE of size {segmentation.get('size')}, "
-                               f"but its image is {height}x{width}")
-        else:
-            boxes += 1
-            continue
-        if ann.get("category_id") not in value_of:
-            raise DatasetError(f"{where}: annotation {ann.get('id')} has category {ann.get('category_id')}, "
-                               "which `categories` does not list")
-        covered, value = mask_utils.decode(rle).astype(bool), value_of[ann["category_id"]]
-        clash = covered & (mask != 0) & (mask != value)
-        mask[covered & (mask == 0)] = value
-        mask[clash] = ignore
-    return mask, int(np.count_nonzero(mask == ignore)), boxes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-
-
-def load_coco(path: Path) -> tuple[dict, str]:
-    """A COCO file's contents, checked for what rasterising needs, and a digest of its bytes (the cache's key)."""
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read COCO file {path}: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in COCO_LISTS):
-        raise DatasetError(f"{path} is not a COCO file: a JSON object with lists images, annotations and categories")
-    for key, fields in zip(COCO_LISTS, (("id", "file_name", "width", "height"), ("image_id", "category_id"),
-                                        ("id", "name"))):
-        for item in data[key]:
-            missing = [f for f in fields if not isinstance(item, dict) or f not in item]
-            if missing:
-                raise DatasetError(f"{path}: an entry of `{key}` has no {' or '.join(missing)}: {str(item)[:80]}")
-    return data, hashlib.sha1(raw + f"{COCO_MASKS_VERSION}".encode()).hexdigest()[:16]
-
-
-def rasterise_coco(path: Path, data: dict, digest: str, value_of: dict[int, int], ignore: int) -> tuple[Path, dict]:
-    """Every annotated image's mask as a PNG, written once into a cache folder named by the file's `digest`, and
-    what rasterising found (overlaps, boxes, images without annotations); later runs read both back."""
-    folder = cache_root() / "deeplab_coco_masks" / digest
-    if (folder / "found.json").is_file():
-        return folder, json.loads((folder / "found.json").read_text())
-    annotations: dict[int, list[dict]] = {}
-    for ann in data["annotations"]:
-        annotations.setdefault(ann.get("image_id"), []).append(ann)
-    found = {"masks": {}, "overlap": [0, 0], "boxes": 0, "unannotated": [], "orphans": 0}
-    found["orphans"] = sum(len(v) for k, v in annotations.items() if k not in {im["id"] for im in data["images"]})
-    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for image in tqdm(data["images"], desc=f"rasterising {path.name}", leave=False, disable=None):
-        if not annotations.get(image["id"]):
-            found["unannotated"].append(image["file_name"])
-            continue
-        mask, overlap, boxes = coco_mask(annotations[image["id"]], image["height"], image["width"], value_of, ignore,
-                                         str(path))
-        name = f"{image['id']}.png"
-        Image.fromarray(mask).save(partial / name, compress_level=1)
-        found["masks"][image["file_name"]] = name
-        found["overlap"] = [found["overlap"][0] + overlap, found["overlap"][1] + (overlap > 0)]
-        found["boxes"] += boxes
-    (partial / "found.json").write_text(json.dumps(found))
-    try:
-        partial.rename(folder)
-    except OSError:  # another process of the same run (torchrun) rasterised it first
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder, found
-
-
-def coco_split(root: Path, split: str, path: Path, folders: list[Path]) -> tuple[SplitFiles, ClassTable, list[str]]:
-    """One COCO file's (image, rasterised mask) pairs, its class table and its findings."""
-    data, digest = load_coco(path)
-    used = {ann.get("category_id") for ann in data["annotations"]}
-    table, value_of, ignore = coco_classes(data["categories"], used)
-    masks, found = rasterise_coco(path, data, digest, value_of, ignore)
-    files, missing = SplitFiles(), []
-    for file_name, mask in found["masks"].items():
-        name = file_name.replace("\\", "/")
-        candidates = [folder / name for folder in folders] + [folder / PurePosixPath(name).name for folder in folders]
-        image = next((c for c in candidates if c.is_file()), None)
-        if image is None:
-            missing.append(file_name)
-        else:
-            files.pairs.append((image, masks / mask))
-    where = f"split {split} ({path.relative_to(root)})"
-    findings = [f"{where}: {len(missing)} annotated images are not there, their annotations unused: "
-                + ", ".join(missing[:5])] if missing else []
-    if found["orphans"]:
-        findings.append(f"{where}: {found['orphans']} annotations are of images the file does not list")
-    unused = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"]) if c["id"] not in used
-              and c["id"] in value_of]
-    if unused:
-        findings.append(f"{where}: no annotation uses the categories {', '.join(map(str, unused))}")
-    pixels, images = found["overlap"]
-    if pixels:
-        findings.append(f"{where}: annotations of different categories overlap on {pixels:,} pixels in {images} "
-                        "images; those pixels are ignored")
-    if found["boxes"]:
-        findings.append(f"{where}: {found['boxes']} annotations have no polygon or mask (boxes only): skipped")
-    if found["unannotated"]:
-        findings.append(f"{where}: {len(found['unannotated'])} images have no annotation: skipped, not read as all "
-                        "background")
-    return files, table, findings
-
-
-def read_coco(root: Path) -> DatasetTree:
-    """COCO files as CVAT, Roboflow and Label Studio write them, each a split."""
-    files = coco_files(root)
-    if not files:
-        raise DatasetError(f"--layout coco: {root} holds no annotations/{CVAT_COCO}, */{ROBOFLOW_COCO} or "
-                           f"{LABEL_STUDIO_COCO}")
-    tree = DatasetTree(root, "coco", {})
-    for split, (path, folders) in files.items():
-        tree.splits[split], table, findings = coco_split(root, split, path, folders)
-        if tree.table is not None and table.rows != tree.table.rows:
-            raise DatasetError(f"the categories of {path} differ from those of {files[next(iter(files))][0]}; "
-                               "one class table serves every split")
-        tree.table, tree.findings = table, tree.findings + findings
-    return tree
+NESTED_DEPTH = 3  # folders below --data searched for a dataset, as labelme's examples nest theirs
 
 
 def detect_layout(root: Path) -> str:
     """The layout of a dataset root, from the folders and files each tool writes."""
-    subfolders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return "cityscapes"
-    base = voc_base(root)
-    if base is not None:
-        return "cvat" if (base / CVAT_LABELMAP).is_file() else "voc" if (base / VOC_LISTS).is_dir() else "labelme"
-    if any(voc_base(d) and (d / LABELME_CLASSES).is_file() for d in subfolders):
-        return "labelme"
-    if (root / ROBOFLOW_CLASSES).is_file() or any((d / ROBOFLOW_CLASSES).is_file() for d in subfolders):
-        return "roboflow"
-    if coco_files(root):
-        return "coco"
+    tool = detect_tool(root)
+    if tool is not None:
+        return tool
+    subfolders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     for layout in ("offroad", "folder"):
         if any((d / SPLIT_FOLDERS[layout][0]).is_dir() for d in subfolders):
             return layout
     raise DatasetError(
         f"cannot detect the layout of {root}: expected SPLIT/images + SPLIT/masks (folder), SPLIT/Color_Images "
-        f"(offroad), leftImg8bit + gtFine (cityscapes), JPEGImages + SegmentationClass (voc, cvat, labelme), "
-        f"SPLIT/{ROBOFLOW_CLASSES} (roboflow) or a COCO file (coco); README's 'Your data' shows each"
+        f"(offroad), leftImg8bit + gtFine (cityscapes), {TOOL_FILES}; README's 'Your data' shows each"
     )
 
 
@@ -1214,12 +665,37 @@ def detectable(root: Path) -> bool:
     return True
 
 
+def nested_datasets(root: Path, depth: int = NESTED_DEPTH) -> list[Path]:
+    """The dataset roots below `root` (not below one another), up to `depth` folders down."""
+    found = []
+    for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))):
+        if detectable(folder):
+            found.append(folder)
+        elif depth > 1:
+            found += nested_datasets(folder, depth - 1)
+    return found
+
+
+def find_root(data: Path, layout: str) -> tuple[Path, str, list[str]]:
+    """The dataset at `data`, or the one dataset a few folders below it (said in a note); several below it are
+    named, and --data picks one."""
+    if layout != "auto":
+        return data, layout, []
+    try:
+        return data, detect_layout(data), []
+    except DatasetError as e:
+        below = nested_datasets(data)
+        if len(below) == 1:
+            return below[0], detect_layout(below[0]), [f"{data} holds one dataset, {below[0]}: read from there"]
+        if below:
+            raise DatasetError(f"{data} holds {len(below)} datasets: {some([str(p) for p in below])}; pass one of "
+                               "them as --data") from None
+        raise e from None
+
+
 def read_tree(root: Path, layout: str) -> DatasetTree:
-    if layout in ("voc", "cvat"):
-        return read_voc_like(root, layout)
-    readers = {"labelme": read_labelme, "roboflow": read_roboflow, "coco": read_coco}
-    if layout in readers:
-        return readers[layout](root)
+    if layout in TOOL_READERS:
+        return TOOL_READERS[layout](root)
     if layout not in ("offroad", "folder", "cityscapes"):
         raise DatasetError(f"unknown --layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     table = {"offroad": offroad_table, "cityscapes": cityscapes_table}.get(layout, lambda: None)()
@@ -1228,6 +704,7 @@ def read_tree(root: Path, layout: str) -> DatasetTree:
     unlabelled = [p for p in root.iterdir() if images and (p / images).is_dir() and not (p / masks).is_dir()]
     tree.notes += [f"{folder / images} has no {masks}/ folder beside it: not a split" for folder in sorted(unlabelled)]
     return tree
+
 
 
 def name_hash(name: str) -> float:
@@ -1273,13 +750,15 @@ def open_tree(data: Path, layout: str = "auto", val_fraction: float | None = Non
         data, note = unpack_zip(data)
         notes.append(note)
         inner = [p for p in data.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]  # Finder's
-        if len(inner) == 1 and inner[0].is_dir() and not detectable(data):
+        if len(inner) == 1 and inner[0].is_dir() and detectable(inner[0]):
             data = inner[0]  # the export's own top folder
     if not data.is_dir():
         raise DatasetError(f"--data folder {data} does not exist")
-    tree = read_tree(data, detect_layout(data) if layout == "auto" else layout)
+    data, layout, found = find_root(data, layout)
+    tree = read_tree(data, layout)
+    notes += found
     order = {name: rank for rank, names in enumerate((["train"], VALIDATION_NAMES, ["test"])) for name in names}
-    tree.splits = dict(sorted(tree.splits.items(), key=lambda item: (order.get(item[0], 3), item[0])))
+    tree.splits = dict(sorted(tree.splits.items(), key=lambda item: (order.get(item[0].lower(), 3), item[0])))
     tree.notes[:0] = notes
     hold_out(tree, val_fraction)
     return tree
@@ -1682,6 +1161,13 @@ class SplitStats:
     unreadable: list[str] = field(default_factory=list)  # one message per file
     mismatched: list[str] = field(default_factory=list)  # masks of another size than their image
 
+    def unreadable_line(self, where: str) -> str:
+        """One line for every mask that does not decode: how many, and the first one's message (a split's masks
+        are usually broken alike: a text-mode copy, a truncated download)."""
+        if len(self.unreadable) == 1:
+            return self.unreadable[0]
+        return f"{len(self.unreadable)} masks of {where} cannot be read; the first: {self.unreadable[0]}"
+
 
 def _pair_statistics(pair: tuple[Path, Path], class_map: ClassMap) -> tuple | str:
     image, mask = pair
@@ -1750,7 +1236,7 @@ def check_trainable(stats: SplitStats, class_map: ClassMap, where: str, pairs: l
     present. One warning line per lesser problem: classes that never appear (they can never be learned), values
     outside the class table, lossy masks."""
     if stats.unreadable:
-        raise DatasetError(stats.unreadable[0])
+        raise DatasetError(stats.unreadable_line(where))
     problem = too_few_classes(stats, class_map, where, pairs)
     if problem:
         raise DatasetError(problem)
@@ -1894,7 +1380,8 @@ def split_findings(split: str, files: SplitFiles, stats: SplitStats, class_map: 
     def some(items: list) -> str:
         return ", ".join(map(str, items[:5])) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
-    errors = [*stats.unreadable[:5], *stats.mismatched[:5]]
+    errors = [stats.unreadable_line(f"split {split}")] if stats.unreadable else []
+    errors += stats.mismatched[:5]
     if files.images_without_mask:
         errors.append(f"{split}: {len(files.images_without_mask)} images have no mask: "
                       + some([image.name for image, _ in files.images_without_mask]))
@@ -1960,10 +1447,9 @@ def doctor_class_map(
 
 
 def checked_splits(tree: DatasetTree) -> tuple[dict[str, SplitFiles], str]:
-    """The splits --check reads (VOC's trainval, the union of train and val, is not read twice) and the training
-    split among them."""
-    union = {"train", "val"} <= tree.splits.keys()
-    files = {s: f for s, f in tree.splits.items() if not (s == VOC_UNION and union)}
+    """The splits --check reads (VOC's trainval, where it is the union of train and val, is not read twice) and
+    the training split among them."""
+    files = {s: f for s, f in tree.splits.items() if s not in tree.unions}
     with_pairs = [s for s, f in files.items() if f.pairs]
     if not with_pairs:
         raise DatasetError(f"{tree.root} holds no image with a mask" + "".join(f"; {note}" for note in tree.notes))
@@ -2004,8 +1490,9 @@ def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes:
             errors, warnings = errors + found_errors, warnings + found_warnings
         problem = too_few_classes(stats[train], class_map, f"split {train}", files[train].pairs)
         errors += [problem] if problem else []
-    leaks, unreadable = leaked_images(files)
-    errors += unreadable
+    leaks, broken = leaked_images(files)
+    errors += [f"{len(broken)} images cannot be read; the first: {broken[0]}" if len(broken) > 1 else broken[0]
+               ] if broken else []
     warnings += [f"the same image is in two splits (leakage inflates validation scores): {leak}" for leak in leaks]
     for line in [*(f"error: {e}" for e in errors), *(f"warning: {w}" for w in warnings)]:
         print(line)

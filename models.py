@@ -28,7 +28,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dataset import ClassMap, cityscapes_table, hw_pair, numbered_table, offroad_table
+from dataset import ClassMap, cityscapes_table, class_map_of, hw_pair, numbered_table, offroad_table
 
 ARCHS = (
     "deeplabv3_mobilenet_v3_large",
@@ -406,8 +406,8 @@ def checkpoint_class_map(checkpoint: dict) -> ClassMap:
     names = tuple(checkpoint["class_names"])
     for table in (offroad_table(), cityscapes_table()):
         if names == table.names:
-            return table.class_map("index")
-    return numbered_table(len(names), list(names)).class_map("index")
+            return class_map_of(table, "index")
+    return class_map_of(numbered_table(len(names), list(names)), "index")
 
 
 def model_with_classes(

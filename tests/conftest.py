@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dataset
 from dataset import make_demo
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -35,3 +36,34 @@ def write_folder(root: Path, split: str, masks: list[np.ndarray], suffix: str = 
         image = Image.fromarray(mask.astype(np.uint16 if mask.max() > 255 else np.uint8))
         image.save(root / split / "masks" / f"{i}{suffix}", **({"quality": 90} if suffix == ".jpg" else {}))
     return root
+
+
+def run_cli(args: list[str]) -> str:
+    """`python dataset.py ARGS` that must fail: its one-line message."""
+    with pytest.raises(SystemExit) as e:
+        dataset.main(dataset.get_args_parser().parse_args(args))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def check(args: list[str], capsys) -> tuple[int, list[str]]:
+    """`python dataset.py --check ARGS`: its exit status and its lines."""
+    with pytest.raises(SystemExit) as e:
+        dataset.main(dataset.get_args_parser().parse_args(["--check", *args]))
+    return e.value.code, capsys.readouterr().out.splitlines()
+
+
+def random_masks(values: list[int], n: int, shape: tuple[int, int] = (12, 16), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(values, shape).astype(np.uint8) for _ in range(n)]
+
+
+def counts_of(masks: list[np.ndarray], values: list[int]) -> list[int]:
+    """Pixels of each value, by hand: the independent count every layout must read back."""
+    return [int(sum((m == v).sum() for m in masks)) for v in values]
+
+
+def save_rgb(path: Path, shape: tuple[int, int], seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)

@@ -1,15 +1,12 @@
 import colorsys
-import json
 import re
 import shutil
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, write_folder, write_pair
+from conftest import CAMVID, check, counts_of, random_masks, run_cli, save_rgb, write_folder, write_pair
 from PIL import Image, ImageOps
 
 import dataset
@@ -24,6 +21,7 @@ from dataset import (
     DatasetError,
     TransformConfig,
     build_dataset,
+    class_map_of,
     class_weights,
     collate,
     make_demo,
@@ -208,14 +206,6 @@ def test_demo_is_deterministic_and_uses_offroad_ids(tmp_path):
     )
 
 
-def run_cli(args: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        dataset.main(dataset.get_args_parser().parse_args(args))
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
-
-
 def test_missing_folder_is_one_line(tmp_path):
     assert str(tmp_path / "nope") in run_cli(["--data", str(tmp_path / "nope")])
 
@@ -364,16 +354,16 @@ def test_lossy_jpeg_colour_masks_match_their_classes_and_count_the_rest(tmp_path
 
 def test_lossy_values_match_a_class_only_within_half_the_gap_to_the_next():
     # an independent brute-force nearest-key search over every 8-bit value, and over random colours
-    ids = numbered_table(3).class_map("index")  # keys 0, 1, 2 and 255: gap 1, so lossy matching stays exact
+    ids = class_map_of(numbered_table(3), "index")  # keys 0, 1, 2 and 255: gap 1, so lossy matching stays exact
     assert ids.lookup(np.arange(256), lossy=True)[1].sum() == 4
-    grey = ClassTable((ClassRow("a", 0), ClassRow("b", 10), ClassRow("c", 200)), "t").class_map("index")
+    grey = class_map_of(ClassTable((ClassRow("a", 0), ClassRow("b", 10), ClassRow("c", 200)), "t"), "index")
     tolerance = min(dataset.LOSSY_TOLERANCE, (10 - 1) // 2)
     classes, known = grey.lookup(np.arange(65536), lossy=True)
     for v in range(300):
         near = [(abs(v - key), i) for i, key in enumerate((0, 10, 200)) if abs(v - key) <= tolerance]
         assert known[v] == bool(near) and classes[v] == (min(near)[1] if near else IGNORE_INDEX)
     colours = ClassTable(tuple(ClassRow(str(i), colour=tuple(c)) for i, c in enumerate(RGB[:3])), "t")
-    colour_map = colours.class_map("colour")
+    colour_map = class_map_of(colours, "colour")
     rgb = np.random.default_rng(0).integers(0, 256, (5000, 3))
     rgb[:2500] = RGB[rgb[:2500, 0] % 3] + np.random.default_rng(1).integers(-30, 31, (2500, 3))
     rgb = np.clip(rgb, 0, 255).astype(np.uint8)
@@ -428,8 +418,8 @@ def test_mask_values_count_exactly_what_read_mask_reads(tmp_path):
 def test_counting_by_histogram_equals_mapping_every_pixel(tmp_path):
     raw = np.random.default_rng(0).integers(0, 40, (30, 30))
     # 254 classes: too many for apply's one-step lookup (its marker for unknown values is 254), so the other path
-    for class_map in (numbered_table(12).class_map("index"), offroad_table().class_map("index"),
-                      numbered_table(254).class_map("index")):
+    for class_map in (class_map_of(numbered_table(12), "index"), class_map_of(offroad_table(), "index"),
+                      class_map_of(numbered_table(254), "index")):
         values, pixels = np.unique(raw, return_counts=True)
         counts, strange = class_map.count(values, pixels)
         mapped, unknown = class_map.apply(raw)
@@ -482,12 +472,6 @@ def test_a_file_the_fast_decoder_refuses_is_named_in_one_line(tmp_path):
 
 
 # ---- the dataset doctor (--check) --------------------------------------------------------------------------------
-
-
-def check(args: list[str], capsys) -> tuple[int, list[str]]:
-    with pytest.raises(SystemExit) as e:
-        dataset.main(dataset.get_args_parser().parse_args(["--check", *args]))
-    return e.value.code, capsys.readouterr().out.splitlines()
 
 
 def test_check_reports_warnings_and_passes_a_dataset_that_can_train(tmp_path, capsys):
@@ -590,295 +574,6 @@ def test_camvid_masks_re_encoded_as_colours_give_exactly_the_index_counts(tmp_pa
     assert colour_stats.ignored == index_stats.ignored == direct[11] and colour_stats.unknown == 0
 
 
-# ---- annotation tools' exports, each built the way its exporter writes it ----------------------------------------
-
-VOC_FIRST_COLOURS = [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128)]  # the devkit's
-
-
-def random_masks(values: list[int], n: int, shape: tuple[int, int] = (12, 16), seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.choice(values, shape).astype(np.uint8) for _ in range(n)]
-
-
-def counts_of(masks: list[np.ndarray], values: list[int]) -> list[int]:
-    """Pixels of each value, by hand: the independent count every layout must read back."""
-    return [int(sum((m == v).sum() for m in masks)) for v in values]
-
-
-def save_rgb(path: Path, shape: tuple[int, int], seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
-
-
-def save_palette_mask(path: Path, mask: np.ndarray) -> None:
-    """A palette PNG of class indices, as the VOC devkit and labelme's lblsave write them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette([c for colour in VOC_FIRST_COLOURS for c in colour] + [224, 224, 192] * 250)
-    im.save(path)
-
-
-def voc_tree(base: Path, masks: dict[str, np.ndarray], lists: dict[str, list[str]]) -> None:
-    for i, (name, mask) in enumerate(masks.items()):
-        save_rgb(base / "JPEGImages" / f"{name}.jpg", mask.shape, i)
-        save_palette_mask(base / "SegmentationClass" / f"{name}.png", mask)
-    (base / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    for split, names in lists.items():
-        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-
-
-def test_voc_colours_follow_the_devkit():
-    assert [tuple(c) for c in dataset.voc_colormap(6).tolist()] == VOC_FIRST_COLOURS
-
-
-def test_voc_tree_reads_palette_indices_with_voc_classes_and_255_as_void(tmp_path, capsys):
-    masks = dict(zip([f"2007_{i:06d}" for i in range(5)], random_masks([0, 1, 15, 20, 255], 5)))
-    names = list(masks)
-    voc_tree(tmp_path / "VOCdevkit" / "VOC2012", masks, {"train": names[:3], "val": names[3:], "trainval": names})
-    train = build_dataset(tmp_path, "auto", "train", PLAIN)
-    assert train.class_map.num_classes == 21 and train.class_map.names[15] == "person"
-    assert train.class_map.names[20] == "tvmonitor" and train.about[0].startswith("layout voc: the VOC table")
-    stats = split_statistics(train.pairs, train.class_map)
-    assert stats.pixels[[0, 1, 15, 20]].tolist() == counts_of(list(masks.values())[:3], [0, 1, 15, 20])
-    assert stats.ignored == counts_of(list(masks.values())[:3], [255])[0] and stats.unknown == 0
-    status, lines = check(["--data", str(tmp_path)], capsys)
-    assert status == 0 and "splits train (3), val (2) and trainval (5)" in lines[0]
-    assert "trainval pixels" not in "\n".join(lines) and "same image" not in "\n".join(lines)  # not read twice
-
-
-def test_sbd_train_aug_reads_its_own_masks(tmp_path):
-    base = tmp_path / "VOC2012"
-    masks = dict(zip(["a", "b", "c"], random_masks([0, 3], 3)))
-    voc_tree(base, masks, {"train": ["a", "b"], "val": ["c"]})
-    for name in ("a", "b"):
-        save_palette_mask(base / "SegmentationClassAug" / f"{name}.png", np.full((12, 16), 7, np.uint8))
-    (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("a\nb\n")
-    aug = build_dataset(tmp_path, "voc", "train_aug", PLAIN)
-    assert [m.parent.name for _, m in aug.pairs] == ["SegmentationClassAug"] * 2
-    assert split_statistics(aug.pairs, aug.class_map).pixels[7] == 2 * 12 * 16
-
-
-def test_check_names_what_a_voc_tree_gets_wrong(tmp_path, capsys):
-    masks = dict(zip("abcde", random_masks([0, 1, 2], 5)))
-    base = tmp_path / "VOC2012"
-    voc_tree(base, masks, {"train": ["a", "b", "c", "ghost"], "val": ["d"]})  # e is in no list, ghost is nowhere
-    (base / "SegmentationClass" / "c.png").unlink()  # a listed frame without its mask
-    status, lines = check(["--data", str(tmp_path)], capsys)
-    text = "\n".join(lines)
-    assert status == 1 and "error: train: 1 images have no mask: c.jpg" in text
-    assert "train.txt names 1 frames with no image in" in text and "ghost" in text
-    assert "warning: 1 masks of" in text and "are in no list of" in text and "e.png" in text
-
-
-CVAT_LABELMAP = (
-    "# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\ncar:64,0,128::\nsky:70,130,180::\n"
-)
-CVAT_COLOURS = [(0, 0, 0), (128, 64, 128), (64, 0, 128), (70, 130, 180)]
-
-
-def cvat_export(root: Path, masks: list[np.ndarray], unmasked: int = 1) -> Path:
-    """CVAT's "Segmentation mask 1.1" with images: RGB masks in labelmap.txt's colours, one `default` subset
-    listing every frame, no mask for the frames without shapes."""
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (root / "labelmap.txt").write_text(CVAT_LABELMAP)
-    names = [f"frame_{i:06d}" for i in range(len(masks) + unmasked)]
-    for i, name in enumerate(names):
-        save_rgb(root / "JPEGImages" / f"{name}.jpg", masks[0].shape, i)
-        if i < len(masks):
-            (root / "SegmentationClass").mkdir(exist_ok=True)
-            Image.fromarray(np.array(CVAT_COLOURS, np.uint8)[masks[i]]).save(root / "SegmentationClass" / f"{name}.png")
-    (root / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(names) + "\n")
-    return root
-
-
-def test_cvat_export_reads_labelmap_colours_skips_frames_without_masks_and_holds_out_val(tmp_path, capsys):
-    masks = random_masks([0, 1, 2, 3], 12)
-    root = cvat_export(tmp_path / "cvat", masks)
-    train = build_dataset(root, "auto", "train", PLAIN)
-    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
-    assert train.class_map.names == ("background", "road", "car", "sky") and train.class_map.encoding == "colour"
-    splits = f"splits default ({len(train)}) and val ({len(val)})"
-    assert train.about[0] == f"layout cvat: labelmap.txt with 4 labels, {splits}"
-    assert any("1 frames have no mask (CVAT writes none" in line for line in train.about)
-    assert len(train) + len(val) == 12 and len(val) >= 1
-    pixels = sum(split_statistics(ds.pairs, train.class_map).pixels for ds in (train, val))
-    assert pixels.tolist() == counts_of(masks, [0, 1, 2, 3])
-    status, lines = check(["--data", str(root)], capsys)
-    assert status == 0 and any(line.startswith("no validation split: ") for line in lines)
-
-
-def labelme_tree(base: Path, masks: list[np.ndarray], first: int = 0) -> None:
-    """labelme2voc.py's output: class_names.txt, JPEGImages/*.jpg and palette SegmentationClass/*.png."""
-    base.mkdir(parents=True)
-    (base / "class_names.txt").write_text("_background_\ncat\ndog\n")
-    for i, mask in enumerate(masks, first):
-        save_rgb(base / "JPEGImages" / f"img{i}.jpg", mask.shape, i)
-        save_palette_mask(base / "SegmentationClass" / f"img{i}.png", mask)
-
-
-def test_labelme_trees_per_split_read_class_names_and_255_as_ignore(tmp_path):
-    train_masks, val_masks = random_masks([0, 1, 2, 255], 3), random_masks([0, 2, 255], 2, seed=1)
-    labelme_tree(tmp_path / "train", train_masks)
-    labelme_tree(tmp_path / "val", val_masks, first=3)
-    train = build_dataset(tmp_path, "auto", "train", PLAIN)
-    assert train.class_map.names == ("_background_", "cat", "dog") and train.about[0].startswith("layout labelme")
-    val = build_dataset(tmp_path, "auto", "val", PLAIN, train.class_map)
-    for ds, masks in ((train, train_masks), (val, val_masks)):
-        stats = split_statistics(ds.pairs, ds.class_map)
-        assert stats.pixels.tolist() == counts_of(masks, [0, 1, 2]) and stats.unknown == 0
-        assert stats.ignored == counts_of(masks, [255])[0]
-
-
-def roboflow_split(folder: Path, masks: list[np.ndarray], seed: int = 0) -> None:
-    """Roboflow's Semantic Segmentation Masks: NAME.jpg beside NAME_mask.png, mangled names, _classes.csv."""
-    folder.mkdir(parents=True)
-    (folder / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, crack\n2, pothole\n")
-    for i, mask in enumerate(masks):
-        stem = f"road_{seed}{i:02d}_jpg.rf.{seed}{i:02d}aa9f1c0e2b7d"
-        save_rgb(folder / f"{stem}.jpg", mask.shape, i)
-        Image.fromarray(mask).save(folder / f"{stem}_mask.png")
-
-
-def test_roboflow_export_pairs_mangled_names_and_valid_is_val(tmp_path):
-    train_masks, valid_masks = random_masks([0, 1, 2], 4), random_masks([0, 1], 2, seed=1)
-    roboflow_split(tmp_path / "train", train_masks)
-    roboflow_split(tmp_path / "valid", valid_masks, seed=1)
-    train = build_dataset(tmp_path, "auto", "train", PLAIN)
-    val = build_dataset(tmp_path, "auto", "val", PLAIN, train.class_map)
-    assert train.class_map.names == ("background", "crack", "pothole")
-    assert train.about[0] == "layout roboflow: _classes.csv with 3 classes, splits train (4) and valid (2)"
-    assert all(m.name == i.stem + "_mask.png" for i, m in train.pairs)
-    assert split_statistics(val.pairs, val.class_map).pixels.tolist() == counts_of(valid_masks, [0, 1, 2])
-
-
-def uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE, by hand: run lengths over the column-major pixels, starting with a run of 0s."""
-    flat = mask.T.ravel().astype(np.int8)
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return {"counts": ([0] + runs) if flat[0] else runs, "size": list(mask.shape)}
-
-
-def rectangle(x0: int, y0: int, x1: int, y1: int) -> list[list[int]]:
-    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
-
-
-COCO_SHAPES = (  # (image, category index 1..3, x0, y0, x1, y1): categories 1 and 2 overlap on 2x2 pixels of image 0
-    (0, 1, 0, 0, 6, 4), (0, 2, 4, 2, 9, 8), (1, 3, 2, 2, 12, 10), (1, 1, 13, 0, 16, 3),
-)
-
-
-def coco_export(root: Path, tool: str, shape: tuple[int, int] = (12, 16)) -> tuple[Path, np.ndarray]:
-    """Two annotated images, one with no annotation and one whose file is missing, as `tool` writes COCO, and
-    the expected mask of each annotated image by hand (overlaps 255)."""
-    h, w = shape
-    expected = np.zeros((2, h, w), np.uint8)
-    for image, category, x0, y0, x1, y1 in COCO_SHAPES:
-        region = expected[image, y0:y1, x0:x1]
-        region[(region != 0) & (region != category)] = 255
-        region[region == 0] = category
-    first_id = 0 if tool == "label-studio" else 1  # Label Studio numbers categories from 0
-    categories = [{"id": first_id + i, "name": n, "supercategory": ""} for i, n in enumerate(("car", "road", "tree"))]
-    categories.append({"id": first_id + 3, "name": "bus", "supercategory": ""})  # never used
-    if tool == "roboflow":  # the project category, supercategory of every other
-        categories = [{"id": 0, "name": "streets", "supercategory": "none"}] + [
-            {**c, "id": c["id"], "supercategory": "streets"} for c in categories]
-    folder, json_path, prefix = {
-        "cvat": (root / "images" / "default", root / "annotations" / "instances_default.json", ""),
-        "roboflow": (root / "train", root / "train" / "_annotations.coco.json", ""),
-        "label-studio": (root / "images", root / "result.json", "images/"),
-    }[tool]
-    files = ["a.jpg", "b.jpg", "empty.jpg", "gone.jpg"]
-    for i, name in enumerate(files[:3]):
-        save_rgb(folder / name, shape, i)
-    annotations = []
-    for n, (image, category, x0, y0, x1, y1) in enumerate(COCO_SHAPES):
-        box = np.zeros(shape, np.uint8)
-        box[y0:y1, x0:x1] = 1
-        segmentation = uncompressed_rle(box) if tool == "cvat" else rectangle(x0, y0, x1, y1)
-        annotations.append({"id": n + 1, "image_id": image + 1, "category_id": first_id + category - 1,
-                            "segmentation": segmentation, "iscrowd": int(tool == "cvat"),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(box.sum())})
-    annotations.append({"id": 99, "image_id": 4, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
-    annotations.append({"id": 100, "image_id": 77, "category_id": first_id, "segmentation": rectangle(0, 0, 2, 2)})
-    images = [{"id": i + 1, "file_name": prefix + name, "width": w, "height": h} for i, name in enumerate(files)]
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    return root, expected
-
-
-@pytest.mark.parametrize("tool", ["cvat", "roboflow", "label-studio"])
-def test_coco_rasterises_polygons_and_rle_overlaps_ignored_and_counted(tmp_path, tool, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root, expected = coco_export(tmp_path / "export", tool)
-    train = build_dataset(root, "auto", "train", PLAIN)
-    assert train.class_map.names == ("background", "car", "road", "tree", "bus")
-    pairs = {image.name: mask for image, mask in train.pairs}
-    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
-    pairs.update({image.name: mask for image, mask in val.pairs})
-    assert sorted(pairs) == ["a.jpg", "b.jpg"]  # empty.jpg is skipped, gone.jpg is not there
-    for i, name in enumerate(["a.jpg", "b.jpg"]):
-        assert np.array_equal(read_mask(pairs[name]), expected[i])
-    text = "\n".join(train.about)
-    assert "overlap on 4 pixels in 1 images" in text and "no annotation uses the categories bus" in text
-    assert "1 images have no annotation: skipped" in text and "1 annotated images are not there" in text
-    assert "1 annotations are of images the file does not list" in text
-    status, lines = check(["--data", str(root)], capsys)
-    assert status == 0 and "layout coco: 4 categories" in lines[0]
-    assert any("overlap on 4 pixels" in line for line in lines)
-
-
-def zip_folder(folder: Path, path: Path, extra: list[tuple[zipfile.ZipInfo | str, bytes]] = ()) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for file in sorted(folder.rglob("*")):
-            if file.is_file():
-                archive.write(file, Path("export") / file.relative_to(folder))
-        for info, data in extra:
-            archive.writestr(info, data)
-    return path
-
-
-def test_a_zip_export_is_unpacked_once_beside_it_and_reused(tmp_path):
-    roboflow_split(tmp_path / "export" / "train", random_masks([0, 1, 2], 3))
-    roboflow_split(tmp_path / "export" / "valid", random_masks([0, 1], 1), seed=1)
-    path = zip_folder(tmp_path / "export", tmp_path / "roboflow.zip", [("__MACOSX/export/._x", b"")])  # a Mac's zip
-    shutil.rmtree(tmp_path / "export")
-    first = build_dataset(path, "auto", "train", PLAIN)
-    assert first.about[0].startswith("layout roboflow") and "unpacked 11 files into" in first.about[1]
-    marker = tmp_path / "roboflow_unzipped" / ".unzipped-from"
-    stamp = marker.stat().st_mtime_ns
-    second = build_dataset(path, "auto", "train", PLAIN)
-    assert "unpacked before" in second.about[1] and marker.stat().st_mtime_ns == stamp
-    assert len(second) == 3
-
-
-def link_member(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.external_attr = (0o120777 << 16)  # what `zip --symlinks` writes for a link
-    return info
-
-
-@pytest.mark.parametrize(
-    "member, needle",
-    [("../evil.txt", "would land outside"), ("/etc/evil", "would land outside"),
-     (link_member("export/link"), "is a link")],
-)
-def test_a_zip_member_that_would_land_outside_is_refused_in_one_line(tmp_path, member, needle):
-    roboflow_split(tmp_path / "export" / "train", random_masks([0, 1], 2))
-    path = zip_folder(tmp_path / "export", tmp_path / "bad.zip", [(member, b"x")])
-    out = run_cli(["--data", str(path), "--check"])
-    assert needle in out and "Traceback" not in out and not (tmp_path / "evil.txt").exists()
-
-
-def test_a_zip_that_would_unpack_to_an_absurd_size_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset, "ZIP_FLOOR", 2**20)
-    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("zeros.bin", bytes(8 * 2**20))
-    with pytest.raises(DatasetError, match="times its own size"):
-        build_dataset(tmp_path / "bomb.zip", "auto", "train", PLAIN)
-    assert not (tmp_path / "bomb_unzipped").exists()
-
-
 @pytest.mark.parametrize("turn", range(1, 9))
 def test_photos_read_the_way_up_their_exif_tag_says(tmp_path, turn):
     """A phone stores the sensor's pixels and an orientation tag; the mask is drawn on the photo as shown."""
@@ -958,100 +653,6 @@ def test_masks_that_pair_with_no_image_name_one_and_why(tmp_path):
     assert "has suffix .npy, which is no image format Pillow reads" in run_cli(["--data", str(tmp_path), "--check"])
 
 
-def coco_with_valid(root: Path) -> list[np.ndarray]:
-    expected = coco_export(root, "roboflow")[1]
-    shutil.copytree(root / "train", root / "valid")
-    return [*expected, *expected]
-
-
-def export_with(build: Callable, masks: list[np.ndarray]) -> list[np.ndarray]:
-    build(masks)
-    return masks
-
-
-# each builds a small export in a folder and returns the class-index masks it wrote (255: ignored), every split's
-EXPORTS = {
-    "voc": lambda root: export_with(lambda m: voc_tree(root, dict(zip("abcdef", m)), {"train": list("abcd"),
-                                    "val": list("ef")}), random_masks([0, 1, 15], 6)),
-    "cvat": lambda root: export_with(lambda m: cvat_export(root, m), random_masks([0, 1, 2, 3], 6)),
-    "labelme": lambda root: export_with(lambda m: labelme_tree(root, m), random_masks([0, 1, 2, 255], 6)),
-    "roboflow": lambda root: export_with(lambda m: roboflow_split(root / "train", m), random_masks([0, 1, 2], 6)),
-    "coco": coco_with_valid,
-}
-
-
-@pytest.mark.parametrize("layout", EXPORTS)
-def test_each_export_reads_back_the_pixels_written_through_the_loader_stats_and_check(tmp_path, layout, monkeypatch,
-                                                                                     capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = tmp_path / "export"
-    written = EXPORTS[layout](root)
-    train = build_dataset(root, "auto", "train", PLAIN)
-    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
-    n = train.class_map.num_classes
-    expected = np.bincount(np.concatenate([m[m != 255] for m in written]), minlength=n).tolist()
-    loaded = [ds[i][1].numpy() for ds in (train, val) for i in range(len(ds))]
-    assert np.bincount(np.concatenate([m[m != 255] for m in loaded]), minlength=n).tolist() == expected
-    capsys.readouterr()
-    from_stats = np.zeros(n, np.int64)
-    for split in ("train", "val"):
-        dataset.main(dataset.get_args_parser().parse_args(["--data", str(root), "--split", split, "--stats"]))
-        rows = re.findall(r"^\s*(\d+)\s+\S+\s+(\d+)\s+\d+\.\d{6}\s+\d+\.\d{4}$", capsys.readouterr().out, re.M)
-        from_stats += np.array([int(pixels) for _, pixels in rows])
-    assert from_stats.tolist() == expected
-    _, lines = check(["--data", str(root)], capsys)
-    rows = [line.split("|") for line in lines if re.match(r"^\s*\d+ ", line) and "|" in line]
-    assert [sum(int(cell.split()[0].replace(",", "")) for cell in row[1:]) for row in rows] == expected
-
-
-@pytest.mark.parametrize("layout", EXPORTS)
-def test_one_training_step_on_each_export(tmp_path, layout, monkeypatch, capsys):
-    import train_deeplab
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    EXPORTS[layout](tmp_path / "export")
-    args = ["--data", str(tmp_path / "export"), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
-            "--workers", "0", "--no-pretrained", "--size", "32", "32", "--loss", "ce"]
-    train_deeplab.main(train_deeplab.get_args_parser().parse_args(args))
-    out = capsys.readouterr().out
-    assert f"layout {layout}:" in out and "Epoch 1/1" in out and (tmp_path / "run" / "best.pth").is_file()
-    if "held out as val" in out:  # the checkpoint alone finds the same held-out images again
-        import evaluate
-
-        report = tmp_path / "report.json"
-        evaluate.main(evaluate.get_args_parser().parse_args(
-            ["--checkpoint", str(tmp_path / "run" / "best.pth"), "--json", str(report), "--workers", "0"]))
-        assert json.loads(report.read_text())["images"] == int(re.search(r"val size (\d+)", out).group(1))
-
-
-@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is not in ../shared")
-def test_camvid_frames_as_coco_rle_read_back_their_png_masks_pixel_for_pixel(tmp_path, monkeypatch):
-    """Three real frames exported the way CVAT writes masks (one uncompressed RLE per class and image); pixels
-    no annotation covers (CamVid's unlabelled, 11) are background."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    frames = sorted((CAMVID / "train" / "images").glob("*.png"))[:3]
-    images, annotations = [], []
-    (tmp_path / "images" / "train").mkdir(parents=True)
-    for i, frame in enumerate(frames, 1):
-        mask = np.asarray(Image.open(CAMVID / "train" / "masks" / frame.name))
-        shutil.copy(frame, tmp_path / "images" / "train")
-        images.append({"id": i, "file_name": frame.name, "height": mask.shape[0], "width": mask.shape[1]})
-        for c in np.unique(mask[mask < 11]).tolist():
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1, "iscrowd": 1,
-                                "segmentation": uncompressed_rle(mask == c)})
-    categories = [{"id": c + 1, "name": f"camvid_{c}"} for c in range(11)]
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "instances_train.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
-    )
-    tree = dataset.open_tree(tmp_path)
-    pairs = tree.splits["train"].pairs + tree.splits["val"].pairs
-    for image, mask in pairs:
-        truth = np.asarray(Image.open(CAMVID / "train" / "masks" / image.name)).astype(np.int64)
-        assert np.array_equal(read_mask(mask), np.where(truth == 11, 0, truth + 1))
-    assert len(pairs) == 3
-
-
 def test_a_test_split_of_images_alone_is_no_split_and_is_said(tmp_path):
     root = write_folder(tmp_path, "train", random_masks([0, 1], 2))
     write_folder(root, "val", random_masks([0, 1], 1))
@@ -1061,26 +662,3 @@ def test_a_test_split_of_images_alone_is_no_split_and_is_said(tmp_path):
     assert train.about[1] == f"{root / 'test' / 'images'} has no masks/ folder beside it: not a split"
     with pytest.raises(DatasetError, match="has no split 'test'"):
         build_dataset(root, "auto", "test", PLAIN, ClassOptions(num_classes=2))
-
-
-def test_a_coco_file_missing_what_rasterising_needs_is_one_line(tmp_path):
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(
-        {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [], "categories": [{"id": 1, "name": "car"}]}))
-    out = run_cli(["--data", str(tmp_path), "--check"])
-    assert "instances_train.json: an entry of `images` has no width or height" in out and "Traceback" not in out
-
-
-def test_cvat_masks_of_voc_labels_without_a_labelmap_read_as_voc_by_their_colours(tmp_path):
-    """CVAT writes labelmap.txt only for labels that are not VOC's: then its RGB masks are in VOC's colours."""
-    masks = random_masks([0, 1, 3], 3)
-    root = cvat_export(tmp_path / "cvat", masks, unmasked=0)
-    (root / "labelmap.txt").unlink()
-    voc = np.array(VOC_FIRST_COLOURS, np.uint8)
-    for i, mask in enumerate(masks):  # repainted in VOC's colours, as CVAT paints VOC's labels
-        Image.fromarray(voc[mask]).save(root / "SegmentationClass" / f"frame_{i:06d}.png")
-    train = build_dataset(root, "auto", "train", PLAIN)
-    val = build_dataset(root, "auto", "val", PLAIN, train.class_map)
-    assert train.about[0].startswith("layout voc: the VOC table") and train.class_map.encoding == "colour"
-    pixels = sum(split_statistics(ds.pairs, train.class_map).pixels for ds in (train, val))
-    assert pixels[[0, 1, 3]].tolist() == counts_of(masks, [0, 1, 3]) and pixels.sum() == 3 * 12 * 16

@@ -247,7 +247,7 @@ def test_predicting_a_folder_writes_every_file_with_the_models_argmax(checkpoint
             "--save-probs", "--batch-size", "2")
     model = build_model("deeplabv3_mobilenet_v3_large", 10)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
-    palette = dataset.offroad_table().class_map("index").palette
+    palette = dataset.class_map_of(dataset.offroad_table(), "index").palette
     for name, (h, w) in shapes.items():
         stem = out / Path(name).with_suffix("")
         pred, conf = expected_classes(model, tmp_path / "in" / name)
@@ -311,8 +311,8 @@ def test_label_ids_of_a_cityscapes_model_are_valid_label_ids(tmp_path):
     path = tmp_path / "cityscapes.pth"
     args = {"arch": "deeplabv3_mobilenet_v3_large", "data": None, "layout": "cityscapes", "size": None}
     torch.save({"model": build_model(args["arch"], 19).state_dict(), "args": args, "num_classes": 19,
-                "class_names": list(table.names), "class_map": table.class_map("index").to_dict(), "epoch": 0},
-               path)
+                "class_names": list(table.names), "class_map": dataset.class_map_of(table, "index").to_dict(),
+                "epoch": 0}, path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "f.png")
     run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "train"))
     run_cli("--checkpoint", str(path), "--predict", str(tmp_path / "f.png"), "--out", str(tmp_path / "ids"),
@@ -514,7 +514,7 @@ def constant_checkpoint(tmp_path: Path, data: Path, names: list[str], layout: st
         model.classifier[-1].weight.zero_()
         model.classifier[-1].bias.copy_(torch.tensor([10.0] + [0.0] * (len(names) - 1)))
     args = {"arch": "deeplabv3_mobilenet_v3_large", "data": str(data), "layout": layout, "size": None}
-    table = dataset.numbered_table(len(names), names).class_map("index")
+    table = dataset.class_map_of(dataset.numbered_table(len(names), names), "index")
     path = tmp_path / "constant.pth"
     torch.save({"model": model.state_dict(), "args": args, "num_classes": len(names), "class_names": names,
                 "class_map": table.to_dict(), "epoch": 0}, path)
