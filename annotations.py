@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 IGNORE_INDEX = 255
@@ -230,12 +230,14 @@ def find_image(name: str, folders: Iterable[Path]) -> Path | None:
 # ---- shapes to masks: one rasteriser, a cache by digest -------------------------------------------------------------
 
 MASKS_VERSION = 2  # bump when rasterising changes, so cached masks are made anew
+LABELME_POINT_RADIUS, LABELME_LINE_WIDTH = 5, 10  # LabelMe's shape_to_mask: point_size and line_width
 
 
 @dataclass
 class Region:
     """One annotated region, a class `value` and its pixels as polygons (flat [x0, y0, x1, y1, ...] in pixels),
-    a COCO RLE, or a bitmap [h, w] whose top-left pixel is (left, top)."""
+    a COCO RLE, a bitmap [h, w] whose top-left pixel is (left, top), or a `drawing` (kind, points) that the
+    tool paints itself with Pillow, edges included (LabelMe)."""
 
     value: int
     polygons: list[list[float]] | None = None
@@ -243,6 +245,7 @@ class Region:
     bitmap: np.ndarray | None = None
     left: int = 0
     top: int = 0
+    drawing: tuple[str, list[tuple[float, float]]] | None = None
 
 
 @dataclass
@@ -282,6 +285,8 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
     """A region as a boolean mask [height, width]: polygons and RLE by pycocotools, bitmaps placed (and clipped)."""
     from pycocotools import mask as mask_utils
 
+    if region.drawing is not None:
+        return drawn(*region.drawing, height, width)
     if region.bitmap is not None:
         full = np.zeros((height, width), bool)
         top, left = max(region.top, 0), max(region.left, 0)
@@ -294,6 +299,21 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
         counts = region.rle.get("counts")
         rle = mask_utils.frPyObjects(region.rle, height, width) if isinstance(counts, list) else region.rle
     return mask_utils.decode(rle).astype(bool)
+
+
+def drawn(kind: str, xy: list[tuple[float, float]], height: int, width: int) -> np.ndarray:
+    """A shape as LabelMe's shape_to_mask draws it with Pillow: outline and fill, lines LABELME_LINE_WIDTH wide."""
+    canvas = Image.new("L", (width, height))
+    draw = ImageDraw.Draw(canvas)
+    if kind == "ellipse":
+        draw.ellipse(xy, outline=1, fill=1)
+    elif kind == "rectangle":
+        draw.rectangle(xy, outline=1, fill=1)
+    elif kind in ("line", "linestrip"):
+        draw.line(xy, fill=1, width=LABELME_LINE_WIDTH, **({"joint": "curve"} if kind == "linestrip" else {}))
+    else:
+        draw.polygon(xy, outline=1, fill=1)
+    return np.asarray(canvas, bool)
 
 
 def paint(annotated: Annotated, ignore: int, overlap_ignored: bool) -> tuple[np.ndarray, int]:
@@ -350,16 +370,22 @@ def rasterise(label: str, digest: str, images: list[Annotated], ignore: int,
     return folder, found
 
 
-def shape_table(names: list[str], source: str, colours: dict[str, tuple[int, int, int]] | None = None,
-                background: str = "background") -> tuple[ClassTable, dict[str, int], int]:
-    """The class table of a shape export: `background` (class 0, the pixels no shape covers), then `names` in
-    the export's order; the mask value of each name, and the value of ignored pixels."""
+BACKGROUND_NAMES = ("background", "_background_", "__background__")  # the tools' names for "no object here"
+
+
+def shape_table(names: list[str], source: str, colours: dict[str, tuple[int, int, int]] | None = None
+                ) -> tuple[ClassTable, dict[str, int], int]:
+    """The class table of a shape export: background (class 0, the pixels no shape covers; named as the export
+    names it, if it does), then `names` in the export's order; the mask value of each name (background's 0), and
+    the value of ignored pixels."""
+    background = next((n for n in names if n.lower() in BACKGROUND_NAMES), "background")
     names = [n for n in dict.fromkeys(names) if n != background]
     ignore = IGNORE_INDEX if len(names) < IGNORE_INDEX else 65535
     colours = colours or {}
     rows = [ClassRow(background, 0, colours.get(background))]
     rows += [ClassRow(name, i, colours.get(name)) for i, name in enumerate(names, 1)]
-    return ClassTable((*rows, ClassRow("ignore", ignore)), source), {n: i for i, n in enumerate(names, 1)}, ignore
+    value_of = {background: 0} | {n: i for i, n in enumerate(names, 1)}
+    return ClassTable((*rows, ClassRow("ignore", ignore)), source), value_of, ignore
 
 
 def read_shapes(root: Path, layout: str, splits: dict[str, ShapeSplit], table: ClassTable, ignore: int,
@@ -665,6 +691,7 @@ def read_cvat_xml(root: Path) -> DatasetTree:
     except (OSError, ET.ParseError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from None
     names, colours = cvat_labels(document.find("meta"))
+    names = names or list(dict.fromkeys(s.get("label", "") for s in document.iter() if s.tag in CVAT_AREAS))
     table, value_of, ignore = shape_table(names, f"{CVAT_XML} with {len(names)} labels", colours)
     splits: dict[str, ShapeSplit] = {}
     skipped: Counter[str] = Counter()
@@ -699,8 +726,7 @@ def read_cvat_xml(root: Path) -> DatasetTree:
 # writes) is __ignore__ (255), _background_ (0), then a class a line.
 LABELME_CLASSES = "class_names.txt"
 LABELME_LABELS = ("labels.txt", LABELME_CLASSES)
-LABELME_IGNORE, LABELME_BACKGROUND = "__ignore__", "_background_"
-LABELME_POINT_RADIUS = 5  # labelme's point_size: a point is a disc of this radius
+LABELME_IGNORE = "__ignore__"  # labelme2voc.py paints such shapes 255
 
 
 def read_class_names(path: Path) -> ClassTable:
@@ -715,7 +741,7 @@ def read_class_names(path: Path) -> ClassTable:
 
 def read_labelme_tree(root: Path) -> DatasetTree:
     """labelme2voc.py's output: one tree at ROOT (split train), or one per split under it (train/, val/)."""
-    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and voc_base(d)]
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_NAMES and voc_base(d)]
     trees = {d.name: d for d in folders if (d / LABELME_CLASSES).is_file()}
     if voc_base(root) is not None or not trees:
         return read_voc_like(root, "labelme")
@@ -747,26 +773,32 @@ def labelme_jsons(root: Path) -> dict[str, list[Path]]:
 
 
 def labelme_region(shape: dict, where: str) -> Region | None:
-    """A shape as labelme2voc.py paints it; lines and line strips have no area and give None."""
+    """A shape as labelme2voc.py paints it (shape_to_mask, in Pillow); None for a shape it cannot draw."""
     kind, points = shape.get("shape_type") or "polygon", shape.get("points") or []
     try:
         xy = [(float(x), float(y)) for x, y in points]
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: a {kind} whose points are not [x, y] pairs") from None
-    if kind == "mask":
-        bits = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape.get("mask") or "")))).astype(bool)
+    if kind == "mask" and len(xy) == 2:
+        try:
+            bits = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape.get("mask") or "")))).astype(bool)
+        except (ValueError, OSError):
+            raise DatasetError(f"{where}: a mask that is no base64 PNG") from None
         bits = bits if bits.ndim == 2 else bits.any(-1)
-        return Region(0, bitmap=bits, left=int(xy[0][0]), top=int(xy[0][1]))
+        return Region(0, bitmap=bits, left=round(xy[0][0]), top=round(xy[0][1]))
+    corners = [(min(x for x, _ in xy), min(y for _, y in xy)), (max(x for x, _ in xy), max(y for _, y in xy))]
     if kind == "rectangle" and len(xy) == 2:
-        (x0, y0), (x1, y1) = xy
-        return Region(0, polygons=[box_polygon(min(x0, x1), min(y0, y1), max(x0, x1) + 1, max(y0, y1) + 1)])
+        return Region(0, drawing=("rectangle", corners))
     if kind == "circle" and len(xy) == 2:
-        (cx, cy), (px, py) = xy
-        return Region(0, polygons=[ellipse(cx, cy, math.dist((cx, cy), (px, py)), math.dist((cx, cy), (px, py)))])
-    if kind == "point" and xy:
-        return Region(0, polygons=[ellipse(*xy[0], LABELME_POINT_RADIUS, LABELME_POINT_RADIUS)])
-    if kind in ("polygon", "rectangle") and len(xy) >= 3:
-        return Region(0, polygons=[[v for point in xy for v in point]])
+        (cx, cy), r = xy[0], math.dist(*xy)
+        return Region(0, drawing=("ellipse", [(cx - r, cy - r), (cx + r, cy + r)]))
+    if kind == "point" and len(xy) == 1:
+        (cx, cy), r = xy[0], LABELME_POINT_RADIUS
+        return Region(0, drawing=("ellipse", [(cx - r, cy - r), (cx + r, cy + r)]))
+    if (kind == "line" and len(xy) == 2) or (kind == "linestrip" and len(xy) >= 2):
+        return Region(0, drawing=(kind, xy))
+    if (kind == "polygon" and len(xy) >= 3) or (kind == "oriented_rectangle" and len(xy) == 4):
+        return Region(0, drawing=("polygon", xy))
     return None
 
 
@@ -789,19 +821,17 @@ def embedded_image(data: str, where: str) -> Path:
 
 def labelme_table(root: Path, labels: list[str]) -> tuple[ClassTable, dict[str, int], int, str]:
     """The classes of LabelMe files: labels.txt or class_names.txt beside them (or one folder up, where
-    labelme's examples keep it) in its order, else the labels in the order the files first use them."""
+    labelme's examples keep it) in its order, else the labels in the order the files first use them; shapes
+    labelled __ignore__ are ignored."""
     for folder in (root, root.parent):
         path = next((folder / name for name in LABELME_LABELS if (folder / name).is_file()), None)
         if path is not None:
             names = [line for _, line in text_lines(path) if line != LABELME_IGNORE]
-            background = LABELME_BACKGROUND if LABELME_BACKGROUND in names else "background"
-            table, value_of, ignore = shape_table(names, f"{path.name} with {len(names)} classes", None, background)
-            return table, value_of | {background: 0, LABELME_IGNORE: ignore}, ignore, str(path)
-    background = LABELME_BACKGROUND if LABELME_BACKGROUND in labels else "background"
+            table, value_of, ignore = shape_table(names, f"{path.name} with {len(names)} classes")
+            return table, value_of | {LABELME_IGNORE: ignore}, ignore, str(path)
     names = [n for n in labels if n != LABELME_IGNORE]
-    table, value_of, ignore = shape_table(names, f"{len(set(names) - {background})} labels of the files", None,
-                                          background)
-    return table, value_of | {background: 0, LABELME_IGNORE: ignore}, ignore, ""
+    table, value_of, ignore = shape_table(names, f"{len(set(names))} labels of the files")
+    return table, value_of | {LABELME_IGNORE: ignore}, ignore, ""
 
 
 def read_labelme_json(root: Path) -> DatasetTree:
@@ -837,7 +867,7 @@ def labelme_image(path: Path, document: object, value_of: dict[str, int], skippe
         label = shape.get("label", "") if isinstance(shape, dict) else ""
         region = labelme_region(shape, f"{path}, shape {label!r}") if isinstance(shape, dict) else None
         if region is None:
-            skipped[f"of type {shape.get('shape_type') if isinstance(shape, dict) else '?'} (no area)"] += 1
+            skipped[f"of type {shape.get('shape_type') if isinstance(shape, dict) else '?'} LabelMe cannot draw"] += 1
         elif label not in value_of:
             skipped[f"of a label the class file does not list ({label})"] += 1
         else:
@@ -918,16 +948,17 @@ def coco_files(root: Path) -> dict[str, tuple[Path, list[Path]]]:
         found[split] = (path, [root / "images" / split, root / "images", root])
     for path in sorted(root.glob(f"*/{ROBOFLOW_COCO}")):
         found[path.parent.name] = (path, [path.parent])
-    for name in (ROBOFLOW_COCO, LABEL_STUDIO_COCO):
-        if (root / name).is_file() and is_coco(root / name):
-            found.setdefault("train", (root / name, [root, root / "images"]))
+    for path in sorted(root.glob("*.json")):  # Roboflow's and Label Studio's file, labelme2coco's annotations.json
+        split = path.stem if path.stem.lower() in SPLIT_NAMES else "train"
+        if split not in found and is_coco(path):
+            found[split] = (path, [root, root / "images", root / VOC_IMAGES])
     return found
 
 
 def is_coco(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(65536)
-    return b'"images"' in head or b'"categories"' in head or b'"annotations"' in head
+    return head.lstrip().startswith(b"{") and b'"images"' in head and b'"annotations"' in head
 
 
 def load_coco(path: Path) -> tuple[dict, bytes]:
@@ -1458,7 +1489,7 @@ def detect_tool(root: Path) -> str | None:
     base = voc_base(root)
     if base is not None:
         return "cvat" if (base / CVAT_LABELMAP).is_file() else "voc" if (base / VOC_LISTS).is_dir() else "labelme"
-    if any(voc_base(d) and (d / LABELME_CLASSES).is_file() for d in subfolders):
+    if any(d.name.lower() in SPLIT_NAMES and voc_base(d) and (d / LABELME_CLASSES).is_file() for d in subfolders):
         return "labelme"
     if (root / ROBOFLOW_CLASSES).is_file() or any((d / ROBOFLOW_CLASSES).is_file() for d in subfolders):
         return "roboflow"

@@ -53,7 +53,6 @@ from annotations import (
     orientation,
     pair_by_stem,
     sample_masks,
-    some,
     unpack_zip,
 )
 
@@ -688,7 +687,7 @@ def find_root(data: Path, layout: str) -> tuple[Path, str, list[str]]:
         if len(below) == 1:
             return below[0], detect_layout(below[0]), [f"{data} holds one dataset, {below[0]}: read from there"]
         if below:
-            raise DatasetError(f"{data} holds {len(below)} datasets: {some([str(p) for p in below])}; pass one of "
+            raise DatasetError(f"{data} holds {len(below)} datasets: {', '.join(map(str, below))}; pass one of "
                                "them as --data") from None
         raise e from None
 
