@@ -23,7 +23,8 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -235,9 +236,9 @@ LABELME_POINT_RADIUS, LABELME_LINE_WIDTH = 5, 10  # LabelMe's shape_to_mask: poi
 
 @dataclass
 class Region:
-    """One annotated region, a class `value` and its pixels as polygons (flat [x0, y0, x1, y1, ...] in pixels),
-    a COCO RLE, a bitmap [h, w] whose top-left pixel is (left, top), or a `drawing` (kind, points) that the
-    tool paints itself with Pillow, edges included (LabelMe)."""
+    """One annotated region, a class `value` and its pixels as polygons (flat [x0, y0, x1, y1, ...] in pixels,
+    filled as COCO does), a COCO RLE, a bitmap [h, w] whose top-left pixel is (left, top), a `drawing` (kind,
+    points) filled with its edges, as LabelMe and Ultralytics fill, or a bitmap to `decode` when rasterised."""
 
     value: int
     polygons: list[list[float]] | None = None
@@ -246,6 +247,7 @@ class Region:
     left: int = 0
     top: int = 0
     drawing: tuple[str, list[tuple[float, float]]] | None = None
+    decode: Callable[[int, int], np.ndarray] | None = None  # (height, width) -> its bitmap, made when rasterised
 
 
 @dataclass
@@ -287,6 +289,8 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
 
     if region.drawing is not None:
         return drawn(*region.drawing, height, width)
+    if region.decode is not None:
+        return region.decode(height, width)
     if region.bitmap is not None:
         full = np.zeros((height, width), bool)
         top, left = max(region.top, 0), max(region.left, 0)
@@ -1055,7 +1059,8 @@ def read_coco(root: Path) -> DatasetTree:
 # relative to `path` or the yaml; Roboflow writes ../train/images), `names` (a list, or a dict by class id), `nc`.
 # Label Studio writes classes.txt (a name a line), images/ and labels/. Each image's labels are the .txt at its
 # path with the last images/ turned into labels/, a line per object: `class x1 y1 x2 y2 ...` normalised to [0, 1];
-# a line of 4 numbers after the class is a box. Ultralytics draws a smaller object over a larger one.
+# a line of 4 numbers after the class is a box. Ultralytics' polygon2mask truncates the vertices to whole pixels and
+# fills with cv2.fillPoly (edges included; Pillow's fill with outline draws the same), a smaller object over a larger.
 YOLO_YAMLS = ("data.yaml", "data.yml", "dataset.yaml")
 YOLO_CLASSES = "classes.txt"
 YOLO_SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
@@ -1142,17 +1147,17 @@ def yolo_regions(path: Path, width: int, height: int, classes: int, counts: Coun
             raise DatasetError(f"{path}, line {n}: class {cls} is outside the {classes} classes of the names")
         if len(xy) == 4:
             counts["boxes"] += 1
-        elif len(xy) >= 6 and len(xy) % 2 == 0:
-            polygon = (xy.reshape(-1, 2) * (width, height)).ravel().tolist()
-            regions.append(Region(cls + 1, polygons=[polygon]))
+        elif len(xy) >= 6 and len(xy) % 2 == 0:  # polygon2mask: vertices truncated to whole pixels, edges filled
+            points = (xy.reshape(-1, 2) * (width, height)).astype(np.int32)
+            regions.append(Region(cls + 1, drawing=("polygon", [tuple(p) for p in points.tolist()])))
         else:
             raise DatasetError(f"{path}, line {n}: {len(xy)} coordinates, neither a box (4) nor a polygon (6 or more)")
-    areas = [abs(polygon_area(r.polygons[0])) for r in regions]
+    areas = [abs(polygon_area(r.drawing[1])) for r in regions]
     return [regions[i] for i in np.argsort(areas, kind="stable")[::-1]], raw
 
 
-def polygon_area(flat: list[float]) -> float:
-    x, y = np.asarray(flat[0::2]), np.asarray(flat[1::2])
+def polygon_area(xy: list[tuple[float, float]]) -> float:
+    x, y = np.asarray(xy, float).T
     return 0.5 * float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 
 
@@ -1320,11 +1325,13 @@ LABEL_STUDIO_UPLOAD_PREFIX = 9  # "3f2a9c1d-": the 8 hex digits and dash it puts
 
 
 class BitReader:
+    """Reads whole numbers of n bits, most significant first, from a byte string."""
+
     def __init__(self, data: bytes):
-        self.bits, self.at = np.unpackbits(np.frombuffer(bytes(data), np.uint8)), 0
+        self.bits, self.at = "".join(f"{byte:08b}" for byte in data), 0
 
     def read(self, n: int) -> int:
-        value = int("".join(map(str, self.bits[self.at:self.at + n])) or "0", 2)
+        value = int(self.bits[self.at:self.at + n] or "0", 2)
         self.at += n
         return value
 
@@ -1362,10 +1369,10 @@ def label_studio_region(result: dict, where: str) -> tuple[str | None, Region | 
         turn = math.radians(float(value.get("rotation", 0)))
         return name, Region(0, polygons=[ellipse(x * width, y * height, rx * width, ry * height, turn)])
     if kind == "brushlabels" and value.get("format") == "rle":
-        try:
-            return name, Region(0, bitmap=decode_brush_rle(value.get("rle") or [], height, width))
-        except (ValueError, IndexError) as e:
-            raise DatasetError(f"{where}: a brush mask that does not decode ({e})") from None
+        rle = value.get("rle")
+        if not isinstance(rle, list) or len(rle) < 8 or BitReader(bytes(rle[:4])).read(32) != height * width * 4:
+            raise DatasetError(f"{where}: a brush mask whose RLE is not of its {height}x{width} image")
+        return name, Region(0, decode=partial(decode_brush_rle, rle))
     return name, None
 
 
@@ -1402,7 +1409,7 @@ def read_label_studio(root: Path) -> DatasetTree:
                                                                          [root / "images", root])
         own = [label_studio_region(r, str(path)) for r in results]
         skipped.update(f"of type {r.get('type')} (no area)" for r, (_, region) in zip(results, own) if region is None)
-        kept = [Region(value_of[n], region.polygons, region.rle, region.bitmap) for n, region in own if region and n]
+        kept = [replace(region, value=value_of[n]) for n, region in own if region and n]
         size = next(((int(r.get("original_height") or 0), int(r.get("original_width") or 0)) for r in results), None)
         height, width = size or (image_size(image)[::-1] if image else (0, 0))
         split.images.append(Annotated(name, image, height, width, kept))

@@ -434,7 +434,8 @@ def cell_masks(n: int, seed: int = 0, cell: int = 4) -> list[tuple[np.ndarray, l
 
 def yolo_export(root: Path, tool: str, data: list) -> list[np.ndarray]:
     """YOLO segmentation labels as Ultralytics (data.yaml, names by id, images/train), Roboflow's "YOLOv8" export
-    (train/images, ../train/images in data.yaml) or Label Studio (classes.txt, images/, labels/) write them."""
+    (train/images, ../train/images in data.yaml) or Label Studio (classes.txt, images/, labels/) write them: a
+    cell's polygon runs through the centres of its corner pixels, as Ultralytics' polygon2mask fills it."""
     h, w = SHAPE
     splits = {"train": data[:4], "val": data[4:]} if tool != "label-studio" else {"train": data}
     for split, items in splits.items():
@@ -443,7 +444,8 @@ def yolo_export(root: Path, tool: str, data: list) -> list[np.ndarray]:
         for i, (_, cells) in enumerate(items):
             save_rgb(folder / f"{split}_{i}.jpg", SHAPE, i)
             lines = [f"{c - 1} " + " ".join(f"{v:.6f}" for v in (x0 / w, y0 / h, x1 / w, y0 / h, x1 / w, y1 / h,
-                                                                  x0 / w, y1 / h)) for c, x0, y0, x1, y1 in cells]
+                                                                  x0 / w, y1 / h))
+                     for c, x0, y0, x1, y1 in ((c, x0, y0, x1 - 1, y1 - 1) for c, x0, y0, x1, y1 in cells)]
             label = annotations.yolo_label_path(folder / f"{split}_{i}.jpg")
             label.parent.mkdir(parents=True, exist_ok=True)
             label.write_text("\n".join(lines) + "\n")
