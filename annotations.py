@@ -428,6 +428,59 @@ def read_shapes(root: Path, layout: str, splits: dict[str, ShapeSplit], table: C
     return tree
 
 
+def export_digest(root: Path, layout: str, sources: list[Path]) -> str:
+    """A digest of what a shape export's reader reads: its annotation files' bytes, and the image files under ROOT
+    (names and sizes), so that an edited, added or removed file reads the export anew."""
+    parts = [layout.encode()]
+    for path in sources:
+        try:
+            parts.append(path.name.encode() + b"\0" + path.read_bytes())
+        except OSError as e:
+            raise DatasetError(f"cannot read {path}: {e}") from None
+    images = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in sorted(root.rglob("*"))
+              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return digest_of([*parts, json.dumps(images).encode()])
+
+
+def save_tree(tree: DatasetTree, path: Path) -> None:
+    """A read shape export, as plain JSON: image paths relative to its root where they are under it, masks
+    relative to the mask cache."""
+    masks = cache_root() / "deeplab_masks"
+    where = lambda p: p.relative_to(tree.root).as_posix() if p.is_relative_to(tree.root) else str(p)  # noqa: E731
+    data = {"splits": {s: [[where(i), m.relative_to(masks).as_posix()] for i, m in f.pairs] for s, f in
+                       tree.splits.items()},
+            "table": [tree.table.source, [[r.name, r.id, r.colour] for r in tree.table.rows]],
+            "findings": tree.findings, "notes": tree.notes}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
+
+
+def load_tree(path: Path, root: Path, layout: str) -> DatasetTree:
+    data, masks = json.loads(path.read_text()), cache_root() / "deeplab_masks"
+    rows = tuple(ClassRow(name, i, tuple(colour) if colour else None) for name, i, colour in data["table"][1])
+    splits = {s: SplitFiles([(root / i, masks / m) for i, m in pairs]) for s, pairs in data["splits"].items()}
+    return DatasetTree(root, layout, splits, ClassTable(rows, data["table"][0]), "index", data["findings"],
+                       data["notes"])
+
+
+def cached_tree(layout: str, read: Callable[[Path], DatasetTree],
+                sources: Callable[[Path], list[Path]]) -> Callable[[Path], DatasetTree]:
+    """A shape export's reader whose result is kept by export_digest: a second open reads no annotation (the
+    masks themselves are kept by rasterise)."""
+
+    def reader(root: Path) -> DatasetTree:
+        path = cache_root() / "deeplab_masks" / "trees" / f"{export_digest(root, layout, sources(root))}.json"
+        if path.is_file():
+            return load_tree(path, root, layout)
+        tree = read(root)
+        save_tree(tree, path)
+        return tree
+
+    return reader
+
+
 def boxes_only(where: str, boxes: int) -> DatasetError:
     return DatasetError(f"{where}: its {boxes} annotations are boxes only (or lines and points), no polygon or mask; "
                         "a segmentation model needs polygons or masks: draw those (or brush masks) and export again")
@@ -823,16 +876,19 @@ def embedded_image(data: str, where: str) -> Path:
     return path
 
 
+def labelme_label_files(root: Path) -> list[Path]:
+    """labels.txt or class_names.txt beside LabelMe's files, or one folder up, where labelme's examples keep it."""
+    return [folder / name for folder in (root, root.parent) for name in LABELME_LABELS if (folder / name).is_file()]
+
+
 def labelme_table(root: Path, labels: list[str]) -> tuple[ClassTable, dict[str, int], int, str]:
     """The classes of LabelMe files: labels.txt or class_names.txt beside them (or one folder up, where
     labelme's examples keep it) in its order, else the labels in the order the files first use them; shapes
     labelled __ignore__ are ignored."""
-    for folder in (root, root.parent):
-        path = next((folder / name for name in LABELME_LABELS if (folder / name).is_file()), None)
-        if path is not None:
-            names = [line for _, line in text_lines(path) if line != LABELME_IGNORE]
-            table, value_of, ignore = shape_table(names, f"{path.name} with {len(names)} classes")
-            return table, value_of | {LABELME_IGNORE: ignore}, ignore, str(path)
+    for path in labelme_label_files(root)[:1]:
+        names = [line for _, line in text_lines(path) if line != LABELME_IGNORE]
+        table, value_of, ignore = shape_table(names, f"{path.name} with {len(names)} classes")
+        return table, value_of | {LABELME_IGNORE: ignore}, ignore, str(path)
     names = [n for n in labels if n != LABELME_IGNORE]
     table, value_of, ignore = shape_table(names, f"{len(set(names))} labels of the files")
     return table, value_of | {LABELME_IGNORE: ignore}, ignore, ""
@@ -1473,17 +1529,26 @@ def unpack_zip(path: Path) -> tuple[Path, str]:
 
 # ---- which tool wrote a folder --------------------------------------------------------------------------------------
 
+def yolo_sources(root: Path) -> list[Path]:
+    """data.yaml (or classes.txt) and every label file of the splits' images."""
+    names = yolo_yaml(root) or root / YOLO_CLASSES
+    labels = [yolo_label_path(image) for images in yolo_split_images(root, yolo_names(root)[2]).values()
+              for image in images]
+    return [names] + [label for label in labels if label.is_file()]
+
+
 TOOL_READERS: dict[str, Callable[[Path], DatasetTree]] = {
     "voc": lambda root: read_voc_like(root, "voc"),
     "cvat": read_cvat_masks,
-    "cvat-xml": read_cvat_xml,
+    "cvat-xml": cached_tree("cvat-xml", read_cvat_xml, lambda root: [root / CVAT_XML]),
     "labelme": read_labelme_tree,
-    "labelme-json": read_labelme_json,
+    "labelme-json": cached_tree("labelme-json", read_labelme_json, lambda root: [
+        *(p for files in labelme_jsons(root).values() for p in files), *labelme_label_files(root)]),
     "roboflow": read_roboflow,
-    "coco": read_coco,
-    "yolo": read_yolo,
-    "via": read_via,
-    "label-studio": read_label_studio,
+    "coco": cached_tree("coco", read_coco, lambda root: [path for path, _ in coco_files(root).values()]),
+    "yolo": cached_tree("yolo", read_yolo, yolo_sources),
+    "via": cached_tree("via", read_via, lambda root: [p for files in via_files(root).values() for p in files]),
+    "label-studio": cached_tree("label-studio", read_label_studio, lambda root: [label_studio_json(root)]),
 }
 TOOL_FILES = (f"JPEGImages + SegmentationClass (voc, cvat, labelme), SPLIT/{ROBOFLOW_CLASSES} (roboflow), a COCO "
               f"file (coco), {CVAT_XML} (cvat-xml), data.yaml or {YOLO_CLASSES} + labels/ (yolo), LabelMe's JSON "

@@ -1,7 +1,9 @@
-"""Segmentation datasets: layouts, class tables and mask encodings, transforms, statistics and a dataset doctor.
+"""The data pipeline: layouts, class tables and mask encodings, decoding, transforms, statistics and a dataset doctor.
 
 Every layout yields (image, mask) pairs: a uint8 image [3, H, W] and an int64 mask [H, W] of class indices, with
 IGNORE_INDEX (255) wherever the raw mask value (an id, or an RGB colour) belongs to no class of the class table.
+The annotation tools' exports are read by annotations.py; this file reads the folder, offroad and cityscapes
+layouts itself.
 
     python dataset.py --data ROOT --check                 # what the masks hold, what is wrong, how to train
     python dataset.py --data ROOT --split train --stats   # exact pixel counts and suggested class weights
