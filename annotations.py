@@ -702,13 +702,18 @@ def read_cvat_masks(root: Path) -> DatasetTree:
 CVAT_XML = "annotations.xml"
 CVAT_AREAS = ("polygon", "mask", "ellipse")
 CVAT_NO_AREA = ("box", "polyline", "points", "skeleton", "cuboid", "tag")
+CVAT_NO_AREA_LABELS = ("rectangle", "polyline", "points", "skeleton", "cuboid", "tag")  # a label's <type>
 
 
 def cvat_labels(meta: ET.Element | None) -> tuple[list[str], dict[str, tuple[int, int, int]]]:
+    """The labels that can have an area, in order, and their colours: a skeleton's points (labels with a
+    <parent>) and labels of a type with no area are no classes."""
     names, colours = [], {}
     for label in meta.iter("label") if meta is not None else []:
         name, colour = label.findtext("name"), (label.findtext("color") or "").lstrip("#")
-        if name and label.find("name") is not None and name not in names:
+        if label.find("parent") is not None or (label.findtext("type") or "any") in CVAT_NO_AREA_LABELS:
+            continue
+        if name and name not in names:
             names.append(name)
             if len(colour) == 6:
                 colours[name] = tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))

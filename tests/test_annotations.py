@@ -723,8 +723,11 @@ def test_cvat_xml_paints_by_z_order(tmp_path, monkeypatch):
               '<polygon label="under" points="0,0;4,0;4,4;0,4" z_order="3"/>')
     (tmp_path / "annotations.xml").write_text(
         "<annotations><meta><task><labels><label><name>under</name></label><label><name>top</name></label>"
+        "<label><name>hand</name><type>skeleton</type></label>"  # a skeleton and its points are no classes
+        "<label><name>1</name><type>points</type><parent>hand</parent></label>"
         f'</labels></task></meta><image id="0" name="a.png" width="8" height="8">{shapes}</image></annotations>')
     tree = dataset.open_tree(tmp_path)
+    assert tree.table.names == ("background", "under", "top")
     mask = read_mask(tree.splits["default"].pairs[0][1])
     assert (mask[:4, :4] == 1).all() and (mask == 2).sum() == 64 - 16
 
