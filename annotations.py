@@ -552,6 +552,14 @@ def painted_like_voc(path: Path) -> bool | None:
         return None
 
 
+def is_rgb(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.mode in ("RGB", "RGBA")
+    except (OSError, ValueError):
+        return False
+
+
 def mask_id_values(paths: list[Path]) -> list[int]:
     """The distinct values of single-channel masks (8 or 16 bits), those Pillow reads."""
     values: set[int] = set()
@@ -625,7 +633,8 @@ def mark_union(tree: DatasetTree, lists: dict[str, list[str]]) -> None:
 
 def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> tuple[ClassTable | None, list[str]]:
     """The class file beside the tree (CVAT's labelmap.txt, labelme's class_names.txt); else VOC's 21 classes
-    where the masks are painted as the devkit paints them; else numbered classes, and the note that says so."""
+    where the masks are painted as the devkit paints them, or hold only VOC's ids in the devkit's own tree
+    (VOC2012/, VOC2007/, or with SBD's grey SegmentationClassAug/); else numbered classes, and a note says so."""
     if (base / CVAT_LABELMAP).is_file():
         return read_labelmap(base / CVAT_LABELMAP), []
     if (base / LABELME_CLASSES).is_file():
@@ -633,7 +642,10 @@ def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> t
     if layout == "cvat":
         raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
     sample = sample_masks(pairs)
-    if all(painted_like_voc(mask) is not False for mask in sample):
+    devkit = base.name in ("VOC2012", "VOC2007") or (base / SBD_MASKS).is_dir()  # its masks may be grey (SBD's)
+    voc_ids = set(range(len(VOC_CLASSES))) | {IGNORE_INDEX}
+    if all(painted_like_voc(mask) is not False for mask in sample) or (
+            devkit and set(mask_id_values(sample)) <= voc_ids and not any(is_rgb(m) for m in sample)):
         return voc_table(), []
     table, note = numbered_voc_table(base, sample)
     return table, [note] if note else []

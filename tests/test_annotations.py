@@ -64,11 +64,13 @@ def test_sbd_train_aug_reads_its_own_masks(tmp_path):
     base = tmp_path / "VOC2012"
     masks = dict(zip(["a", "b", "c"], random_masks([0, 3], 3)))
     voc_tree(base, masks, {"train": ["a", "b"], "val": ["c"]})
-    for name in ("a", "b"):
-        save_palette_mask(base / "SegmentationClassAug" / f"{name}.png", np.full((12, 16), 7, np.uint8))
+    (base / "SegmentationClassAug").mkdir()
+    for name in ("a", "b"):  # grey PNGs of class indices, as SBD's augmented masks are shared
+        Image.fromarray(np.full((12, 16), 7, np.uint8)).save(base / "SegmentationClassAug" / f"{name}.png")
     (base / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("a\nb\n")
     aug = build_dataset(tmp_path, "voc", "train_aug", PLAIN)
     assert [m.parent.name for _, m in aug.pairs] == ["SegmentationClassAug"] * 2
+    assert aug.class_map.names[7] == "car"
     assert split_statistics(aug.pairs, aug.class_map).pixels[7] == 2 * 12 * 16
 
 
