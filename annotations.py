@@ -22,7 +22,8 @@ import stat
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -144,6 +145,16 @@ def read_json(path: Path) -> tuple[object, bytes]:
         return json.loads(raw), raw
     except (OSError, ValueError, RecursionError) as e:
         raise DatasetError(f"cannot read {path}: {str(e)[:200]}") from None
+
+
+@contextmanager
+def malformed(where: str) -> Iterator[None]:
+    """What a malformed export makes its parsing raise (a string where a number belongs, a list where an object
+    does) as one line naming the file, or the image, it is in."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+        raise DatasetError(f"{where}: not as the tool writes it ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def some(items: list) -> str:
@@ -363,7 +374,8 @@ def rasterise(label: str, digest: str, images: list[Annotated], ignore: int,
         if annotated.image is None or not (annotated.regions or annotated.background):
             found.append(None)
             continue
-        mask, overlap = paint(annotated, ignore, overlap_ignored)
+        with malformed(f"{label}, image {annotated.name}"):
+            mask, overlap = paint(annotated, ignore, overlap_ignored)
         Image.fromarray(mask).save(partial / f"{n:06d}.png", compress_level=1)
         found.append((f"{n:06d}.png", overlap))
     (partial / "found.json").write_text(json.dumps(found))
@@ -398,7 +410,7 @@ def read_shapes(root: Path, layout: str, splits: dict[str, ShapeSplit], table: C
     boxes only are counted per split; overlaps (COCO) are counted over the images that are there."""
     digest = digest_of([*parts, "\n".join(table.names).encode(), str(overlap_ignored).encode()])
     order = [a for split in splits.values() for a in split.images]
-    folder, found = rasterise(f"{layout} {root.name}", digest, order, ignore, overlap_ignored)
+    folder, found = rasterise(f"{root} ({layout})", digest, order, ignore, overlap_ignored)
     tree, at = DatasetTree(root, layout, {}, table, "index"), 0
     for name, split in splits.items():
         files, missing, empty, overlap = SplitFiles(), [], [], [0, 0]
@@ -772,24 +784,31 @@ def read_cvat_xml(root: Path) -> DatasetTree:
     for image in document.iter("image"):
         subset = image.get("subset") or "default"
         split, where = splits.setdefault(subset, ShapeSplit()), f"{path}, image {image.get('name')!r}"
-        shapes = sorted((s for s in image if s.tag in CVAT_AREAS), key=lambda s: int(s.get("z_order", 0) or 0))
-        regions = []
-        for shape in shapes:
-            region = cvat_region(shape, where)
-            if shape.get("label") not in value_of:
-                skipped[f"of a label <labels> does not list ({shape.get('label')})"] += 1
-            elif region.polygons is not None or region.bitmap is not None:
-                region.value = value_of[shape.get("label")]
-                regions.append(region)
-        skipped.update(f"<{s.tag}> (no area)" for s in image if s.tag in CVAT_NO_AREA)
-        name = image.get("name", "")
-        found = find_image(name, [root / "images" / subset, root / "images", root])
-        split.images.append(Annotated(name, found, int(image.get("height", 0)), int(image.get("width", 0)), regions))
+        with malformed(where):
+            split.images.append(cvat_image(root, image, subset, value_of, skipped, where))
     if not any(a.regions for s in splits.values() for a in s.images) and skipped:
         raise boxes_only(str(path), sum(skipped.values()))
     tree = read_shapes(root, "cvat-xml", splits, table, ignore, [raw])
     tree.findings += [f"{n} shapes {what}: skipped" for what, n in skipped.items()]
     return tree
+
+
+def cvat_image(root: Path, image: ET.Element, subset: str, value_of: dict[str, int], skipped: Counter,
+               where: str) -> Annotated:
+    """One <image>: its areas painted by z_order (file order within one), and what has no area counted."""
+    shapes = sorted((s for s in image if s.tag in CVAT_AREAS), key=lambda s: int(s.get("z_order", 0) or 0))
+    regions = []
+    for shape in shapes:
+        region = cvat_region(shape, where)
+        if shape.get("label") not in value_of:
+            skipped[f"of a label <labels> does not list ({shape.get('label')})"] += 1
+        elif region.polygons is not None or region.bitmap is not None:
+            region.value = value_of[shape.get("label")]
+            regions.append(region)
+    skipped.update(f"<{s.tag}> (no area)" for s in image if s.tag in CVAT_NO_AREA)
+    name = image.get("name", "")
+    found = find_image(name, [root / "images" / subset, root / "images", root])
+    return Annotated(name, found, int(image.get("height", 0)), int(image.get("width", 0)), regions)
 
 
 # ---- labelme: its own JSON beside each image, and labelme2voc.py's tree ---------------------------------------------
@@ -919,15 +938,15 @@ def read_labelme_json(root: Path) -> DatasetTree:
     for path in (p for split in files.values() for p in split):
         documents[path], raw = read_json(path)
         parts.append(raw)
-    labels = [s.get("label", "") for d in documents.values() if isinstance(d, dict)
-              for s in d.get("shapes") or [] if isinstance(s, dict)]
+    labels = [str(s.get("label", "")) for d in documents.values() if isinstance(d, dict)
+              for s in (d.get("shapes") if isinstance(d.get("shapes"), list) else []) if isinstance(s, dict)]
     table, value_of, ignore, source = labelme_table(root, labels)
     splits, skipped = {}, Counter()
     for split, paths in files.items():
         splits[split] = ShapeSplit()
         for path in paths:
-            annotated = labelme_image(path, documents[path], value_of, skipped)
-            splits[split].images.append(annotated)
+            with malformed(str(path)):
+                splits[split].images.append(labelme_image(path, documents[path], value_of, skipped))
     if not any(a.regions for s in splits.values() for a in s.images) and skipped:
         raise boxes_only(f"the LabelMe files of {root}", sum(skipped.values()))
     tree = read_shapes(root, "labelme-json", splits, table, ignore, parts)
@@ -941,7 +960,7 @@ def labelme_image(path: Path, document: object, value_of: dict[str, int], skippe
         raise DatasetError(f"{path} is not a LabelMe file: a JSON object with a list `shapes`")
     regions = []
     for shape in document["shapes"]:
-        label = shape.get("label", "") if isinstance(shape, dict) else ""
+        label = str(shape.get("label", "")) if isinstance(shape, dict) else ""
         region = labelme_region(shape, f"{path}, shape {label!r}") if isinstance(shape, dict) else None
         if region is None:
             skipped[f"of type {shape.get('shape_type') if isinstance(shape, dict) else '?'} LabelMe cannot draw"] += 1
@@ -1118,7 +1137,8 @@ def read_coco(root: Path) -> DatasetTree:
                            f"{LABEL_STUDIO_COCO}")
     splits, table, parts = {}, None, []
     for split, (path, folders) in files.items():
-        splits[split], own, ignore, raw = coco_split(root, split, path, folders)
+        with malformed(str(path)):
+            splits[split], own, ignore, raw = coco_split(root, split, path, folders)
         if table is not None and own.rows != table.rows:
             raise DatasetError(f"the categories of {path} differ from those of {files[next(iter(files))][0]}; "
                                "one class table serves every split")
@@ -1307,8 +1327,12 @@ def via_images(path: Path, document: object) -> tuple[list[dict], dict]:
 
 
 def via_regions(entry: dict) -> list[dict]:
+    """An image entry's regions (VIA 1 keeps them in a dict by index), each an object."""
     regions = entry.get("regions") or []
-    return list(regions.values()) if isinstance(regions, dict) else list(regions)
+    regions = list(regions.values()) if isinstance(regions, dict) else list(regions)
+    if not all(isinstance(r, dict) for r in regions):
+        raise TypeError(f"the regions of {entry.get('filename')!r} are not objects")
+    return regions
 
 
 def via_class_key(attributes: dict, regions: list[dict]) -> tuple[str | None, list[str]]:
@@ -1348,7 +1372,9 @@ def read_via(root: Path) -> DatasetTree:
     files, documents, parts = via_files(root), {}, []
     for path in (p for split in files.values() for p in split):
         document, raw = read_json(path)
-        documents[path], parts = via_images(path, document), parts + [raw]
+        with malformed(str(path)):
+            documents[path], parts = via_images(path, document), parts + [raw]
+            regions = [r for e in documents[path][0] for r in via_regions(e)]
     regions = [r for entries, _ in documents.values() for e in entries for r in via_regions(e)]
     key, declared = via_class_key(next((a for _, a in documents.values() if a), {}), regions)
     names = declared or [n for n in dict.fromkeys(via_class(r, key) for r in regions) if n]
@@ -1359,7 +1385,8 @@ def read_via(root: Path) -> DatasetTree:
         splits[split] = ShapeSplit()
         for path in paths:
             for entry in documents[path][0]:
-                splits[split].images.append(via_image(path, entry, key, value_of, skipped))
+                with malformed(f"{path}, image {entry.get('filename')!r}"):
+                    splits[split].images.append(via_image(path, entry, key, value_of, skipped))
     if not any(a.regions for s in splits.values() for a in s.images) and skipped:
         raise boxes_only(f"the VIA files of {root}", sum(skipped.values()))
     tree = read_shapes(root, "via", splits, table, ignore, parts)
@@ -1467,6 +1494,11 @@ def read_label_studio(root: Path) -> DatasetTree:
     document, raw = read_json(path)
     if not isinstance(document, list):
         raise DatasetError(f"{path} is no Label Studio export: a list of tasks")
+    with malformed(str(path)):
+        return label_studio_tree(root, path, document, raw)
+
+
+def label_studio_tree(root: Path, path: Path, document: list, raw: bytes) -> DatasetTree:
     tasks = []
     for task in document:
         done = [a for a in (task.get("annotations") or []) if not a.get("was_cancelled")]

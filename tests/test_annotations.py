@@ -889,3 +889,30 @@ def test_a_labelme_file_with_no_shapes_is_said(tmp_path, monkeypatch):
     (tmp_path / "2.json").write_text(json.dumps(document | {"shapes": []}))
     tree = dataset.open_tree(tmp_path)
     assert any("1 images have no annotation: skipped" in f and "2.json" in f for f in tree.findings)
+
+
+MALFORMED = {  # an export that its tool would never write, and the file the one line must name
+    "via": ("via_region_data.json", {"a.jpg1": {"filename": "a.jpg", "regions": [{"shape_attributes": {
+        "name": "rect", "x": "left"}, "region_attributes": {"class": "car"}}]}}),
+    "label-studio": ("result.json", [{"data": {"image": "a.jpg"}, "annotations": ["not a dict"]}]),
+    "coco": ("result.json", {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}],
+                             "categories": [{"id": 1, "name": "car"}],
+                             "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                                              "segmentation": [["x", "y", "x", "y", "x", "y"]]}]}),
+    "labelme-json": ("a.json", {"version": "5.5.0", "shapes": [{"label": "car", "points": [[0, 0], [1, 2, 3]],
+                                                                 "shape_type": "polygon"}], "imagePath": "a.jpg"}),
+    "cvat-xml": ("annotations.xml", '<annotations><meta><task><labels><label><name>car</name></label></labels>'
+                 '</task></meta><image name="a.jpg" width="8" height="eight">'
+                 '<polygon label="car" points="0,0;4,0;4,4"/></image></annotations>'),
+}
+
+
+@pytest.mark.parametrize("layout", MALFORMED)
+def test_a_malformed_export_is_one_line_naming_its_file(tmp_path, layout, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    name, content = MALFORMED[layout]
+    save_rgb(tmp_path / "export" / "a.jpg", (8, 8))
+    save_rgb(tmp_path / "export" / "images" / "a.jpg", (8, 8))
+    (tmp_path / "export" / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    message = run_cli(["--data", str(tmp_path / "export"), "--check"])
+    assert name in message or "a.jpg" in message
