@@ -3,8 +3,10 @@
 Every reader returns a DatasetTree: the (image, mask) pairs of each split, the export's class table, and what it
 skipped and why. Trees of masks (VOC, CVAT's "Segmentation mask", labelme2voc, Roboflow's masks) pair the files
 they hold; exports of shapes (COCO, CVAT's XML, LabelMe's JSON, YOLO, VIA, Label Studio) are rasterised once, by
-one rasteriser (pycocotools', which the tools' own COCO exports assume), into PNG masks in a cache named by a digest
-of the export, so epochs cost what PNG masks cost.
+one rasteriser (region_pixels: polygons filled as COCO fills them, with pycocotools, which the tools' own COCO
+exports assume, or with their edges, as LabelMe and Ultralytics fill theirs), into PNG masks in a cache named by a
+digest of the export, so epochs cost what PNG masks cost; the tree read is kept too, so a second open parses
+nothing.
 
     from annotations import TOOL_READERS, detect_tool
     tree = TOOL_READERS[detect_tool(root)](root)
@@ -764,7 +766,7 @@ def cvat_region(shape: ET.Element, where: str) -> Region:
         cx, cy, rx, ry = (float(shape.get(k, 0)) for k in ("cx", "cy", "rx", "ry"))
         return Region(0, polygons=[ellipse(cx, cy, rx, ry, math.radians(float(shape.get("rotation", 0))))])
     points = [float(v) for pair in shape.get("points", "").split(";") for v in pair.split(",") if v.strip()]
-    return Region(0, polygons=[points] if len(points) >= 6 else None, rle=None)
+    return Region(0, polygons=[points] if len(points) >= 6 else None)
 
 
 def read_cvat_xml(root: Path) -> DatasetTree:
