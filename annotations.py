@@ -1371,13 +1371,12 @@ def via_polygon(shape: dict) -> list[float] | None:
 def read_via(root: Path) -> DatasetTree:
     """VIA's regions painted in file order over background; the classes are the class attribute's options (a
     project's) or its values in the order first used; with no class attribute at all, one class."""
-    files, documents, parts = via_files(root), {}, []
+    files, documents, parts, regions = via_files(root), {}, [], []
     for path in (p for split in files.values() for p in split):
         document, raw = read_json(path)
-        with malformed(str(path)):
+        with malformed(str(path)):  # every file's regions, each checked to be an object
             documents[path], parts = via_images(path, document), parts + [raw]
-            regions = [r for e in documents[path][0] for r in via_regions(e)]
-    regions = [r for entries, _ in documents.values() for e in entries for r in via_regions(e)]
+            regions += [r for e in documents[path][0] for r in via_regions(e)]
     key, declared = via_class_key(next((a for _, a in documents.values() if a), {}), regions)
     names = declared or [n for n in dict.fromkeys(via_class(r, key) for r in regions) if n]
     table, value_of, ignore = shape_table(names, f"{len(names)} classes of region attribute {key!r}" if key
