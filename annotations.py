@@ -15,12 +15,14 @@ nothing.
 import base64
 import csv
 import hashlib
+import html
 import io
 import json
 import math
 import os
 import shutil
 import stat
+import urllib.parse
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
@@ -500,6 +502,115 @@ def boxes_only(where: str, boxes: int) -> DatasetError:
                         "a segmentation model needs polygons or masks: draw those (or brush masks) and export again")
 
 
+# ---- masks to shapes: a model's masks written back as each tool imports its own annotations -------------------------
+
+
+def connected_regions(bits: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected regions of a boolean mask [h, w]: their labels (0 outside, 1..n) and n. The runs of each
+    row are joined to the runs of the row above that they touch, by union-find over runs."""
+    h, w = bits.shape
+    edges = np.diff(np.pad(bits, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges == -1)[1]  # exclusive; row-major like the starts, so run i is [starts[i], ends[i])
+    parent = np.arange(len(starts))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+
+    first = np.searchsorted(rows, np.arange(h + 1))
+    for r in range(1, h):
+        i, j = first[r - 1], first[r]
+        while i < first[r] and j < first[r + 1]:
+            if starts[j] <= ends[i] and starts[i] <= ends[j]:  # overlapping or touching at a corner
+                parent[root(j)] = root(i)
+            i, j = (i + 1, j) if ends[i] < ends[j] else (i, j + 1)
+    roots = np.array([root(i) for i in range(len(starts))], np.int64)
+    unique, run_label = np.unique(roots, return_inverse=True)
+    labels, lengths = np.zeros(h * w, np.int32), ends - starts
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels[np.repeat(rows * w + starts, lengths) + offsets] = np.repeat(run_label + 1, lengths)
+    return labels.reshape(h, w), len(unique)
+
+
+def mask_box(bits: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), the first and last column and row of a mask's pixels (inclusive)."""
+    ys, xs = np.nonzero(bits.any(1))[0], np.nonzero(bits.any(0))[0]
+    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
+
+
+def png_base64(bits: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(bits.astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """The image file as it is (its EXIF turn kept, as the tools apply it), hard-linked where the disk allows."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def distinct_colours(names: list[str], palette: np.ndarray, background: int | None) -> list[tuple[int, int, int]]:
+    """A colour per class: its palette colour, background's black, and for a class whose colour is black or
+    another's, the first VOC colour that no class has (the tools tell classes apart by colour)."""
+    wanted = [(0, 0, 0) if c == background else tuple(int(v) for v in palette[c]) for c in range(len(names))]
+    spare = iter(tuple(int(v) for v in rgb) for rgb in voc_colormap(256)[1:] if tuple(rgb) not in wanted)
+    colours, seen = [], {(0, 0, 0)}
+    for c, colour in enumerate(wanted):
+        colour = colour if c == background or colour not in seen else next(spare)
+        seen.add(colour)
+        colours.append(colour)
+    return colours
+
+
+PRE_LABEL_MARKER = ".pre-labels"  # in each folder of pre-labels: a later --predict may replace it
+
+
+class PreLabelWriter:
+    """One tool's import of a model's predictions, in DIR/<folder>/: add() each image (its name, a path relative
+    to the pool with "/" and no suffix; its file; its mask of class indices at the size it is displayed; the max
+    softmax per pixel; the image's score, the estimated share of its pixels wrong), then close(). A class named
+    as background is the tools' background (no shape); every other class is one."""
+
+    folder, zipped = "", False
+
+    def __init__(self, out: Path, names: list[str], palette: np.ndarray, model_version: str = "",
+                 image_url: str = ""):
+        self.out, self.names, self.model_version, self.image_url = out / self.folder, names, model_version, image_url
+        self.background = next((c for c, n in enumerate(names) if n.lower() in BACKGROUND_NAMES), None)
+        self.colours = distinct_colours(names, palette, self.background)
+        self.items: list[str] = []
+        if self.out.exists() and not (self.out / PRE_LABEL_MARKER).is_file():
+            raise DatasetError(f"--out: {self.out} exists and holds no pre-labels of an earlier --predict; choose "
+                               "another --out")
+        shutil.rmtree(self.out, ignore_errors=True)  # the pre-labels of an earlier --predict into this --out
+        self.out.mkdir(parents=True)
+        (self.out / PRE_LABEL_MARKER).write_text("pre-labels written by evaluate.py --predict\n")
+
+    def objects(self) -> list[int]:
+        """The classes written as shapes: all but background."""
+        return [c for c in range(len(self.names)) if c != self.background]
+
+    def add(self, name: str, image: Path, mask: np.ndarray, confidence: np.ndarray, score: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> Path:
+        """Write what covers every image and zip the folder, where the tool uploads zips; the file to import."""
+        if not self.zipped:
+            return self.out
+        target = self.out.with_suffix(".zip")
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(p for p in self.out.rglob("*") if p.is_file() and p.name != PRE_LABEL_MARKER):
+                archive.write(path, path.relative_to(self.out).as_posix())
+        return target
+
+
 # ---- voc: the devkit's tree, and the trees built on it (CVAT's masks, labelme2voc) ----------------------------------
 
 # VOC2012's devkit: JPEGImages/, SegmentationClass/ (palette PNGs, 255 the cream void border), and
@@ -696,6 +807,7 @@ def read_voc_like(root: Path, layout: str) -> DatasetTree:
 # ---- cvat mask: "Segmentation mask 1.1", a VOC tree with labelmap.txt and RGB masks in its colours ----------------
 
 CVAT_LABELMAP = "labelmap.txt"  # "# label:color_rgb:parts:actions", then name:r,g,b:: per label
+CVAT_OBJECTS, CVAT_SUBSET = "SegmentationObject", "default"  # its instance masks; the one subset it exports
 
 
 def read_labelmap(path: Path) -> ClassTable:
@@ -717,6 +829,37 @@ def read_labelmap(path: Path) -> ClassTable:
 
 def read_cvat_masks(root: Path) -> DatasetTree:
     return read_voc_like(root, "cvat")
+
+
+class CvatMaskWriter(PreLabelWriter):
+    """CVAT's "Segmentation mask 1.1", as its exporter writes it, for "Upload annotations" into a task of these
+    images or "Import dataset" into a project: labelmap.txt (background:0,0,0:: first), SegmentationClass/NAME.png
+    in the labels' colours, SegmentationObject/NAME.png (an instance per class present, in VOC's palette: CVAT
+    pairs each with the class under it), ImageSets/Segmentation/default.txt and the images in JPEGImages/."""
+
+    folder, zipped = "cvat", True
+
+    def add(self, name: str, image: Path, mask: np.ndarray, confidence: np.ndarray, score: float) -> None:
+        classes, objects = self.out / VOC_MASKS[0] / f"{name}.png", self.out / CVAT_OBJECTS / f"{name}.png"
+        classes.parent.mkdir(parents=True, exist_ok=True)
+        objects.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.array(self.colours, np.uint8)[mask]).save(classes)
+        instances = np.zeros(mask.shape, np.uint8)
+        for i, c in enumerate((c for c in np.unique(mask) if c != self.background), 1):
+            instances[mask == c] = i
+        paletted = Image.fromarray(instances, "P")
+        paletted.putpalette(voc_colormap(256).ravel().tolist())
+        paletted.save(objects)
+        link_or_copy(image, self.out / VOC_IMAGES / f"{name}{image.suffix.lower()}")
+        self.items.append(name)
+
+    def close(self) -> Path:
+        rows = [("background", (0, 0, 0))] + [(self.names[c], self.colours[c]) for c in self.objects()]
+        lines = ["# label:color_rgb:parts:actions"] + [f"{n}:{r},{g},{b}::" for n, (r, g, b) in rows]
+        (self.out / CVAT_LABELMAP).write_text("\n".join(lines) + "\n")
+        (self.out / VOC_LISTS).mkdir(parents=True, exist_ok=True)
+        (self.out / VOC_LISTS / f"{CVAT_SUBSET}.txt").write_text("".join(f"{n}\n" for n in self.items))
+        return super().close()
 
 
 # ---- cvat xml: "CVAT for images 1.1", annotations.xml ---------------------------------------------------------------
@@ -822,6 +965,7 @@ def cvat_image(root: Path, image: ET.Element, subset: str, value_of: dict[str, i
 LABELME_CLASSES = "class_names.txt"
 LABELME_LABELS = ("labels.txt", LABELME_CLASSES)
 LABELME_IGNORE = "__ignore__"  # labelme2voc.py paints such shapes 255
+LABELME_BACKGROUND, LABELME_VERSION = "_background_", "5.5.0"  # labelme2voc's class 0; the format written
 
 
 def read_class_names(path: Path) -> ClassTable:
@@ -981,6 +1125,34 @@ def labelme_image(path: Path, document: object, value_of: dict[str, int], skippe
     if image is not None and not (isinstance(height, int) and isinstance(width, int)):
         width, height = image_size(image)
     return Annotated(path.name, image, int(height or 0), int(width or 0), regions)
+
+
+class LabelMeWriter(PreLabelWriter):
+    """A LabelMe file beside each image, as LabelMe saves one, which it opens as the image's annotation: a shape
+    of type mask per class present (its box's corners and the base64 PNG of the box's pixels); class_names.txt
+    as labelme2voc.py takes it (__ignore__, _background_, then the classes)."""
+
+    folder = "labelme"
+
+    def add(self, name: str, image: Path, mask: np.ndarray, confidence: np.ndarray, score: float) -> None:
+        target = self.out / f"{name}{image.suffix.lower()}"
+        link_or_copy(image, target)
+        shapes = []
+        for c in self.objects():
+            bits = mask == c
+            if bits.any():
+                x0, y0, x1, y1 = mask_box(bits)
+                shapes.append({"label": self.names[c], "points": [[x0, y0], [x1, y1]], "group_id": None,
+                               "description": "", "shape_type": "mask", "flags": {},
+                               "mask": png_base64(bits[y0:y1 + 1, x0:x1 + 1])})
+        document = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes, "imagePath": target.name,
+                    "imageData": None, "imageHeight": mask.shape[0], "imageWidth": mask.shape[1]}
+        target.with_suffix(".json").write_text(json.dumps(document, indent=2, ensure_ascii=False))
+
+    def close(self) -> Path:
+        names = [LABELME_IGNORE, LABELME_BACKGROUND] + [self.names[c] for c in self.objects()]
+        (self.out / LABELME_CLASSES).write_text("".join(f"{n}\n" for n in names))
+        return super().close()
 
 
 # ---- roboflow: "Semantic Segmentation Masks", NAME.jpg beside NAME_mask.png in train/, valid/, test/ ---------------
@@ -1146,6 +1318,59 @@ def read_coco(root: Path) -> DatasetTree:
                                "one class table serves every split")
         table, parts = own, parts + [raw]
     return read_shapes(root, "coco", splits, table, ignore, parts, overlap_ignored=True)
+
+
+def region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """[n, 4] (x0, y0, x1, y1), inclusive, of the regions 1..n of a label image."""
+    ys, xs = np.nonzero(labels)
+    k = labels[ys, xs] - 1
+    boxes = np.tile(np.array([labels.shape[1], labels.shape[0], -1, -1], np.int64), (n, 1))
+    for column, values, reduce in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum),
+                                   (3, ys, np.maximum)):
+        reduce.at(boxes[:, column], k, values)
+    return boxes
+
+
+class CocoWriter(PreLabelWriter):
+    """COCO instances as CVAT's "COCO 1.0" export lays them out (annotations/instances_default.json, the images
+    in images/default/), which CVAT, Roboflow and most tools import: one annotation per 8-connected region of a
+    class, with its RLE (compressed counts), bbox, area, iscrowd 0 and score (the region's mean max softmax)."""
+
+    folder, zipped = "coco", True
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+
+    def add(self, name: str, image: Path, mask: np.ndarray, confidence: np.ndarray, score: float) -> None:
+        from pycocotools import mask as mask_utils
+
+        file_name, (height, width) = f"{name}{image.suffix.lower()}", mask.shape
+        link_or_copy(image, self.out / "images" / CVAT_SUBSET / file_name)
+        self.images.append({"id": len(self.images) + 1, "file_name": file_name, "width": width, "height": height})
+        for category, c in enumerate(self.objects(), 1):
+            labels, n = connected_regions(mask == c)
+            for k, (x0, y0, x1, y1) in enumerate(region_boxes(labels, n).tolist(), 1):
+                inside = labels[y0:y1 + 1, x0:x1 + 1] == k
+                bits = np.zeros((height, width), np.uint8, order="F")
+                bits[y0:y1 + 1, x0:x1 + 1] = inside
+                rle = mask_utils.encode(bits)
+                self.annotations.append({
+                    "id": len(self.annotations) + 1, "image_id": len(self.images), "category_id": category,
+                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                    "area": int(inside.sum()), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0,
+                    "score": round(float(confidence[y0:y1 + 1, x0:x1 + 1][inside].mean()), 4),
+                })
+
+    def close(self) -> Path:
+        categories = [{"id": i, "name": self.names[c], "supercategory": ""} for i, c in enumerate(self.objects(), 1)]
+        document = {"info": {"description": f"predictions of {self.model_version}"}, "licenses": [],
+                    "images": self.images, "annotations": self.annotations, "categories": categories}
+        path = self.out / "annotations" / f"instances_{CVAT_SUBSET}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, ensure_ascii=False))
+        return super().close()
 
 
 # ---- yolo: Ultralytics' segmentation format, as Ultralytics, Roboflow ("YOLOv8") and Label Studio write it -----------
@@ -1423,6 +1648,7 @@ def via_image(path: Path, entry: dict, key: str | None, value_of: dict[str, int]
 # flag bit (1: one value repeated), 2 bits choosing a run-length size, the run length - 1, and the value(s).
 LABEL_STUDIO_JSON = ("result.json", "export.json", "tasks.json")
 LABEL_STUDIO_UPLOAD_PREFIX = 9  # "3f2a9c1d-": the 8 hex digits and dash it puts before an uploaded file's name
+LABEL_STUDIO_FROM = "tag"  # the name of the BrushLabels its templates use
 
 
 class BitReader:
@@ -1477,6 +1703,16 @@ def label_studio_region(result: dict, where: str) -> tuple[str | None, Region | 
     return name, None
 
 
+def label_studio_image(root: Path, url: str) -> tuple[str, Path | None]:
+    """The name and file of a task's image URL: a local file's path (`?d=images/a%20b.jpg`) relative to ROOT, or
+    its name in ROOT/images or ROOT (an upload's without the prefix Label Studio gives it)."""
+    path = urllib.parse.unquote(url.split("?d=")[-1] if "?d=" in url else urllib.parse.urlparse(url).path)
+    name, folders = PurePosixPath(path).name, [root / "images", root]
+    relative = [root / path] if path and not path.startswith("/") and ".." not in PurePosixPath(path).parts else []
+    found = next((p for p in relative if p.is_file()), None)
+    return name, found or find_image(name, folders) or find_image(name[LABEL_STUDIO_UPLOAD_PREFIX:], folders)
+
+
 def label_studio_json(root: Path) -> Path | None:
     for name in LABEL_STUDIO_JSON:
         path = root / name
@@ -1509,10 +1745,7 @@ def label_studio_tree(root: Path, path: Path, document: list, raw: bytes) -> Dat
     table, value_of, ignore = shape_table([n for _, (n, region) in regions if n and region], "labels of the tasks")
     split, skipped = ShapeSplit(), Counter()
     for task, results in tasks:
-        url = str((task.get("data") or {}).get("image", ""))
-        name = url.split("?d=")[-1].rsplit("/", 1)[-1]
-        image = find_image(name, [root / "images", root]) or find_image(name[LABEL_STUDIO_UPLOAD_PREFIX:],
-                                                                         [root / "images", root])
+        name, image = label_studio_image(root, str((task.get("data") or {}).get("image", "")))
         own = [label_studio_region(r, str(path)) for r in results]
         skipped.update(f"of type {r.get('type')} (no area)" for r, (_, region) in zip(results, own) if region is None)
         kept = [replace(region, value=value_of[n]) for n, region in own if region and n]
@@ -1525,6 +1758,77 @@ def label_studio_tree(root: Path, path: Path, document: list, raw: bytes) -> Dat
     tree.findings += [f"{n} results {what}: skipped" for what, n in skipped.items()]
     return tree
 
+
+LABEL_STUDIO_RUN_SIZES = (3, 4, 8, 16)  # label-studio-converter's rle_sizes: bits of a run's length - 1
+LABEL_STUDIO_LOCAL_FILES = "/data/local-files/?d="  # its local storage, under LOCAL_FILES_DOCUMENT_ROOT
+LABEL_STUDIO_TASKS, LABEL_STUDIO_CONFIG = "tasks.json", "labeling_config.xml"
+
+
+def encode_brush_rle(bits: np.ndarray) -> list[int]:
+    """A boolean mask -> Label Studio's brush RLE, as label-studio-converter's mask2rle encodes it: the RGBA
+    buffer, every byte 255 inside and 0 outside, in runs of one value, each run's length in the smallest of
+    its run-length sizes that holds it (runs over 2^16 split)."""
+    flat = np.repeat(bits.ravel().astype(np.uint8) * 255, 4)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1])
+    lengths = np.diff(np.append(starts, flat.size))
+    longest = 2 ** LABEL_STUDIO_RUN_SIZES[-1]
+    pieces = -(-lengths // longest)
+    values, runs = np.repeat(flat[starts], pieces), np.full(pieces.sum(), longest)
+    runs[np.cumsum(pieces) - 1] = lengths - (pieces - 1) * longest
+    sizes = np.array(LABEL_STUDIO_RUN_SIZES)
+    choice = np.argmax((runs[:, None] - 1) < 2 ** sizes[None, :], axis=1)
+    width = 1 + 2 + sizes[choice] + 8  # repeat flag, size choice, length - 1, the byte
+    code = (1 << (width - 1)) | (choice << (sizes[choice] + 8)) | ((runs - 1) << 8) | values
+    header = f"{flat.size:032b}{7:05b}" + "".join(f"{s - 1:04b}" for s in LABEL_STUDIO_RUN_SIZES)
+    widest = int(width.max())
+    table = (code[:, None] >> np.arange(widest - 1, -1, -1)) & 1
+    body = table[np.arange(widest)[None, :] >= widest - width[:, None]]
+    stream = np.concatenate([np.array(list(header), np.uint8), body.astype(np.uint8)])
+    return np.packbits(stream).tolist()  # zero-padded to whole bytes
+
+
+def labeling_config(names: list[str], colours: list[tuple[int, int, int]]) -> str:
+    """The labeling config XML of a project these predictions fit: a BrushLabels over the image, a Label per
+    class in its colour."""
+    labels = "".join(f'    <Label value="{html.escape(n)}" background="#{r:02x}{g:02x}{b:02x}"/>\n'
+                     for n, (r, g, b) in zip(names, colours))
+    return (f'<View>\n  <Image name="image" value="$image" zoom="true"/>\n  <BrushLabels name="{LABEL_STUDIO_FROM}" '
+            f'toName="image">\n{labels}  </BrushLabels>\n</View>\n')
+
+
+class LabelStudioWriter(PreLabelWriter):
+    """Label Studio tasks whose predictions are brush masks, to import into a project of labeling_config.xml:
+    tasks.json (data.image the image's URL, --image-url then images/NAME; a prediction per task with a
+    brushlabels result per class present, model_version, and score, the estimated share of pixels right, so that
+    sorting by prediction score puts the images most worth labelling first) and the images in images/."""
+
+    folder = "label-studio"
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.tasks: list[dict] = []
+
+    def add(self, name: str, image: Path, mask: np.ndarray, confidence: np.ndarray, score: float) -> None:
+        relative = f"images/{name}{image.suffix.lower()}"
+        link_or_copy(image, self.out / relative)
+        (height, width), results = mask.shape, []
+        for c in self.objects():
+            if (mask == c).any():
+                results.append({"id": f"{len(self.tasks) + 1}-{c}", "from_name": LABEL_STUDIO_FROM,
+                                "to_name": "image", "type": "brushlabels", "original_width": width,
+                                "original_height": height, "image_rotation": 0,
+                                "value": {"format": "rle", "rle": encode_brush_rle(mask == c),
+                                          "brushlabels": [self.names[c]]}})
+        prediction = {"model_version": self.model_version, "score": round(1 - score, 4), "result": results}
+        self.tasks.append({"data": {"image": self.image_url + urllib.parse.quote(relative)},
+                           "predictions": [prediction]})
+
+    def close(self) -> Path:
+        (self.out / LABEL_STUDIO_TASKS).write_text(json.dumps(self.tasks, ensure_ascii=False))
+        objects = self.objects()
+        config = labeling_config([self.names[c] for c in objects], [self.colours[c] for c in objects])
+        (self.out / LABEL_STUDIO_CONFIG).write_text(config)
+        return super().close()
 
 # ---- zips: an export as the tool hands it over --------------------------------------------------------------------
 
@@ -1599,6 +1903,9 @@ TOOL_READERS: dict[str, Callable[[Path], DatasetTree]] = {
     "yolo": cached_tree("yolo", read_yolo, yolo_sources),
     "via": cached_tree("via", read_via, lambda root: [p for files in via_files(root).values() for p in files]),
     "label-studio": cached_tree("label-studio", read_label_studio, lambda root: [label_studio_json(root)]),
+}
+PRE_LABEL_WRITERS: dict[str, type[PreLabelWriter]] = {
+    "cvat": CvatMaskWriter, "coco": CocoWriter, "label-studio": LabelStudioWriter, "labelme": LabelMeWriter,
 }
 TOOL_FILES = (f"JPEGImages + SegmentationClass (voc, cvat, labelme), SPLIT/{ROBOFLOW_CLASSES} (roboflow), a COCO "
               f"file (coco), {CVAT_XML} (cvat-xml), data.yaml or {YOLO_CLASSES} + labels/ (yolo), LabelMe's JSON "

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from annotations import LABEL_STUDIO_LOCAL_FILES, PRE_LABEL_WRITERS
 from dataset import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -86,6 +87,20 @@ def per_image_confusion(
     offset = torch.arange(b, device=target.device)[:, None] * (n * n)
     bins = torch.where(counted, offset + target * n + pred, b * n * n)
     return torch.bincount(bins.flatten(), minlength=b * n * n + 1)[: b * n * n].reshape(b, n, n)
+
+
+def reliability_counts(
+    probs: torch.Tensor, target: torch.Tensor, bins: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """[C, bins, 2] counts of the labelled pixels of a batch (probs [B, C, H, W], target [B, H, W]) by predicted
+    class, max-softmax bin (bin k holds k/bins to (k+1)/bins) and whether the prediction was wrong (0) or right
+    (1): from it, how often a pixel predicted as a class at a confidence is right."""
+    c = probs.shape[1]
+    conf, pred = probs.float().max(1)
+    counted = (target >= 0) & (target < c) & (target != ignore_index)
+    cell = (pred * bins + (conf * bins).long().clamp_max(bins - 1)) * 2 + (pred == target).long()
+    cell = torch.where(counted, cell, c * bins * 2)
+    return torch.bincount(cell.flatten(), minlength=c * bins * 2 + 1)[: c * bins * 2].reshape(c, bins, 2)
 
 
 def iou_from_confusion(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,12 +247,14 @@ def evaluate(
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     show_progress: bool = True,
 ) -> dict:
-    """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, and `confusions`,
-    the per-image matrices [N, C, C] that bootstrap intervals resample. on_batch(image, logits, target) sees
-    every batch (the uint8 images), e.g. to save pictures. Under torch.distributed each process evaluates its own
-    share of the images and the totals are summed over the processes, so the metrics are exact."""
+    """Mean loss per image (with a criterion), the metrics of the summed confusion matrix, `confusions`, the
+    per-image matrices [N, C, C] that bootstrap intervals resample, and `reliability` (reliability_counts).
+    on_batch(image, logits, target) sees every batch (the uint8 images), e.g. to save pictures. Under
+    torch.distributed each process evaluates its own share of the images and the totals are summed over the
+    processes, so the metrics are exact."""
     model.eval()
     loss_sum, confusions = torch.zeros((), device=device), []
+    reliability = torch.zeros(num_classes, RELIABILITY_BINS, 2, dtype=torch.int64, device=device)
     memory_format = memory_format_of(model)  # the data follows the model
     for raw, target in tqdm(
         loader, desc="val", leave=False, dynamic_ncols=True, disable=None if show_progress else True
@@ -250,15 +267,17 @@ def evaluate(
             loss_sum += criterion(logits, target).detach() * image.shape[0]
         pred = logits.argmax(1)
         confusions.append(per_image_confusion(pred, target, num_classes))
+        reliability += reliability_counts(logits.float().softmax(1), target, RELIABILITY_BINS)
         if on_batch is not None:
             on_batch(raw, logits, target)
     confusions = torch.cat(confusions) if confusions else torch.zeros(0, num_classes, num_classes, dtype=torch.int64)
     total, images = confusions.sum(0).to(device), torch.tensor(float(len(confusions)), device=device)
     if dist.is_initialized():  # each process saw its own share of the images: sum the counts, not the metrics
-        for value in (total, loss_sum, images):
+        for value in (total, loss_sum, images, reliability):
             dist.all_reduce(value)
     metrics = metrics_from_confusion(total)
-    return {"loss": float(loss_sum / images.clamp_min(1)), **metrics, "confusions": confusions.cpu()}
+    return {"loss": float(loss_sum / images.clamp_min(1)), **metrics, "confusions": confusions.cpu(),
+            "reliability": reliability.cpu()}
 
 
 # ---- paired comparison: bootstrap over the images --------------------------------------------------------------------
@@ -410,6 +429,62 @@ def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+# ---- the images worth labelling next: each image's estimated share of pixels wrong, ranking.csv --------------------
+
+RELIABILITY_BINS = 10  # max-softmax bins of the validation split's reliability counts, kept in each checkpoint
+RELIABILITY_PRIOR = 1.0  # pseudo-pixels by which a sparse bin leans on its class's precision
+RANKING = "ranking.csv"
+
+
+class LabellingScore:
+    """An image's score, the share of its pixels estimated wrong: each pixel's chance of being right, looked up
+    by its predicted class and max-softmax bin in the validation split's reliability counts [C, bins, 2] (a
+    sparse bin leaning on the class's precision), averaged and taken from 1. The model's confidence alone does
+    not rank images by their error: it is confidently wrong on whole regions, and how often a class's pixels are
+    wrong is what the validation split measures (BENCHMARKS.md). Without counts (a checkpoint written before
+    they were kept, an ONNX file): 1 - max softmax. Call it on softmax [C, H, W]: (score, each class's share)."""
+
+    def __init__(self, reliability: torch.Tensor | None, num_classes: int):
+        self.rates = None if reliability is None else self.chance_right(reliability.double())
+        self.what = ("the share of pixels estimated wrong (by the validation split's precision per predicted class "
+                     "and confidence)" if self.rates is not None else "1 - max softmax (the checkpoint keeps no "
+                     "validation reliability counts)")
+        self.num_classes = num_classes
+
+    @staticmethod
+    def chance_right(counts: torch.Tensor) -> torch.Tensor:
+        per_class = counts.sum(1)
+        precision = (per_class[:, 1] + 1) / (per_class.sum(1) + 2)  # a class never predicted there: even odds
+        return (counts[..., 1] + RELIABILITY_PRIOR * precision[:, None]) / (counts.sum(-1) + RELIABILITY_PRIOR)
+
+    def __call__(self, probs: torch.Tensor) -> tuple[float, list[float]]:
+        conf, pred = probs.float().max(0)
+        shares = torch.bincount(pred.flatten(), minlength=self.num_classes).double() / pred.numel()
+        if self.rates is None:
+            return float(1 - conf.mean()), shares.tolist()
+        bins = (conf * self.rates.shape[1]).long().clamp_max(self.rates.shape[1] - 1)
+        right = self.rates.to(probs.device)[pred, bins]
+        return float(1 - right.mean()), shares.tolist()
+
+
+def labelling_score(checkpoint: dict | None, num_classes: int) -> LabellingScore:
+    reliability = (checkpoint or {}).get("val_reliability")
+    usable = isinstance(reliability, torch.Tensor) and reliability.shape[0] == num_classes
+    return LabellingScore(reliability if usable else None, num_classes)
+
+
+def write_ranking(path: Path, rows: list[tuple[Path, float, list[float]]], names: list[str]) -> Path:
+    """ranking.csv: image, score, the predicted share of each class; the highest score (most worth labelling)
+    first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "score", *names])
+        for image, score, shares in sorted(rows, key=lambda row: -row[1]):
+            writer.writerow([str(image), f"{score:.6f}", *(f"{v:.6f}" for v in shares)])
+    return path
+
+
 # ---- prediction: images, folders and patterns in; index, colour, overlay and confidence PNGs out ---------------------
 
 
@@ -490,33 +565,62 @@ def to_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_images(
-    model: nn.Module, paths: list[str], out: Path, class_map: ClassMap, *, size: tuple[int, int] | None = None,
-    recursive: bool = False, options: InferenceOptions = InferenceOptions(), batch_size: int = 4, workers: int = 0,
-    save_probs: bool = False, label_ids: bool = False,
-) -> dict:
-    """Predict every image of `paths` (find_images) in same-size batches and write its files (write_prediction)
-    under `out`, mirroring the inputs' relative paths; logits are resized to each image's own size first."""
-    found = find_images(paths, recursive)
-    for image, relative in found:
-        if (out / relative).with_suffix(".png").resolve() == image.resolve():
-            raise DatasetError(f"--out {out} would overwrite the input image {image}; choose another --out")
-    files = [image for image, _ in found]
+def predicted_images(
+    model: nn.Module, files: list[Path], size: tuple[int, int] | None, options: InferenceOptions, batch_size: int,
+    workers: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(index into files, the image as displayed [3, H, W] uint8, its softmax [C, H, W]) for every file, in
+    same-size batches; the logits are resized to each image's own size first."""
     sizes = [size or image_size(path)[::-1] for path in files]
     loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, batch_size),
                         num_workers=workers, collate_fn=stack_batch)
-    device, ids = device_of(model), class_ids(class_map) if label_ids else None
+    device = device_of(model)
     model.eval()
     for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
         logits = options.logits(model, normalize(inputs.to(device)).contiguous(memory_format=memory_format_of(model)))
         for logit, original, index in zip(logits, originals, indices):
-            conf, pred = to_size(logit, tuple(original.shape[-2:])).softmax(0).max(0)
-            write_prediction(
-                out / found[index][1].with_suffix(""), original.permute(1, 2, 0).numpy(), pred.cpu().numpy(),
-                class_map, conf.cpu().numpy() if save_probs else None, ids=ids,
-            )
-    print(f"wrote the predictions of {len(files)} images to {out}")
-    return {"predicted": [str(p) for p in files], "out": str(out)}
+            yield index, original, to_size(logit, tuple(original.shape[-2:])).softmax(0)
+
+
+def predict_images(
+    model: nn.Module, paths: list[str], out: Path, class_map: ClassMap, *, size: tuple[int, int] | None = None,
+    recursive: bool = False, options: InferenceOptions = InferenceOptions(), batch_size: int = 4, workers: int = 0,
+    save_probs: bool = False, label_ids: bool = False, scorer: LabellingScore | None = None,
+    select: int | None = None, pre_label: tuple[str, ...] = (), image_url: str = LABEL_STUDIO_LOCAL_FILES,
+    model_version: str = "",
+) -> dict:
+    """Predict every image of `paths` (find_images) and write its files (write_prediction) under `out`, mirroring
+    the inputs' relative paths, and out/ranking.csv, the images most worth labelling first (LabellingScore).
+    `select`: only the N highest-scoring images' files are written (a first pass scores them all). `pre_label`:
+    the predictions also as each tool's import (annotations.PRE_LABEL_WRITERS), in out/<format>/."""
+    found = find_images(paths, recursive)
+    for image, relative in found:
+        if (out / relative).with_suffix(".png").resolve() == image.resolve():
+            raise DatasetError(f"--out {out} would overwrite the input image {image}; choose another --out")
+    files, names = [image for image, _ in found], [relative.with_suffix("").as_posix() for _, relative in found]
+    scorer = scorer or LabellingScore(None, class_map.num_classes)
+    frames = partial(predicted_images, model, size=size, options=options, batch_size=batch_size, workers=workers)
+    scores, chosen = {}, list(range(len(files)))
+    if select is not None:
+        scores = {i: scorer(probs) for i, _, probs in frames(files)}
+        chosen = sorted(chosen, key=lambda i: -scores[i][0])[:select]
+    writers = [PRE_LABEL_WRITERS[f](out, list(class_map.names), class_map.palette, model_version, image_url)
+               for f in pre_label]
+    ids = class_ids(class_map) if label_ids else None
+    for k, original, probs in frames([files[i] for i in chosen]):
+        i = chosen[k]
+        conf, pred = probs.max(0)
+        scores[i] = scorer(probs)
+        pred, conf, picture = pred.to(torch.uint8).cpu().numpy(), conf.cpu().numpy(), original.permute(1, 2, 0)
+        write_prediction(out / names[i], picture.numpy(), pred, class_map, conf if save_probs else None, ids=ids)
+        for writer in writers:
+            writer.add(names[i], files[i], pred, conf, scores[i][0])
+    imports = [str(writer.close()) for writer in writers]
+    ranking = write_ranking(out / RANKING, [(files[i], *scores[i]) for i in range(len(files))], class_map.names)
+    print(f"wrote the predictions of {len(chosen)} images to {out}" + "".join(f", {p}" for p in imports)
+          + f"; {ranking} ranks all {len(files)} by {scorer.what}")
+    return {"predicted": [str(files[i]) for i in chosen], "out": str(out), "ranking": str(ranking),
+            "pre_labels": imports}
 
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -1357,12 +1461,15 @@ def compare_command(args: argparse.Namespace, dataset: SegmentationDataset, resu
     return comparison
 
 
-def predict_command(args: argparse.Namespace, model: nn.Module, class_map: ClassMap, size: tuple[int, int] | None
-                    ) -> dict:
+def predict_command(args: argparse.Namespace, model: nn.Module, class_map: ClassMap, size: tuple[int, int] | None,
+                    checkpoint: dict | None = None) -> dict:
     out = args.out or args.save_predictions or Path("predictions")
     return predict_images(model, args.predict, out, class_map, size=size, recursive=args.recursive,
                           options=inference_options(args), batch_size=args.batch_size, workers=args.workers,
-                          save_probs=args.save_probs, label_ids=args.label_ids)
+                          save_probs=args.save_probs, label_ids=args.label_ids,
+                          scorer=labelling_score(checkpoint, class_map.num_classes), select=args.select,
+                          pre_label=args.pre_label, image_url=args.image_url,
+                          model_version=str(args.checkpoint or args.onnx))
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
@@ -1374,7 +1481,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         checkpoint, args.checkpoint, args.device, args.channels_last)
     size = eval_size(args.size, run.get("size"))
     if args.predict:
-        return predict_command(args, model, class_map, size)
+        return predict_command(args, model, class_map, size, checkpoint)
     data, layout, val_fraction = data_source(args, run)
     transform = TransformConfig(size=size, train=False)
     dataset = build_dataset(data, layout, args.split, transform, class_map, args.seed, val_fraction=val_fraction)
@@ -1475,6 +1582,25 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: {one_line(e)}")
 
 
+def pre_label_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(PRE_LABEL_WRITERS) if text == "all" else tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in PRE_LABEL_WRITERS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(unknown) or repr(text)}: choose from "
+                                         f"{', '.join(PRE_LABEL_WRITERS)} or all")
+    return tuple(dict.fromkeys(formats))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def size_value(text: str) -> int | str:
     return text if text == "off" else int(text)
 
@@ -1506,6 +1632,14 @@ def add_output_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--out", type=Path, default=None, help="--predict: output folder (default: predictions)")
     group.add_argument("--recursive", action="store_true", help="--predict: images in subfolders too")
     group.add_argument("--save-probs", action="store_true", help="also write NAME_conf.png, the max softmax")
+    group.add_argument("--pre-label", type=pre_label_formats, default=(), metavar="FORMATS",
+                       help=f"--predict: also write the predictions for the tools to import, in OUT/FORMAT/: any of "
+                       f"{','.join(PRE_LABEL_WRITERS)} (comma-separated), or all")
+    group.add_argument("--select", type=positive_int, default=None, metavar="N",
+                       help="--predict: write the files of the N images most worth labelling (ranking.csv) only")
+    group.add_argument("--image-url", default=LABEL_STUDIO_LOCAL_FILES, metavar="PREFIX",
+                       help="--pre-label label-studio: each task's image URL is PREFIX then images/NAME (default: "
+                       "Label Studio's local files, under LOCAL_FILES_DOCUMENT_ROOT=OUT/label-studio)")
     group.add_argument("--label-ids", action="store_true", help="NAME.png in the masks' own ids (Cityscapes labelIds)")
     group.add_argument("--export-onnx", type=Path, default=None, metavar="OUT", help="export to ONNX and check it")
     group.add_argument("--onnx", type=Path, default=None, help="predict or evaluate with this file in ONNX Runtime")

@@ -521,8 +521,10 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
 
 
-def save(run: Run, epoch: int, improved: bool) -> None:
-    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map."""
+def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor) -> None:
+    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map, and the
+    epoch's validation reliability counts (evaluate.reliability_counts), from which `evaluate.py --predict`
+    estimates how often each image's pixels are wrong."""
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -536,6 +538,7 @@ def save(run: Run, epoch: int, improved: bool) -> None:
         "best_miou": run.best_miou,
         "epochs_since_best": run.since_best,
         "rng": rng_state(run.device),
+        "val_reliability": val_reliability,
     }
     save_atomic(state, run.out / "last.pth")
     if improved:
@@ -752,7 +755,7 @@ def train_epochs(run: Run) -> float:
         if run.rank == 0:
             append_log(run.out / "log.csv", epoch, lr, train_m, val_m, runtime)
             log_epoch(run, epoch, train_m, val_m, lr, runtime)
-            save(run, epoch, improved)
+            save(run, epoch, improved, val_m["reliability"])
         if improved:
             run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
         else:
