@@ -916,3 +916,48 @@ def test_a_malformed_export_is_one_line_naming_its_file(tmp_path, layout, monkey
     (tmp_path / "export" / name).write_text(content if isinstance(content, str) else json.dumps(content))
     message = run_cli(["--data", str(tmp_path / "export"), "--check"])
     assert name in message or "a.jpg" in message
+
+
+# ---- writers: a model's masks as each tool imports them ----
+
+
+def flood_fill_regions(bits: np.ndarray) -> list[set]:
+    """The 8-connected regions of a mask, by a breadth-first flood fill: the independent reference."""
+    seen, regions = np.zeros_like(bits), []
+    for y, x in zip(*np.nonzero(bits)):
+        if seen[y, x]:
+            continue
+        region, todo = set(), [(y, x)]
+        seen[y, x] = True
+        while todo:
+            cy, cx = todo.pop()
+            region.add((cy, cx))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = cy + dy, cx + dx
+                    if 0 <= ny < bits.shape[0] and 0 <= nx < bits.shape[1] and bits[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        todo.append((ny, nx))
+        regions.append(frozenset(region))
+    return regions
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_connected_regions_are_those_of_a_flood_fill(seed):
+    from annotations import connected_regions
+
+    bits = np.random.default_rng(seed).random((23, 31)) < (0.3 + 0.1 * seed)
+    labels, n = connected_regions(bits)
+    ours = [frozenset(zip(*np.nonzero(labels == k))) for k in range(1, n + 1)]
+    assert set(ours) == set(flood_fill_regions(bits)) and len(ours) == n
+    assert ((labels > 0) == bits).all()
+
+
+def test_brush_rle_of_a_mask_decodes_back_and_declares_its_size():
+    from annotations import decode_brush_rle, encode_brush_rle
+
+    rng = np.random.default_rng(0)
+    for bits in (rng.random((37, 53)) < 0.5, np.ones((300, 400), bool), np.zeros((5, 7), bool)):
+        rle = encode_brush_rle(bits)  # the 300x400 mask is one run of 480,000 bytes: split into runs of 2^16
+        assert int.from_bytes(bytes(rle[:4]), "big") == bits.size * 4
+        assert np.array_equal(decode_brush_rle(rle, *bits.shape), bits)

@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import re
@@ -546,3 +547,190 @@ def test_the_report_renders_in_a_real_browser(checkpoint, tmp_path):
                     (tmp_path / "r" / "index.html").as_uri()], check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 10  # drawn, not blank
+
+
+# ---- pre-labels and the ranking: predictions back into the tools, the images worth labelling next ----
+
+NO_BACKGROUND, WITH_BACKGROUND = ["sky", "road", "tree", "car"], ["background", "cat", "dog", "bird"]
+
+
+def oracle_pool(root: Path) -> dict[str, np.ndarray]:
+    """Images whose red channel (50 * class, in discs) sets what Oracle predicts, with a space, a non-ASCII
+    letter, a subfolder and an EXIF turn in them; the class mask of each, by hand, as the image is displayed."""
+    rng, expected = np.random.default_rng(0), {}
+    for name, (h, w), turned in (("frame 1.png", (30, 40), False), ("sub dir/Straße.png", (24, 36), False),
+                                 ("phone.jpg", (20, 32), True)):
+        classes = np.zeros((h, w), np.uint8)
+        yy, xx = np.ogrid[:h, :w]
+        for _ in range(6):
+            y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, 7)
+            classes[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(0, 4)
+        rgb = np.stack([classes * 50, np.full_like(classes, 90), np.full_like(classes, 160)], -1)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if turned else 1
+        Image.fromarray(rgb).save(root / name, exif=exif.tobytes(), **({"quality": 100} if turned else {}))
+        with Image.open(root / name) as im:
+            shown = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        expected[str(Path(name).with_suffix("").as_posix())] = (shown[..., 0].astype(float) / 50).round()
+    return expected
+
+
+def pre_labels(tmp_path: Path, names: list[str], **kwargs) -> tuple[Path, dict[str, np.ndarray]]:
+    expected = oracle_pool(tmp_path / "pool")
+    class_map = dataset.class_map_of(dataset.numbered_table(len(names), names), "index")
+    evaluate_module.predict_images(Oracle(len(names)), [str(tmp_path / "pool")], tmp_path / "out", class_map,
+                                   recursive=True, pre_label=("cvat", "coco", "label-studio", "labelme"), **kwargs)
+    return tmp_path / "out", expected
+
+
+def by_name(masks: dict[str, np.ndarray], names: list[str]) -> dict:
+    """Each image's pixels of each object class (background left out: the tools leave it unlabelled)."""
+    return {image: {n: mask == c for c, n in enumerate(names) if n != "background" and (mask == c).any()}
+            for image, mask in masks.items()}
+
+
+@pytest.mark.parametrize("names", [NO_BACKGROUND, WITH_BACKGROUND])
+def test_coco_pre_labels_read_by_pycocotools_are_the_predicted_masks_one_region_each(tmp_path, names):
+    from pycocotools.coco import COCO
+
+    from annotations import connected_regions
+
+    out, expected = pre_labels(tmp_path, names)
+    coco = COCO(str(out / "coco" / "annotations" / "instances_default.json"))
+    got = {}
+    for image in coco.loadImgs(coco.getImgIds()):
+        own = got.setdefault(image["file_name"].rsplit(".", 1)[0], {})
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+            bits = coco.annToMask(ann).astype(bool)
+            assert connected_regions(bits)[1] == 1 and ann["area"] == bits.sum() and 0 < ann["score"] <= 1
+            name = coco.loadCats(ann["category_id"])[0]["name"]
+            assert not (own.get(name, False) & bits).any()
+            own[name] = own.get(name, np.zeros_like(bits)) | bits
+        assert (out / "coco" / "images" / "default" / image["file_name"]).is_file()
+    assert {i: {n: m.tolist() for n, m in c.items()} for i, c in got.items()} == {
+        i: {n: m.tolist() for n, m in c.items()} for i, c in by_name(expected, names).items()}
+
+
+@pytest.mark.parametrize("names", [NO_BACKGROUND, WITH_BACKGROUND])
+def test_cvat_and_coco_pre_labels_read_back_as_the_predicted_masks(tmp_path, names):
+    out, expected = pre_labels(tmp_path, names)
+    labelmap = (out / "cvat" / "labelmap.txt").read_text().splitlines()
+    assert labelmap[:2] == ["# label:color_rgb:parts:actions", "background:0,0,0::"]
+    assert len(labelmap) == 2 + len([n for n in names if n != "background"])
+    want = {Path(image).name: classes for image, classes in by_name(expected, names).items()}
+    for source in ("cvat.zip", "coco"):
+        got = {}
+        for split in ("default", "val"):  # one subset, "default": a validation split is held out of it
+            data = dataset.build_dataset(out / source, "auto", split, dataset.TransformConfig(size=None, train=False))
+            for (image, _), (_, mask) in zip(data.pairs, (data[i] for i in range(len(data)))):
+                got[image.stem] = {n: (mask == c).numpy() for c, n in enumerate(data.class_map.names)
+                                   if n != "background" and (mask == c).any()}
+        assert sorted(got) == sorted(want), source
+        for image, classes in want.items():
+            assert sorted(got[image]) == sorted(classes), (source, image)
+            assert all(np.array_equal(got[image][n], classes[n]) for n in classes), (source, image)
+
+
+@pytest.mark.parametrize("names", [NO_BACKGROUND, WITH_BACKGROUND])
+def test_labelme_and_label_studio_pre_labels_decoded_by_hand_are_the_predicted_masks(tmp_path, names):
+    import base64
+    import io
+    import urllib.parse
+    import xml.etree.ElementTree as ET
+
+    from annotations import decode_brush_rle
+
+    out, expected = pre_labels(tmp_path, names)
+    want = by_name(expected, names)
+    for image, classes in want.items():  # LabelMe: each mask shape's PNG placed at its first corner
+        document = json.loads((out / "labelme" / f"{image}.json").read_text())
+        h, w = document["imageHeight"], document["imageWidth"]
+        assert (h, w) == expected[image].shape and (out / "labelme" / image).parent.joinpath(
+            document["imagePath"]).is_file() and document["imageData"] is None
+        got = {}
+        for shape in document["shapes"]:
+            (x0, y0), (x1, y1) = shape["points"]
+            crop = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape["mask"])))).astype(bool)
+            assert shape["shape_type"] == "mask" and crop.shape == (y1 - y0 + 1, x1 - x0 + 1)
+            got[shape["label"]] = np.zeros((h, w), bool)
+            got[shape["label"]][y0:y1 + 1, x0:x1 + 1] = crop
+        assert sorted(got) == sorted(classes) and all(np.array_equal(got[n], classes[n]) for n in classes)
+    classes_file = (out / "labelme" / "class_names.txt").read_text().split("\n")
+    assert classes_file[:2] == ["__ignore__", "_background_"] and "background" not in classes_file
+    tasks = json.loads((out / "label-studio" / "tasks.json").read_text())
+    config = ET.fromstring((out / "label-studio" / "labeling_config.xml").read_text())
+    brush = config.find("BrushLabels")
+    assert [label.get("value") for label in brush] == [n for n in names if n != "background"]
+    assert len({label.get("background") for label in brush}) == len(brush)
+    for task in tasks:
+        path = urllib.parse.unquote(task["data"]["image"].split("?d=")[1])
+        image = str(Path(path).relative_to("images").with_suffix("").as_posix())
+        assert (out / "label-studio" / path).is_file() and 0 <= task["predictions"][0]["score"] <= 1
+        got = {}
+        for result in task["predictions"][0]["result"]:
+            assert (result["from_name"], result["to_name"]) == (brush.get("name"), brush.get("toName"))
+            size = result["original_height"], result["original_width"]
+            got[result["value"]["brushlabels"][0]] = decode_brush_rle(result["value"]["rle"], *size)
+        assert sorted(got) == sorted(want[image]) and all(np.array_equal(got[n], want[image][n]) for n in got)
+    assert len(tasks) == len(want)
+
+
+def test_an_image_score_is_the_share_of_its_pixels_the_validation_counts_say_are_wrong():
+    from evaluate import LabellingScore, reliability_counts
+
+    probs = torch.tensor([[0.95, 0.95, 0.55, 0.3], [0.05, 0.05, 0.45, 0.7]])[:, None, :]  # [C=2, 1, 4 pixels]
+    target = torch.tensor([[[0, 1, 0, 1]]])
+    counts = reliability_counts(probs[None], target, bins=10)
+    assert counts.sum() == 4 and counts[0, 9].tolist() == [1, 1] and counts[0, 5].tolist() == [0, 1]
+    assert counts[1, 7].tolist() == [0, 1]
+    counts = torch.zeros(2, 10, 2, dtype=torch.int64)
+    counts[0, 9] = torch.tensor([10, 90])  # class 0 at 0.9-1.0: 90 of 100 right
+    counts[1, 9] = torch.tensor([80, 20])
+    scorer = LabellingScore(counts, 2)
+    precision = [(90 + 1) / (100 + 2), (20 + 1) / (100 + 2)]
+    right = [[(90 + precision[0]) / 101, precision[0]], [(20 + precision[1]) / 101, precision[1]]]  # bins 9, 5
+    probs = torch.tensor([[0.97, 0.97, 0.03, 0.55], [0.03, 0.03, 0.97, 0.45]])[:, None, :]
+    score, shares = scorer(probs)
+    assert score == pytest.approx(1 - (2 * right[0][0] + right[1][0] + right[0][1]) / 4)
+    assert shares == pytest.approx([0.75, 0.25])
+    assert LabellingScore(None, 2)(probs)[0] == pytest.approx(1 - (0.97 * 3 + 0.55) / 4)
+
+
+def test_ranking_lists_every_image_most_wrong_first_and_select_writes_only_those(tmp_path):
+    from evaluate import LabellingScore
+
+    counts = torch.zeros(4, 10, 2, dtype=torch.int64)
+    counts[:, :, 1] = 100
+    counts[3, :] = torch.tensor([100, 0])  # class 3 ("car") is always wrong: images with more of it first
+    expected = oracle_pool(tmp_path / "pool")
+    class_map = dataset.class_map_of(dataset.numbered_table(4, NO_BACKGROUND), "index")
+    evaluate_module.predict_images(Oracle(4), [str(tmp_path / "pool")], tmp_path / "out", class_map, recursive=True,
+                                   scorer=LabellingScore(counts, 4), select=1, pre_label=("coco",))
+    with open(tmp_path / "out" / "ranking.csv") as f:
+        rows = list(csv.DictReader(f))
+    car = {image: (mask == 3).mean() for image, mask in expected.items()}
+    order = sorted(car, key=lambda i: -car[i])
+    assert [Path(r["image"]).relative_to(tmp_path / "pool").with_suffix("").as_posix() for r in rows] == order
+    assert [float(r["car"]) for r in rows] == pytest.approx([car[i] for i in order], abs=1e-6)
+    assert float(rows[0]["score"]) > float(rows[-1]["score"])
+    out, top = tmp_path / "out", order[0]
+    written = [p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.relative_to(out).parts[0] != "coco"]
+    assert sorted(written) == sorted(f"{top}{kind}.png" for kind in ("", "_color", "_overlay"))
+    coco = json.loads((tmp_path / "out" / "coco" / "annotations" / "instances_default.json").read_text())
+    assert [i["file_name"].rsplit(".", 1)[0] for i in coco["images"]] == [top]
+
+
+def test_pre_label_and_select_flags_are_checked_in_one_line(checkpoint, tmp_path, capsys):
+    for flags, said in ((["--pre-label", "cvat,yolo"], "unknown format yolo"), (["--select", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as e:
+            evaluate_module.get_args_parser().parse_args(["--checkpoint", str(checkpoint), *flags])
+        error = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and said in error and "\n" not in error
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "out" / "coco").mkdir(parents=True)  # not ours: never replaced
+    (tmp_path / "out" / "coco" / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
+                "--pre-label", "coco")
+    assert "holds no pre-labels" in str(e.value.code) and (tmp_path / "out" / "coco" / "mine.txt").is_file()

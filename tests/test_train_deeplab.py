@@ -64,6 +64,9 @@ def test_evaluating_the_best_checkpoint_reproduces_the_best_val_miou(two_epoch_r
     evaluate.main(evaluate.get_args_parser().parse_args(args))
     assert json.loads((tmp_path / "m.json").read_text())["miou"] == pytest.approx(best, abs=1e-12)
     assert f"mIoU {best:.4f} (95% CI" in capsys.readouterr().out
+    counts = torch.load(out / "best.pth", weights_only=True)["val_reliability"]  # [C, bins, wrong/right]
+    pixel_acc = json.loads((tmp_path / "m.json").read_text())["pixel_acc"]
+    assert counts.shape == (10, 10, 2) and float(counts[..., 1].sum() / counts.sum()) == pytest.approx(pixel_acc)
 
 
 def test_epoch_lines_follow_the_study_format(tiny_demo, tmp_path, capsys):
