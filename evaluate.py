@@ -697,6 +697,7 @@ def evaluate_dataset(
     result = evaluate(model, loader, None, device, dataset.class_map.num_classes, amp_dtype_for(options.amp, device),
                       options.tta, options.window, options.window_stride, on_batch)
     confusions = result.pop("confusions")
+    result["reliability"] = result["reliability"].tolist()  # [C, bins, wrong/right] pixel counts
     result["miou_ci"] = interval(bootstrap_miou(confusions, resamples=bootstrap, seed=seed)[0])
     result.update(images=len(dataset), class_names=list(dataset.class_map.names))
     result["images_per_class"] = (confusions.sum(-1) > 0).sum(0).tolist()  # images whose ground truth holds it
