@@ -569,6 +569,33 @@ def distinct_colours(names: list[str], palette: np.ndarray, background: int | No
     return colours
 
 
+def region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """[n, 4] (x0, y0, x1, y1), inclusive, of the regions 1..n of a label image."""
+    ys, xs = np.nonzero(labels)
+    k = labels[ys, xs] - 1
+    boxes = np.tile(np.array([labels.shape[1], labels.shape[0], -1, -1], np.int64), (n, 1))
+    for column, values, reduce in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum),
+                                   (3, ys, np.maximum)):
+        reduce.at(boxes[:, column], k, values)
+    return boxes
+
+
+def region_rles(labels: np.ndarray, n: int) -> list[list[int]]:
+    """The uncompressed COCO RLE counts of each region 1..n of a label image (column-major runs, a run of 0s
+    first), all from one pass over the image, not one mask per region."""
+    flat = labels.ravel(order="F")
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1])
+    ends = np.append(starts[1:], flat.size)
+    order = np.argsort(flat[starts], kind="stable")  # by region, each region's runs in the order they come
+    starts, ends, region = starts[order], ends[order], flat[starts][order]
+    first = np.searchsorted(region, np.arange(1, n + 2))
+    before = np.concatenate([[0], ends[:-1]])
+    before[first[:-1]] = 0  # the 0s before a region's first run start at the top-left
+    pairs = np.stack([starts - before, ends - starts], 1)
+    tails = [int(flat.size - ends[first[k + 1] - 1]) for k in range(n)]  # the 0s after its last run, if any
+    return [pairs[first[k]:first[k + 1]].ravel().tolist() + ([tails[k]] if tails[k] else []) for k in range(n)]
+
+
 PRE_LABEL_MARKER = ".pre-labels"  # in each folder of pre-labels: a later --predict may replace it
 
 
@@ -1320,17 +1347,6 @@ def read_coco(root: Path) -> DatasetTree:
     return read_shapes(root, "coco", splits, table, ignore, parts, overlap_ignored=True)
 
 
-def region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
-    """[n, 4] (x0, y0, x1, y1), inclusive, of the regions 1..n of a label image."""
-    ys, xs = np.nonzero(labels)
-    k = labels[ys, xs] - 1
-    boxes = np.tile(np.array([labels.shape[1], labels.shape[0], -1, -1], np.int64), (n, 1))
-    for column, values, reduce in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum),
-                                   (3, ys, np.maximum)):
-        reduce.at(boxes[:, column], k, values)
-    return boxes
-
-
 class CocoWriter(PreLabelWriter):
     """COCO instances as CVAT's "COCO 1.0" export lays them out (annotations/instances_default.json, the images
     in images/default/), which CVAT, Roboflow and most tools import: one annotation per 8-connected region of a
@@ -1351,16 +1367,16 @@ class CocoWriter(PreLabelWriter):
         self.images.append({"id": len(self.images) + 1, "file_name": file_name, "width": width, "height": height})
         for category, c in enumerate(self.objects(), 1):
             labels, n = connected_regions(mask == c)
-            for k, (x0, y0, x1, y1) in enumerate(region_boxes(labels, n).tolist(), 1):
-                inside = labels[y0:y1 + 1, x0:x1 + 1] == k
-                bits = np.zeros((height, width), np.uint8, order="F")
-                bits[y0:y1 + 1, x0:x1 + 1] = inside
-                rle = mask_utils.encode(bits)
+            areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            scores = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
+            for counts, (x0, y0, x1, y1), area, score in zip(region_rles(labels, n), region_boxes(labels, n).tolist(),
+                                                              areas.tolist(), scores.tolist()):
+                rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
                 self.annotations.append({
                     "id": len(self.annotations) + 1, "image_id": len(self.images), "category_id": category,
                     "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-                    "area": int(inside.sum()), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0,
-                    "score": round(float(confidence[y0:y1 + 1, x0:x1 + 1][inside].mean()), 4),
+                    "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0,
+                    "score": round(score, 4),
                 })
 
     def close(self) -> Path:
@@ -1708,9 +1724,9 @@ def label_studio_image(root: Path, url: str) -> tuple[str, Path | None]:
     its name in ROOT/images or ROOT (an upload's without the prefix Label Studio gives it)."""
     path = urllib.parse.unquote(url.split("?d=")[-1] if "?d=" in url else urllib.parse.urlparse(url).path)
     name, folders = PurePosixPath(path).name, [root / "images", root]
-    relative = [root / path] if path and not path.startswith("/") and ".." not in PurePosixPath(path).parts else []
-    found = next((p for p in relative if p.is_file()), None)
-    return name, found or find_image(name, folders) or find_image(name[LABEL_STUDIO_UPLOAD_PREFIX:], folders)
+    if path and not path.startswith("/") and ".." not in PurePosixPath(path).parts and (root / path).is_file():
+        return name, root / path
+    return name, find_image(name, folders) or find_image(name[LABEL_STUDIO_UPLOAD_PREFIX:], folders)
 
 
 def label_studio_json(root: Path) -> Path | None:
@@ -1813,11 +1829,12 @@ class LabelStudioWriter(PreLabelWriter):
         link_or_copy(image, self.out / relative)
         (height, width), results = mask.shape, []
         for c in self.objects():
-            if (mask == c).any():
+            bits = mask == c
+            if bits.any():
                 results.append({"id": f"{len(self.tasks) + 1}-{c}", "from_name": LABEL_STUDIO_FROM,
                                 "to_name": "image", "type": "brushlabels", "original_width": width,
                                 "original_height": height, "image_rotation": 0,
-                                "value": {"format": "rle", "rle": encode_brush_rle(mask == c),
+                                "value": {"format": "rle", "rle": encode_brush_rle(bits),
                                           "brushlabels": [self.names[c]]}})
         prediction = {"model_version": self.model_version, "score": round(1 - score, 4), "result": results}
         self.tasks.append({"data": {"image": self.image_url + urllib.parse.quote(relative)},

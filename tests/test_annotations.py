@@ -953,6 +953,18 @@ def test_connected_regions_are_those_of_a_flood_fill(seed):
     assert ((labels > 0) == bits).all()
 
 
+@pytest.mark.parametrize("shape", [(23, 31), (5, 1), (1, 9)])
+def test_region_rles_are_pycocotools_encoding_of_each_region(shape):
+    from pycocotools import mask as mask_utils
+
+    from annotations import connected_regions, region_rles
+
+    labels, n = connected_regions(np.random.default_rng(0).random(shape) < 0.5)
+    for k, counts in enumerate(region_rles(labels, n), 1):
+        ours = mask_utils.frPyObjects({"counts": counts, "size": list(shape)}, *shape)["counts"]
+        assert ours == mask_utils.encode(np.asfortranarray((labels == k).astype(np.uint8)))["counts"]
+
+
 def test_brush_rle_of_a_mask_decodes_back_and_declares_its_size():
     from annotations import decode_brush_rle, encode_brush_rle
 
