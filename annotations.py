@@ -20,9 +20,11 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import urllib.parse
+import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
@@ -45,7 +47,8 @@ SPLIT_NAMES = ("train", "training", *VALIDATION_NAMES, "test", "testing")  # fol
 
 
 class DatasetError(Exception):
-    """Bad input data: the message names the file or folder and is shown to the user as one line."""
+    """Bad input (data, or a place to write): the message names the file, folder or flag and is shown to the user
+    as one line."""
 
 
 # ---- what every reader returns: a class table, the files of each split, what was skipped ---------------------------
@@ -193,6 +196,42 @@ def orientation(im: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, 89,478,485 px (a 9459 x 9459 square)
+
+
+def set_pixel_limit(pixels: int, worker: int | None = None) -> None:
+    """The most pixels (width x height) an image or mask of this process may have: `--max-pixels`. It is Pillow's
+    own setting, so every decode obeys it; above it, open_image refuses a file in one line (not Pillow's warning,
+    then a decode that can exhaust memory). `worker`: the id a DataLoader passes its worker_init_fn."""
+    Image.MAX_IMAGE_PIXELS = pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def pixel_limit_for_workers() -> Callable[[int], None]:
+    """A DataLoader's worker_init_fn that gives its workers this process's pixel limit: a worker started by spawn
+    or forkserver (macOS, Windows, Python 3.14's Linux default) imports Pillow anew, with its default."""
+    return partial(set_pixel_limit, Image.MAX_IMAGE_PIXELS)
+
+
+def too_many_pixels(what: str, path: Path | str, pixels: int) -> DatasetError:
+    return DatasetError(f"{what} {path} has {pixels:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,} that "
+                        f"guards against decompression bombs; --max-pixels {pixels} reads it")
+
+
+def open_image(path: Path | str, data: bytes | None = None, what: str = "image") -> Image.Image:
+    """Pillow's lazy open of a file (or of its bytes, `data`), which reads the header alone; a file of more
+    pixels than the limit (set_pixel_limit) is refused before any of its pixels is decoded."""
+    try:
+        im = Image.open(path if data is None else io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_many_pixels(what, path, int(found[1]) if found else 0) from None
+    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+        im.close()
+        raise too_many_pixels(what, path, im.width * im.height)
+    return im
+
+
 def displayed_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) as the image is displayed: swapped for the EXIF orientations that turn it a quarter."""
     return im.size[::-1] if orientation(im) in (5, 6, 7, 8) else im.size
@@ -201,7 +240,7 @@ def displayed_size(im: Image.Image) -> tuple[int, int]:
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) as displayed (as annotation tools show a photo), from the file header, without decoding."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return displayed_size(im)
     except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read {path}: {e}") from None
@@ -245,7 +284,7 @@ def find_image(name: str, folders: Iterable[Path]) -> Path | None:
 
 # ---- shapes to masks: one rasteriser, a cache by digest -------------------------------------------------------------
 
-MASKS_VERSION = 2  # bump when rasterising changes, so cached masks are made anew
+MASKS_VERSION = 3  # bump when rasterising changes, so cached masks are made anew
 LABELME_POINT_RADIUS, LABELME_LINE_WIDTH = 5, 10  # LabelMe's shape_to_mask: point_size and line_width
 
 
@@ -313,6 +352,13 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
         full[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
         return full
     if region.polygons is not None:
+        for polygon in region.polygons:  # pycocotools draws every edge, whatever its length, before it clips
+            xy = np.asarray(polygon, float).reshape(-1, 2)
+            outside = ~(np.isfinite(xy) & (xy >= -np.array([width, height])) & (xy <= 2 * np.array([width, height])))
+            if outside.any():
+                x, y = xy[outside.any(1)][0]
+                raise ValueError(f"a polygon has the point ({x:g}, {y:g}), over a whole image's size outside the "
+                                 f"{width}x{height} image")
         rle = mask_utils.merge(mask_utils.frPyObjects(region.polygons, height, width))
     else:
         counts = region.rle.get("counts")
@@ -378,6 +424,11 @@ def rasterise(label: str, digest: str, images: list[Annotated], ignore: int,
         if annotated.image is None or not (annotated.regions or annotated.background):
             found.append(None)
             continue
+        declared, size = (annotated.width, annotated.height), image_size(annotated.image)
+        if declared != size:  # checked before painting: a declared 30000 x 30000 would be painted, then refused
+            raise DatasetError(f"{label}, image {annotated.name}: the export declares {declared[0]}x{declared[1]} "
+                               f"pixels, but {annotated.image} is {size[0]}x{size[1]}; export the annotations of "
+                               "these very files again")
         with malformed(f"{label}, image {annotated.name}"):
             mask, overlap = paint(annotated, ignore, overlap_ignored)
         Image.fromarray(mask).save(partial / f"{n:06d}.png", compress_level=1)
@@ -690,7 +741,7 @@ def painted_like_voc(path: Path) -> bool | None:
     devkit = voc_colormap(256)
     colours = {tuple(devkit[v].tolist()) for v in (*range(len(VOC_CLASSES)), IGNORE_INDEX)}
     try:
-        with Image.open(path) as im:
+        with open_image(path, what="mask") as im:
             if im.mode == "P":
                 palette = np.array(im.getpalette() or [], np.uint8).reshape(-1, 3)
                 used = np.flatnonzero(im.histogram()[:256])
@@ -706,7 +757,7 @@ def painted_like_voc(path: Path) -> bool | None:
 
 def is_rgb(path: Path) -> bool:
     try:
-        with Image.open(path) as im:
+        with open_image(path, what="mask") as im:
             return im.mode in ("RGB", "RGBA")
     except (OSError, ValueError):
         return False
@@ -717,7 +768,7 @@ def mask_id_values(paths: list[Path]) -> list[int]:
     values: set[int] = set()
     for path in paths:
         try:
-            with Image.open(path) as im:
+            with open_image(path, what="mask") as im:
                 values.update(np.unique(np.asarray(im)).tolist() if im.mode not in ("RGB", "RGBA") else [])
         except (OSError, ValueError):
             continue
@@ -923,6 +974,9 @@ def cvat_rle(shape: ET.Element, where: str) -> Region:
         left, top, width, height = (int(float(shape.get(k))) for k in ("left", "top", "width", "height"))
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: a <mask> without a whole-number rle, left, top, width and height") from None
+    if min(width, height) < 0 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise too_many_pixels("a <mask> in", where, width * height) if width * height > 0 else DatasetError(
+            f"{where}: a <mask> of width {width} and height {height}")
     if sum(runs) != width * height or min(runs, default=0) < 0:
         raise DatasetError(f"{where}: a <mask> whose runs add up to {sum(runs)}, not its {width}x{height} box")
     bits = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool).reshape(height, width)
@@ -1047,7 +1101,8 @@ def labelme_region(shape: dict, where: str) -> Region | None:
         raise DatasetError(f"{where}: a {kind} whose points are not [x, y] pairs") from None
     if kind == "mask" and len(xy) == 2:
         try:
-            bits = np.asarray(Image.open(io.BytesIO(base64.b64decode(shape.get("mask") or "")))).astype(bool)
+            png = base64.b64decode(shape.get("mask") or "")
+            bits = np.asarray(open_image(where, png, "the shape mask in")).astype(bool)
         except (ValueError, OSError):
             raise DatasetError(f"{where}: a mask that is no base64 PNG") from None
         bits = bits if bits.ndim == 2 else bits.any(-1)
@@ -1072,7 +1127,7 @@ def embedded_image(data: str, where: str) -> Path:
     """A LabelMe file's imageData (base64 of the image file), written once into the cache by its digest."""
     try:
         raw = base64.b64decode(data)
-        with Image.open(io.BytesIO(raw)) as im:
+        with open_image(where, raw, "the imageData of") as im:
             suffix = f".{(im.format or 'png').lower()}"
     except (ValueError, OSError):
         raise DatasetError(f"{where}: imageData is not a base64 image") from None
@@ -1268,6 +1323,19 @@ def load_coco(path: Path) -> tuple[dict, bytes]:
             missing = [f for f in fields if not isinstance(item, dict) or f not in item]
             if missing:
                 raise DatasetError(f"{path}: an entry of `{key}` has no {' or '.join(missing)}: {str(item)[:80]}")
+    for image in data["images"]:
+        if not all(isinstance(image[k], int) and not isinstance(image[k], bool) and image[k] > 0
+                   for k in ("width", "height")):
+            raise DatasetError(f"{path}: image {str(image['id'])[:80]} has width {str(image['width'])[:20]} and "
+                               f"height {str(image['height'])[:20]}; COCO's are whole numbers of pixels")
+    for key, what in (("images", "image"), ("categories", "category")):
+        ids = Counter(json.dumps(item["id"]) for item in data[key])
+        twice = [i for i, n in ids.items() if n > 1]
+        if twice:
+            raise DatasetError(f"{path}: two {key} have the id {twice[0][:80]}; each {what} needs its own, or one "
+                               f"{what}'s annotations would be read as another's")
+    if not all(isinstance(c["id"], (int, str)) for c in data["categories"]):
+        raise DatasetError(f"{path}: a category's id is no number: {some([c['id'] for c in data['categories']])}")
     return data, raw
 
 
@@ -1282,16 +1350,56 @@ def coco_classes(categories: list[dict], used: set[int]) -> tuple[ClassTable, di
     return table, {c["id"]: by_name[str(c["name"])] for c in kept}, ignore
 
 
+def rle_string_counts(text: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, as pycocotools' rleFrString reads them (6-bit chunks from
+    '0', a sign bit, each count after the second a difference), or None for a string that is none."""
+    counts, x, k = [], 0, 0
+    for char in text:
+        c = ord(char) - 48
+        if not 0 <= c < 64:
+            return None
+        x, k = x | (c & 0x1F) << 5 * k, k + 1
+        if c & 0x20:
+            continue
+        x |= -1 << 5 * k if c & 0x10 else 0
+        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+        x, k = 0, 0
+    return counts if k == 0 else None
+
+
+def rle_fault(rle: dict, height: int, width: int) -> str | None:
+    """What makes an RLE no mask of an image of height x width: pycocotools decodes its counts unchecked, so runs
+    that are negative or do not add up to the image's pixels would write out of bounds, or leave pixels unset."""
+    if list(rle.get("size", ())) != [height, width]:
+        return f"is an RLE of size {str(rle.get('size'))[:40]}, but its image is {height}x{width}"
+    counts = rle.get("counts")
+    if isinstance(counts, str):
+        counts = rle_string_counts(counts)
+    elif not (isinstance(counts, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in counts)):
+        counts = None
+    if counts is None or min(counts, default=0) < 0 or sum(counts) != height * width:
+        return f"has RLE counts that are no mask of {height}x{width} pixels (runs of whole numbers adding up to them)"
+    return None
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def coco_region(ann: dict, height: int, width: int, where: str) -> Region | None:
-    """An annotation's polygons or RLE (None for a box alone)."""
+    """An annotation's polygons or RLE (None for a box alone), checked before anything is rasterised."""
     segmentation = ann.get("segmentation")
-    if isinstance(segmentation, list) and [p for p in segmentation if isinstance(p, list) and len(p) >= 6]:
-        return Region(0, polygons=[p for p in segmentation if isinstance(p, list) and len(p) >= 6])
-    if isinstance(segmentation, dict) and list(segmentation.get("size", ())) == [height, width]:
-        return Region(0, rle=segmentation)
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
+        if not all(len(p) % 2 == 0 and all(map(is_number, p)) for p in polygons):
+            raise DatasetError(f"{where}: annotation {str(ann.get('id'))[:40]} has a polygon that is no list of x, "
+                               "y numbers")
+        return Region(0, polygons=polygons) if polygons else None
     if isinstance(segmentation, dict):
-        raise DatasetError(f"{where}: annotation {ann.get('id')} is an RLE of size {segmentation.get('size')}, "
-                           f"but its image is {height}x{width}")
+        fault = rle_fault(segmentation, height, width)
+        if fault:
+            raise DatasetError(f"{where}: annotation {str(ann.get('id'))[:40]} {fault}")
+        return Region(0, rle=segmentation)
     return None
 
 

@@ -12,13 +12,14 @@ layouts itself.
 import argparse
 import colorsys
 import csv
+import errno
 import hashlib
-import io
 import math
 import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from annotations import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
+    PIXEL_LIMIT,
     TOOL_FILES,
     TOOL_READERS,
     VALIDATION_NAMES,
@@ -52,9 +54,11 @@ from annotations import (
     image_size,
     images_by_stem,
     is_ignore,
+    open_image,
     orientation,
     pair_by_stem,
     sample_masks,
+    set_pixel_limit,
     unpack_zip,
 )
 
@@ -70,6 +74,7 @@ LAYOUTS = ("auto", "offroad", "cityscapes", "folder", *TOOL_READERS, "demo")
 ENCODINGS = ("auto", "index", "binary", "colour")
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FULL_DISK = 16 * 2**20  # bytes free below which a failed write is put down to a full disk
 # a lossy (JPEG) mask value within this distance (per channel) of exactly one class value counts as that class
 LOSSY_TOLERANCE = 24
 
@@ -417,13 +422,14 @@ def fast_png(data: bytes, kinds: tuple[tuple[int, int], ...], fmt: str) -> np.nd
     """The pixels of a PNG whose (bit depth, colour type) is one of `kinds`, as pyspng's `fmt` ("L" [H, W] or
     "RGB" [H, W, 3], alpha dropped as Pillow's convert("RGB") drops it), decoded by libspng (about 1.5x
     Pillow's speed, BENCHMARKS.md), or None: not a PNG, another kind, one with EXIF (Pillow turns it upright), no
-    pyspng, or a file libspng refuses (Pillow then decodes it, or names the problem). Only kinds whose pixels
-    equal Pillow's are asked for: 8-bit grey (0), RGB (2) and RGBA (6); libspng expands palettes (Pillow keeps the
-    indices) and returns 16-bit grey as two bytes."""
+    pyspng, over the pixel limit, or a file libspng refuses (Pillow then decodes it, or names the problem). Only
+    kinds whose pixels equal Pillow's are asked for: 8-bit grey (0), RGB (2) and RGBA (6); libspng expands
+    palettes (Pillow keeps the indices) and returns 16-bit grey as two bytes."""
     if pyspng is None or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or (data[24], data[25]) not in kinds:
         return None
-    if b"eXIf" in data:
-        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if b"eXIf" in data or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return None  # Pillow's open refuses a file over the pixel limit, in one line
     try:
         return pyspng.load(data, fmt)
     except (RuntimeError, ValueError):
@@ -447,7 +453,16 @@ def _mask_pixels(im: Image.Image, path: Path, colour: bool) -> np.ndarray:
     raw = np.asarray(im)
     if raw.dtype == bool:  # 1-bit masks
         return raw.astype(np.uint8)
-    return raw if raw.dtype in (np.uint8, np.uint16) else np.clip(raw, 0, 65535).astype(np.uint16)
+    if raw.dtype in (np.uint8, np.uint16):
+        return raw
+    # 32-bit and float masks (TIFF): whole values 0..65535 are class ids; a fraction or a negative is no class at
+    # all, and flooring or clipping it would train one class as another
+    wrong = ~((raw >= 0) & (raw <= 65535) & (raw == np.round(raw)))
+    if wrong.any():
+        raise DatasetError(f"mask {path} ({im.mode}, {raw.dtype}) holds values that are no class index, e.g. "
+                           f"{raw[wrong].flat[0].item()} in {np.count_nonzero(wrong):,} pixels: a mask holds whole "
+                           "class ids 0-65535 (a soft or probability mask must be thresholded first)")
+    return raw.astype(np.uint16)
 
 
 def read_mask(path: Path, colour: bool = False) -> np.ndarray:
@@ -458,7 +473,7 @@ def read_mask(path: Path, colour: bool = False) -> np.ndarray:
         raw = fast_png(data, ((8, 2), (8, 6)), "RGB") if colour else fast_png(data, ((8, 0),), "L")
         if raw is not None:
             return raw
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(path, data, "mask") as im:
             turn = orientation(im)
             raw = _mask_pixels(im, path, colour)
     except (OSError, ValueError) as e:
@@ -472,7 +487,7 @@ def read_image(path: Path) -> torch.Tensor:
         data = path.read_bytes()
         rgb = fast_png(data, ((8, 2), (8, 6)), "RGB")
         if rgb is None:
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(path, data) as im:
                 turn = orientation(im)
                 rgb = upright(np.array(im if im.mode == "RGB" else im.convert("RGB")), turn)  # writable
     except (OSError, ValueError) as e:
@@ -488,7 +503,7 @@ def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
     counts, and the mask's (width, height). 8-bit and RGB masks are counted by Pillow's own histogram, without
     a pixel array: counting a split's masks before training costs little more than decoding them."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, what="mask") as im:
             if not colour and im.mode in ("L", "P"):
                 hist = np.array(im.histogram(), np.int64)
                 values = np.flatnonzero(hist)
@@ -508,7 +523,7 @@ def mask_values(path: Path, colour: bool = False) -> tuple[np.ndarray, np.ndarra
 def is_colour_mask(path: Path) -> bool:
     """An RGB mask whose channels differ (for a lossy one: by more than LOSSY_TOLERANCE in over 1% of pixels)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, what="mask") as im:
             if im.mode not in ("RGB", "RGBA"):
                 return False
             rgb = np.asarray(im.convert("RGB")).astype(np.int16)
@@ -1573,11 +1588,97 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def number(kind: type, least: float, most: float = math.inf, above: bool = False, below: bool = False
+           ) -> Callable[[str], int | float]:
+    """A parser type: a flag's value as `kind` (int or float) from `least` to `most` (above, below: excluding
+    them), refused when the flags are parsed, so that no run starts, or fails hours in, on a value that means
+    nothing."""
+    whole = "a whole number" if kind is int else "a number"
+    bounds = f"over {least:g}" if above else f"{least:g} or more"
+    bounds += f" and {'below' if below else 'at most'} {most:g}" if most < math.inf else ""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {whole} {bounds}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > least if above else value >= least)
+                and (value < most if below else value <= most)):
+            raise argparse.ArgumentTypeError(f"expected {whole} {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {bounds}"
+    return parse
+
+
+POSITIVE_INT, COUNT = number(int, 0, above=True), number(int, 0)  # COUNT: 0 allowed (0 workers, no patience)
+POSITIVE, NON_NEGATIVE = number(float, 0, above=True), number(float, 0)
+
+
+class HeightWidth(argparse.Action):
+    """`--crop 512` (a square) or `--crop 512 1024` (H W): one or two values, each checked by the flag's type."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list,
+                 option_string: str | None = None) -> None:
+        if len(values) > 2 or ("off" in values and len(values) > 1):
+            parser.error(f"argument {option_string}: takes H W or one size, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
+
+
+class Ascending(argparse.Action):
+    """`--scale MIN MAX`: MIN no more than MAX."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list,
+                 option_string: str | None = None) -> None:
+        if values[0] > values[1]:
+            parser.error(f"argument {option_string}: MIN {values[0]:g} is above MAX {values[1]:g}")
+        setattr(namespace, self.dest, values)
+
+
 def one_line(error: Exception) -> str:
     """The message of an error as one line. An error raised in a DataLoader worker reaches the main process
     wrapped with the worker's traceback; its own message is the last line there."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return lines[-1].split(": ", 1)[1] if "Traceback" in str(error) and ": " in lines[-1] else lines[-1]
+
+
+def cannot_write(path: Path, error: BaseException) -> DatasetError:
+    """The one line for a file that cannot be written; a full disk is named as such (torch.save reports it as a
+    failed write, with no reason)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < FULL_DISK):
+        why = "no space left on device" + (f" ({free / 2**20:.0f} MiB free)" if free is not None else "")
+    else:
+        why = getattr(error, "strerror", None) or one_line(error)
+    return DatasetError(f"cannot write {path}: {why}")
+
+
+def writable_folder(path: Path, flag: str, named: Path | None = None) -> Path:
+    """`path`, checked to be a folder this process can write into, or one it can make (nothing is made here):
+    checked before any work is done, so that a run does not fail at its first write, an hour in. The message
+    names the flag's own value, `named` (a file in `path`) where given."""
+    named = named or path
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor or "."))
+    if not existing.is_dir():
+        raise DatasetError(f"{flag} {named} is no folder" if existing == named else
+                           f"{flag} {named}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DatasetError(f"{flag} {named}: cannot write in {existing} ({e.strerror or e})") from None
+    return path
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """`path`, checked to be a file this process can write (in a folder that is, or can be made)."""
+    if path.is_dir():
+        raise DatasetError(f"{flag} {path} is a folder; give a file name")
+    writable_folder(path.parent, flag, path)
+    return path
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -1592,16 +1693,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mask-encoding", default="auto", choices=ENCODINGS, help="how masks hold classes (default: detect)"
     )
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes (ids 0..N-1)")
+    parser.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="number of classes (ids 0..N-1)")
     parser.add_argument(
         "--class-names", type=lambda s: [n.strip() for n in s.split(",")], default=None, help="comma-separated names"
     )
     parser.add_argument(
-        "--val-fraction", type=float, default=None, metavar="F",
+        "--val-fraction", type=number(float, 0, 1, above=True, below=True), default=None, metavar="F",
         help=f"data without a validation split: hold out this share of the training images as val (default "
         f"{DEFAULT_VAL_FRACTION}, chosen by a hash of each file name)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (also picks the demo data)")
+    parser.add_argument("--seed", type=COUNT, default=0, help="random seed (also picks the demo data)")
+    parser.add_argument(
+        "--max-pixels", type=POSITIVE_INT, default=PIXEL_LIMIT, metavar="N",
+        help=f"refuse an image or mask of more pixels, as a decompression bomb (default: Pillow's {PIXEL_LIMIT:,})",
+    )
     parser.add_argument(
         "--cache", action="store_true", help="decode each split once into uint8 files under ~/.cache/deeplab_decoded"
     )
@@ -1609,13 +1714,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_transform_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the training transforms, shared by train_deeplab.py and `dataset.py --benchmark`."""
-    parser.add_argument(
-        "--size", type=int, nargs="+", default=None, metavar="H W", help="resize to H W (default: keep)"
-    )
-    parser.add_argument(
-        "--crop", type=int, nargs="+", default=None, metavar="H W", help="random crop (one value: square)"
-    )
-    parser.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="random scale range")
+    parser.add_argument("--size", type=POSITIVE_INT, nargs="+", action=HeightWidth, default=None, metavar="H W",
+                        help="resize to H W (default: keep)")
+    parser.add_argument("--crop", type=POSITIVE_INT, nargs="+", action=HeightWidth, default=None, metavar="H W",
+                        help="random crop (one value: square)")
+    parser.add_argument("--scale", type=POSITIVE, nargs=2, action=Ascending, default=None, metavar=("MIN", "MAX"),
+                        help="random scale range")
     parser.add_argument("--augment", action="store_true", help="colour jitter")
 
 
@@ -1635,6 +1739,7 @@ def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfi
 
 
 def main(args: argparse.Namespace) -> None:
+    set_pixel_limit(args.max_pixels)
     try:
         options = ClassOptions.from_args(args)
         if args.check or args.write_classes:
@@ -1658,6 +1763,9 @@ def main(args: argparse.Namespace) -> None:
             print(f"ratio: {ours / reference:.2f}")
     except DatasetError as e:
         sys.exit(f"error: {one_line(e)}")
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -1669,7 +1777,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="train", help="split to read (train, val, ...)")
     parser.add_argument("--stats", action="store_true", help="print per-class pixel counts and suggested weights")
-    parser.add_argument("--benchmark", type=int, default=None, metavar="N", help="time N training samples")
+    parser.add_argument("--benchmark", type=POSITIVE_INT, default=None, metavar="N", help="time N training samples")
     add_transform_args(parser)
     return parser
 

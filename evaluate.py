@@ -35,19 +35,30 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from annotations import LABEL_STUDIO_LOCAL_FILES, PRE_LABEL_WRITERS
+from annotations import (
+    LABEL_STUDIO_LOCAL_FILES,
+    PRE_LABEL_WRITERS,
+    pixel_limit_for_workers,
+    read_json,
+    set_pixel_limit,
+)
 from dataset import (
+    COUNT,
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NON_NEGATIVE,
+    POSITIVE_INT,
     ArgumentParser,
     ClassMap,
     DatasetError,
+    HeightWidth,
     SegmentationDataset,
     TransformConfig,
     add_data_args,
     build_dataset,
+    cannot_write,
     collate,
     hw_pair,
     image_size,
@@ -55,6 +66,8 @@ from dataset import (
     one_line,
     read_image,
     resize_image,
+    writable_file,
+    writable_folder,
 )
 from models import (
     ARCHS,
@@ -573,7 +586,7 @@ def predicted_images(
     same-size batches; the logits are resized to each image's own size first."""
     sizes = [size or image_size(path)[::-1] for path in files]
     loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, batch_size),
-                        num_workers=workers, collate_fn=stack_batch)
+                        num_workers=workers, collate_fn=stack_batch, worker_init_fn=pixel_limit_for_workers())
     device = device_of(model)
     model.eval()
     for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
@@ -692,7 +705,8 @@ def evaluate_dataset(
     pixel accuracy, per-class IoU, precision, recall and share), and the per-image confusion matrices [N, C, C]
     that paired comparisons resample. With `pictures`, each image's prediction files are written there."""
     device = device_of(model)
-    loader = DataLoader(dataset, batch_size=1 if pictures else batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=1 if pictures else batch_size, num_workers=workers, collate_fn=collate,
+                        worker_init_fn=pixel_limit_for_workers())
     on_batch = picture_writer(pictures, dataset, save_probs, label_ids) if pictures else None
     result = evaluate(model, loader, None, device, dataset.class_map.num_classes, amp_dtype_for(options.amp, device),
                       options.tta, options.window, options.window_stride, on_batch)
@@ -1021,14 +1035,24 @@ def read_run(run_dir: Path) -> dict:
     log = run_dir / "log.csv"
     try:
         with open(log, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
     except OSError as e:
         raise DatasetError(f"cannot read {log}: {e.strerror}") from None
     if not rows:
         raise DatasetError(f"{log} holds no epochs")
-    columns = {name: np.array([float(r[name]) if r.get(name) else math.nan for r in rows]) for name in rows[0]}
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    return {"name": run_dir.name, "columns": columns, "meta": meta}
+    for line, row in enumerate(rows, 2):
+        try:
+            if None in row or None in row.values():  # csv.DictReader's marks of a row too long or too short
+                cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                raise ValueError(f"{cells} cells where the header has {len(header)}")
+            cells = {name: float(value) if value else math.nan for name, value in row.items()}
+        except ValueError as e:
+            raise DatasetError(f"{log}, line {line}: not a row as train_deeplab.py writes it ({e})") from None
+        rows[line - 2] = cells
+    columns = {name: np.array([r[name] for r in rows]) for name in rows[0]}
+    meta, _ = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else ({}, b"")
+    return {"name": run_dir.name, "columns": columns, "meta": meta if isinstance(meta, dict) else {}}
 
 
 def class_names_of(runs: list[dict]) -> list[str]:
@@ -1413,6 +1437,8 @@ def print_runtime_rows(models: Iterator[tuple[str, nn.Module]], size: tuple[int,
 
 # ---- command line: each mode a thin layer over the functions above --------------------------------------------------
 
+REPORT, PREDICTIONS = Path("report"), Path("predictions")  # where --compare and --predict write without a flag
+
 
 def eval_size(size: list | None, trained: list | None) -> tuple[int, int] | None:
     """--size H W, or `--size off` (each image as it is), or else the size the checkpoint was trained at."""
@@ -1464,7 +1490,7 @@ def compare_command(args: argparse.Namespace, dataset: SegmentationDataset, resu
 
 def predict_command(args: argparse.Namespace, model: nn.Module, class_map: ClassMap, size: tuple[int, int] | None,
                     checkpoint: dict | None = None) -> dict:
-    out = args.out or args.save_predictions or Path("predictions")
+    out = args.out or args.save_predictions or PREDICTIONS
     return predict_images(model, args.predict, out, class_map, size=size, recursive=args.recursive,
                           options=inference_options(args), batch_size=args.batch_size, workers=args.workers,
                           save_probs=args.save_probs, label_ids=args.label_ids,
@@ -1562,10 +1588,25 @@ def benchmark_command(args: argparse.Namespace) -> None:
                         args.train)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path the command is to write, checked before any work: a folder where a folder goes, a file where a
+    file goes, and somewhere this process may write."""
+    folders = {"--save-predictions": args.save_predictions, "--report": args.report or (args.compare and REPORT),
+               "--out": args.predict and (args.out or args.save_predictions or PREDICTIONS)}
+    for flag, path in folders.items():
+        if path:
+            writable_folder(path, flag)
+    for flag, path in {"--json": args.json, "--confusion": args.confusion, "--export-onnx": args.export_onnx}.items():
+        if path:
+            writable_file(path, flag)
+
+
 def main(args: argparse.Namespace) -> None:
+    set_pixel_limit(args.max_pixels)
     try:
+        check_outputs(args)
         if args.compare:
-            report = args.report or Path("report")
+            report = args.report or REPORT
             files = compare_runs(args.compare, report, args.bootstrap, args.seed)
             print(f"wrote {len(files)} files to {report}: {', '.join(f.name for f in files)}")
         elif args.benchmark:
@@ -1581,6 +1622,11 @@ def main(args: argparse.Namespace) -> None:
                      "--compare RUN... (report) or --predict with --onnx")
     except (DatasetError, ModelError) as e:
         sys.exit(f"error: {one_line(e)}")
+    except OSError as e:  # a write that failed after the checks above passed: a full disk, a folder removed
+        sys.exit(f"error: {one_line(cannot_write(Path(e.filename or '.'), e))}")
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
 def pre_label_formats(text: str) -> tuple[str, ...]:
@@ -1592,37 +1638,29 @@ def pre_label_formats(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(formats))
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
 def size_value(text: str) -> int | str:
-    return text if text == "off" else int(text)
+    return text if text == "off" else POSITIVE_INT(text)
 
 
 def add_inference_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--size", type=size_value, nargs="+", default=None,
+    group.add_argument("--size", type=size_value, nargs="+", action=HeightWidth, default=None,
                        help="resize to H W, or off (default: as trained)")
-    group.add_argument("--batch-size", type=int, default=4)
-    group.add_argument("--workers", type=int, default=2)
+    group.add_argument("--batch-size", type=POSITIVE_INT, default=4)
+    group.add_argument("--workers", type=COUNT, default=2)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group.add_argument("--amp", default="off", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
     group.add_argument("--tta", default="none", choices=tuple(TTA_SCALES),
                        help="flip, or ms: scales 0.75/1/1.25 + flip")
-    group.add_argument("--sliding-window", type=int, nargs="+", default=None, metavar="H W", help="predict by windows")
-    group.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: half a window)")
+    group.add_argument("--sliding-window", type=POSITIVE_INT, nargs="+", action=HeightWidth, default=None,
+                       metavar="H W", help="predict by windows")
+    group.add_argument("--stride", type=POSITIVE_INT, default=None,
+                       help="sliding-window stride (default: half a window)")
     group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                        help="memory format (auto: channels_last where measured faster for the arch and device)")
 
 
 def add_output_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CI of mIoU")
+    group.add_argument("--bootstrap", type=COUNT, default=1000, help="resamples for the 95%% CI of mIoU")
     group.add_argument("--compare-checkpoint", type=Path, default=None, help="paired bootstrap against this model")
     group.add_argument("--confusion", type=Path, default=None, help="write the row-normalised confusion matrix PNG")
     group.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
@@ -1636,7 +1674,7 @@ def add_output_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--pre-label", type=pre_label_formats, default=(), metavar="FORMATS",
                        help=f"--predict: also write the predictions for the tools to import, in OUT/FORMAT/: any of "
                        f"{','.join(PRE_LABEL_WRITERS)} (comma-separated), or all")
-    group.add_argument("--select", type=positive_int, default=None, metavar="N",
+    group.add_argument("--select", type=POSITIVE_INT, default=None, metavar="N",
                        help="--predict: write the files of the N images most worth labelling (ranking.csv) only")
     group.add_argument("--image-url", default=LABEL_STUDIO_LOCAL_FILES, metavar="PREFIX",
                        help="--pre-label label-studio: each task's image URL is PREFIX then images/NAME (default: "
@@ -1656,9 +1694,10 @@ def add_benchmark_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--compile", action="store_true", help="--benchmark a torch.compile'd model")
     group.add_argument("--runtimes", action="store_true",
                        help="--benchmark CPU latency: eager, channels_last, ONNX Runtime")
-    group.add_argument("--warmup", type=int, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
-    group.add_argument("--runs", type=int, default=None, help="--benchmark timed passes at most (CUDA 10, CPU 3)")
-    group.add_argument("--time-limit", type=float, default=None, metavar="S",
+    group.add_argument("--warmup", type=COUNT, default=None, help="--benchmark passes before timing (CUDA 3, CPU 1)")
+    group.add_argument("--runs", type=POSITIVE_INT, default=None,
+                       help="--benchmark timed passes at most (CUDA 10, CPU 3)")
+    group.add_argument("--time-limit", type=NON_NEGATIVE, default=None, metavar="S",
                        help="stop timing after S s (CPU 30; 0: never)")
 
 
@@ -1677,7 +1716,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     report.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="write DIR/index.html: with --checkpoint where the model fails, with --compare the runs "
                         "side by side (default for --compare: report)")
-    report.add_argument("--report-images", type=int, default=12, metavar="N",
+    report.add_argument("--report-images", type=COUNT, default=12, metavar="N",
                         help="--report: the N worst images by mIoU (and a few of the best)")
     add_benchmark_args(parser.add_argument_group("benchmarks"))
     return parser

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import IGNORE_INDEX, ArgumentParser
+from dataset import IGNORE_INDEX, POSITIVE_INT, ArgumentParser
 
 # ---- the losses: forward(logits [B, C, H, W], target [B, H, W]) -> a scalar; IGNORE_INDEX pixels count nowhere -------
 
@@ -306,10 +306,10 @@ def main(args: argparse.Namespace) -> None:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Time the segmentation losses", add_help=add_help)
     parser.add_argument("--benchmark", action="store_true", help="time forward+backward of every loss")
-    parser.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--size", type=POSITIVE_INT, nargs=2, default=[256, 512], metavar=("H", "W"))
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=2)
+    parser.add_argument("--num-classes", type=POSITIVE_INT, default=19)
+    parser.add_argument("--runs", type=POSITIVE_INT, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 

@@ -27,8 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from annotations import link_or_copy, pixel_limit_for_workers, set_pixel_limit
 from dataset import (
     CLASS_WEIGHT_RULE,
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
     ArgumentParser,
     ClassMap,
     ClassOptions,
@@ -38,15 +43,18 @@ from dataset import (
     SplitStats,
     add_data_args,
     add_transform_args,
+    cannot_write,
     check_trainable,
     class_weights,
     collate,
     normalize,
+    number,
     one_line,
     open_data,
     split_dataset,
     split_statistics,
     transform_from_args,
+    writable_folder,
 )
 from evaluate import (
     ConfusionMatrix,
@@ -287,7 +295,8 @@ def build_loaders(
             "DeepLabV3 needs --batch-size 2 or more (its ASPP pooling branch has BatchNorm over the batch)"
         )
     pin = args.device.startswith("cuda")
-    common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0)
+    common = dict(num_workers=args.workers, pin_memory=pin, collate_fn=collate, persistent_workers=args.workers > 0,
+                  worker_init_fn=pixel_limit_for_workers())
     # loaders draw their workers' base seeds from their own generator, not from the global one that dropout uses:
     # otherwise when a loader (re)starts would change the dropout masks, and a resumed run would differ
     common["generator"] = torch.Generator().manual_seed(args.seed)
@@ -303,9 +312,11 @@ def build_loaders(
     return train_set, train_loader, val_loader
 
 
-def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset, say: Callable) -> SplitStats:
-    """Count every pixel of the training masks once, before the first epoch: refuse data that would train wrongly
-    (at most one class present, binary masks read with 255 as ignore, unreadable masks), and warn in one line each
+def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset, val_set: SegmentationDataset,
+                        say: Callable) -> SplitStats:
+    """Count every pixel of the training and validation masks once, before the first epoch: refuse data that would
+    train wrongly (at most one class present, binary masks read with 255 as ignore, unreadable masks, a validation
+    split with no labelled pixel, whose mIoU is nan and which never saves a best.pth), and warn in one line each
     about classes that never appear, values outside the class table and lossy masks."""
     class_map = train_set.class_map
     for line in train_set.about:
@@ -316,6 +327,13 @@ def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset
     stats = split_statistics(train_set.pairs, class_map, f"checking {args.train_split} masks")
     for warning in check_trainable(stats, class_map, where, train_set.pairs):
         say(f"warning: {warning}")
+    val = split_statistics(val_set.pairs, class_map, f"checking {args.val_split} masks")
+    where = f"split {args.val_split} of {args.data or 'the demo data'}"
+    if val.unreadable:
+        raise DatasetError(val.unreadable_line(where))
+    if not val.pixels.any():
+        raise DatasetError(f"every pixel of the {len(val_set)} masks of {where} is ignored ({val.ignored:,} pixels): "
+                           "there is nothing to validate on, so no epoch could be judged and no best.pth saved")
     train_set.reported_unknown = True  # said once here, not again by every DataLoader worker
     return stats
 
@@ -425,19 +443,20 @@ class Run:
 def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
     """Data (checked before the first epoch), loss, model (new, from a checkpoint, or resumed) and optimiser."""
     resolve_defaults(args, checkpoint or resumed)
+    set_pixel_limit(args.max_pixels)
     rank, world, device = setup_device(args)
     say = print if rank == 0 else lambda *a, **k: None
     say(args)
     seed_everything(args.seed)
     out = args.out = Path(args.out or RUNS / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "log.csv").exists() and resumed is None:  # never overwrite a user's run
-        sys.exit(f"error: --out {out} already holds a run (log.csv); choose another --out, or --resume {out}/last.pth")
+    if resumed is None:
+        check_out(out)
     power_changes, loss_changes = parse_power_changes(args.poly_power_at), parse_loss_changes(args.loss_at)
     # a resumed run reads its masks exactly as before; every other run resolves its flags against the masks
     resumed_map = resumed.get("class_map") if resumed else None
     classes = ClassMap.from_dict(resumed_map) if resumed_map else ClassOptions.from_args(args)
     train_set, train_loader, val_loader = build_loaders(args, rank, world, classes)
-    stats = check_training_data(args, train_set, say)
+    stats = check_training_data(args, train_set, val_loader.dataset, say)
     class_map = train_set.class_map
     weights = load_class_weights(args, class_map.names, stats.pixels, say)
     make_loss = lambda spec: build_loss(spec, class_map.num_classes, class_weights=weights).to(device)  # noqa: E731
@@ -461,12 +480,28 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def check_out(out: Path) -> None:
+    """Before any work: never overwrite a run (a log or a checkpoint there is refused, saying how to go on), and
+    `out` must be a folder this process can write into."""
+    held = [name for name in ("log.csv", "last.pth", "best.pth") if (out / name).exists()]
+    if (out / "last.pth").exists():
+        raise DatasetError(f"--out {out} already holds a run ({', '.join(held)}); continue it with --resume "
+                           f"{out / 'last.pth'}, or choose another --out")
+    if held:
+        raise DatasetError(f"--out {out} holds {' and '.join(held)} of an earlier run but no last.pth to resume "
+                           "from; choose another --out, or move those files away to start again there")
+    writable_folder(out, "--out")
+
+
 def write_run_info(out: Path, args: argparse.Namespace, class_names: list[str], model: nn.Module) -> None:
     """run.json: what `evaluate.py --compare` needs besides log.csv (class names, parameter counts)."""
     trainable, total = count_params(model)
     info = {"class_names": class_names, "trainable_params": trainable, "total_params": total,
             "aux_params": aux_params(model), "args": plain_args(args)}
-    (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    try:
+        (out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    except OSError as e:
+        raise cannot_write(out / "run.json", e) from None
 
 
 def csv_header(num_classes: int) -> list[str]:
@@ -478,42 +513,78 @@ def csv_header(num_classes: int) -> list[str]:
     )
 
 
-def truncate_log(log: Path, last_epoch: int) -> None:
-    """Keep the rows of the epochs up to `last_epoch`: a run killed after writing a row but before saving that
-    epoch's checkpoint repeats the epoch on resume, and must not log it twice."""
-    with open(log, newline="") as f:
-        rows = list(csv.reader(f))
+def log_row(epoch: int, lr: float, train_m: dict, val_m: dict, runtime: float) -> list[str]:
+    metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
+    row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
+    return [str(epoch), *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"]
+
+
+def append_log(log: Path, row: list[str], num_classes: int) -> None:
+    """An epoch's row, written after its checkpoint (which holds the row too), and the header with the first."""
+    try:
+        with open(log, "a", newline="") as f:
+            if f.tell() == 0:
+                csv.writer(f).writerow(csv_header(num_classes))
+            csv.writer(f).writerow(row)
+    except OSError as e:
+        raise cannot_write(log, e) from None
+
+
+def restore_log(log: Path, resumed: dict, num_classes: int) -> None:
+    """log.csv as of a resumed checkpoint's epoch: rows of later epochs (whose checkpoint was never written) and a
+    row a kill cut short are dropped, and the checkpoint's own row is put back where a kill came between the
+    checkpoint and its row."""
+    header, epoch = csv_header(num_classes), resumed["epoch"]
+    try:
+        with open(log, newline="") as f:
+            rows = [r for r in csv.reader(f) if len(r) == len(header) and r[0].isdigit()]
+    except FileNotFoundError:
+        rows = []
+    kept = [r for r in rows if int(r[0]) < epoch] + ([resumed["log_row"]] if "log_row" in resumed else
+                                                      [r for r in rows if int(r[0]) == epoch])
     tmp = log.with_name(log.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= last_epoch)])
-    os.replace(tmp, log)
+    try:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header, *kept])
+        os.replace(tmp, log)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(log, e) from None
 
 
-def start_log(run: Run, resumed: bool) -> None:
-    """run.json and the log's header (or, resumed, the log cut back to the checkpoint's epoch)."""
+def start_log(run: Run, resumed: dict | None) -> None:
+    """run.json (and, resumed, the log as of the checkpoint's epoch); the log itself starts with the first row."""
     if run.rank != 0:
         return
     run.out.mkdir(parents=True, exist_ok=True)
     write_run_info(run.out, run.args, list(run.class_map.names), run.model)
-    if resumed:
-        truncate_log(run.out / "log.csv", run.first_epoch - 1)
-    else:
-        with open(run.out / "log.csv", "w", newline="") as f:
-            csv.writer(f).writerow(csv_header(run.class_map.num_classes))
+    if resumed is not None:
+        restore_log(run.out / "log.csv", resumed, run.class_map.num_classes)
 
 
-def append_log(log: Path, epoch: int, lr: float, train_m: dict, val_m: dict, runtime: float) -> None:
-    metrics = [train_m["loss"], val_m["loss"], train_m["miou"], val_m["miou"], val_m["pixel_acc"]]
-    row = [lr, *metrics, *train_m["iou"], *val_m["iou"]]
-    with open(log, "a", newline="") as f:
-        csv.writer(f).writerow([epoch, *(f"{v:.6g}" for v in row), f"{runtime:.2f}", f"{train_m['data_wait']:.4f}"])
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def write_checkpoints(state: dict, out: Path, best: bool) -> None:
+    """OUT/last.pth, and OUT/best.pth when `best`, so that a kill at any instant leaves both recoverable: the state
+    is written once to a temporary file, which becomes best.pth first (a hard link, or a copy), then last.pth (a
+    rename). Killed before last.pth, the run resumes from the epoch before and repeats this one, while best.pth
+    is this epoch's or the one before's, never neither. A failed write (a full disk) removes the temporary files
+    and leaves the previous checkpoints whole."""
+    last, best_path = out / "last.pth", out / "best.pth"
+    temps = (out / "last.pth.tmp", out / "best.pth.tmp")
+    try:
+        for tmp in temps:  # a kill's leftovers: one may be a hard link of the other
+            tmp.unlink(missing_ok=True)
+        torch.save(state, temps[0])
+        if best:
+            link_or_copy(temps[0], temps[1])
+            os.replace(temps[1], best_path)
+        os.replace(temps[0], last)
+    except BaseException as e:  # a full disk, or Ctrl-C: no temporary file is left behind
+        error = cannot_write(best_path if best and not best_path.exists() else last, e)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise error from None
+        raise
 
 
 def rng_state(device: torch.device) -> dict:
@@ -521,10 +592,10 @@ def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
 
 
-def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor) -> None:
-    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map, and the
-    epoch's validation reliability counts (evaluate.reliability_counts), from which `evaluate.py --predict`
-    estimates how often each image's pixels are wrong."""
+def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor, row: list[str]) -> None:
+    """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map, the
+    epoch's log.csv row, and its validation reliability counts (evaluate.reliability_counts), from which
+    `evaluate.py --predict` estimates how often each image's pixels are wrong."""
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -539,10 +610,9 @@ def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor) ->
         "epochs_since_best": run.since_best,
         "rng": rng_state(run.device),
         "val_reliability": val_reliability,
+        "log_row": row,
     }
-    save_atomic(state, run.out / "last.pth")
-    if improved:
-        save_atomic(state, run.out / "best.pth")
+    write_checkpoints(state, run.out, improved)
 
 
 def restore(run: Run, resumed: dict) -> None:
@@ -752,10 +822,11 @@ def train_epochs(run: Run) -> float:
         run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
         improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
         run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
-        if run.rank == 0:
-            append_log(run.out / "log.csv", epoch, lr, train_m, val_m, runtime)
+        if run.rank == 0:  # the checkpoint first: a kill between the two loses the row, which --resume puts back
+            row = log_row(epoch, lr, train_m, val_m, runtime)
+            save(run, epoch, improved, val_m["reliability"], row)
+            append_log(run.out / "log.csv", row, run.class_map.num_classes)
             log_epoch(run, epoch, train_m, val_m, lr, runtime)
-            save(run, epoch, improved, val_m["reliability"])
         if improved:
             run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
         else:
@@ -781,7 +852,7 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
         f"classes {run.class_map.num_classes} | trainable params {count_params(run.model)[0]}{aux_note(run.model)} | "
         f"out {run.out}"
     )
-    start_log(run, resumed is not None)
+    start_log(run, resumed)
     if resumed is not None:
         run.say(f"Resuming at epoch {run.first_epoch} of {args.epochs}")
     try:
@@ -798,7 +869,7 @@ def add_model_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
     group.add_argument("--output-stride", type=int, default=None, choices=(8, 16),
                        help="ResNet DeepLabV3/V3+ only (default: 8 for DeepLabV3, 16 for DeepLabV3+)")
-    group.add_argument("--aux-loss", type=float, default=0.0, metavar="WEIGHT",
+    group.add_argument("--aux-loss", type=NON_NEGATIVE, default=0.0, metavar="WEIGHT",
                        help="train an auxiliary FCN head on intermediate features, its loss x WEIGHT (torchvision 0.5)")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                        help="ImageNet backbone weights (default: on with --data, off for the demo and with --init)")
@@ -810,27 +881,29 @@ def add_model_args(group: argparse._ArgumentGroup) -> None:
 def add_optimisation_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--loss", default=None, help=f"loss spec, e.g. ce, ce:0.7,dice:0.3 ({recipe_help('loss')})")
     group.add_argument("--class-weights", default="none", help="CE class weights: none, auto or a file of numbers")
-    group.add_argument("--downsample-gt", type=int, default=None, metavar="N",
+    group.add_argument("--downsample-gt", type=POSITIVE_INT, default=None, metavar="N",
                        help="loss at 1/N resolution (N: output stride)")
     group.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=recipe_help("optimizer"))
-    group.add_argument("--lr", type=float, default=None, help=f"base (backbone) lr ({recipe_help('lr')})")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
-    group.add_argument("--head-lr-mult", type=float, default=None,
+    group.add_argument("--lr", type=NON_NEGATIVE, default=None, help=f"base (backbone) lr ({recipe_help('lr')})")
+    group.add_argument("--momentum", type=number(float, 0, 1), default=0.9)
+    group.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help=recipe_help("weight_decay"))
+    group.add_argument("--head-lr-mult", type=POSITIVE, default=None,
                        help=f"head lr multiplier ({recipe_help('head_lr_mult')})")
-    group.add_argument("--lr-backbone", type=float, default=None, help="backbone lr, head keeps --lr (default: --lr)")
-    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--lr-backbone", type=NON_NEGATIVE, default=None,
+                       help="backbone lr, head keeps --lr (default: --lr)")
+    group.add_argument("--batch-size", type=POSITIVE_INT, default=8)
 
 
 def add_schedule_args(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--epochs", type=int, default=16)
-    group.add_argument("--poly-power", type=float, default=0.9, help="lr = base * (1 - it/max_it)^power")
-    group.add_argument("--warmup-steps", type=int, default=0, help="linear warmup iterations")
+    group.add_argument("--epochs", type=POSITIVE_INT, default=16)
+    group.add_argument("--poly-power", type=NON_NEGATIVE, default=0.9, help="lr = base * (1 - it/max_it)^power")
+    group.add_argument("--warmup-steps", type=COUNT, default=0, help="linear warmup iterations")
     group.add_argument("--poly-power-at", default=None, metavar="E:P,...", help="poly power P from epoch E on")
     group.add_argument("--loss-at", action="append", default=None, metavar="E:SPEC",
                        help="loss SPEC from epoch E on (repeatable)")
-    group.add_argument("--freeze-at-epoch", type=int, default=None, help="freeze the backbone from this epoch on")
-    group.add_argument("--patience", type=int, default=5,
+    group.add_argument("--freeze-at-epoch", type=POSITIVE_INT, default=None,
+                       help="freeze the backbone from this epoch on")
+    group.add_argument("--patience", type=COUNT, default=5,
                        help="early stopping after this many epochs without gain (0: off)")
 
 
@@ -838,7 +911,7 @@ def add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")
     group.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--workers", type=int, default=2)
+    group.add_argument("--workers", type=COUNT, default=2)
     group.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
     group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                        help="memory format (auto: channels_last where measured faster for the arch and device)")
@@ -878,15 +951,29 @@ def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
     return args, None, state
 
 
+def interrupted(args: argparse.Namespace | None) -> str:
+    """The line for Ctrl-C: what was kept, and the command that goes on from it."""
+    out = Path(args.out) if args is not None and args.out else None
+    if out is None or not (out / "last.pth").exists():
+        return "interrupted before any epoch was saved: nothing to resume"
+    script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_deeplab.py"
+    return f"interrupted; the last finished epoch is in {out / 'last.pth'}: python {script} --resume {out / 'last.pth'}"
+
+
 def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None]]) -> None:
     """prepare() train()'s arguments (args, a checkpoint to fine-tune, a checkpoint to resume), then train; every
     failure a user can cause ends in one line and a non-zero exit, with no traceback."""
+    args = None
     try:
-        train(*prepare())
+        args, checkpoint, resumed = prepare()
+        train(args, checkpoint, resumed)
     except (DatasetError, ModelError, LossSpecError, NonFiniteLoss) as e:
         sys.exit(f"error: {one_line(e)}")
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: CUDA ran out of memory; try a smaller --batch-size or --crop")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{interrupted(args)}\n")
+        sys.exit(130)  # the shell's status for a process stopped by Ctrl-C
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,3 +1,5 @@
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,14 @@ def counts_of(masks: list[np.ndarray], values: list[int]) -> list[int]:
 def save_rgb(path: Path, shape: tuple[int, int], seed: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)).save(path)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height RGB pixels, followed by almost no data: a decompression bomb's
+    shape (a real 20000 x 20000 one is 1.2 MB), which nothing may decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))

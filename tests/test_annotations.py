@@ -973,3 +973,132 @@ def test_brush_rle_of_a_mask_decodes_back_and_declares_its_size():
         rle = encode_brush_rle(bits)  # the 300x400 mask is one run of 480,000 bytes: split into runs of 2^16
         assert int.from_bytes(bytes(rle[:4]), "big") == bits.size * 4
         assert np.array_equal(decode_brush_rle(rle, *bits.shape), bits)
+
+
+# ---- bad COCO files: refused in one line before anything is rasterised ----
+
+
+def small_coco(root: Path, mutate: Callable[[dict], None] = lambda document: None) -> Path:
+    """Label Studio's COCO layout: one 12x16 image with a car rectangle and a road rectangle, changed by `mutate`."""
+    save_rgb(root / "images" / "a.jpg", (12, 16))
+    save_rgb(root / "images" / "b.jpg", (12, 16), 1)
+    document = {"images": [{"id": 1, "file_name": "images/a.jpg", "width": 16, "height": 12},
+                           {"id": 2, "file_name": "images/b.jpg", "width": 16, "height": 12}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rectangle(0, 0, 8, 6)},
+                                {"id": 2, "image_id": 2, "category_id": 2, "segmentation": rectangle(4, 4, 16, 12)}],
+                "categories": [{"id": 1, "name": "car"}, {"id": 2, "name": "road"}]}
+    mutate(document)
+    (root / "result.json").write_text(json.dumps(document))
+    return root
+
+
+def set_in(path: tuple, value: object) -> Callable[[dict], None]:
+    def mutate(document: dict) -> None:
+        *parents, last = path
+        target = document
+        for key in parents:
+            target = target[key]
+        target[last] = value
+    return mutate
+
+
+BAD_COCO = {
+    "two categories of one id": (set_in(("categories", 1, "id"), 1), "two categories have the id 1"),
+    "two images of one id": (set_in(("images", 1, "id"), 1), "two images have the id 1"),
+    "a width that is a string": (set_in(("images", 0, "width"), "16"), "image 1 has width 16 and height 12"),
+    "a declared size not the file's": (set_in(("images", 0, "width"), 30000),
+                                        "declares 30000x12 pixels, but"),
+    "a polygon of strings": (set_in(("annotations", 0, "segmentation"), [["a", "b", "c", "d", "e", "f"]]),
+                             "annotation 1 has a polygon that is no list of x, y numbers"),
+    "a polygon with a NaN": (set_in(("annotations", 0, "segmentation"), [[0, 0, 4, 0, 4, float("nan")]]),
+                             "annotation 1 has a polygon"),
+    "garbage RLE counts": (set_in(("annotations", 0, "segmentation"), {"size": [12, 16], "counts": "zz}~garbage"}),
+                           "annotation 1 has RLE counts that are no mask of 12x16 pixels"),
+    "RLE runs past the image": (set_in(("annotations", 0, "segmentation"), {"size": [12, 16], "counts": [100000]}),
+                                "annotation 1 has RLE counts"),
+    "negative RLE runs": (set_in(("annotations", 0, "segmentation"), {"size": [12, 16], "counts": [200, -8]}),
+                          "annotation 1 has RLE counts"),
+    "an RLE of another size": (set_in(("annotations", 0, "segmentation"), {"size": [6, 8], "counts": [48]}),
+                               "is an RLE of size [6, 8], but its image is 12x16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_COCO)
+def test_a_bad_coco_file_is_refused_in_one_line_before_rasterising(tmp_path, case, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mutate, needle = BAD_COCO[case]
+    message = run_cli(["--data", str(small_coco(tmp_path / "export", mutate)), "--check"])
+    assert needle in message, message
+    assert not list((tmp_path / "cache").rglob("*.png"))  # nothing was rasterised
+
+
+def test_a_coco_file_nested_deeper_than_python_recurses_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = small_coco(tmp_path / "export")
+    deep = "[" * 200_000 + "]" * 200_000
+    (root / "result.json").write_text(json.dumps(json.loads((root / "result.json").read_text()))
+                                      .replace('"segmentation": [[0, 0, 8', f'"x": {deep}, "segmentation": [[0, 0, 8'))
+    assert "cannot read" in run_cli(["--data", str(root), "--check"])
+
+
+def test_coco_image_ids_of_any_json_type_train_and_write_nothing_outside_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    escape, absolute = "../../../../escape", str(tmp_path / "absolute")
+
+    def ids(document: dict) -> None:
+        for image, ann, new in zip(document["images"], document["annotations"], (escape, absolute)):
+            image["id"] = ann["image_id"] = new
+
+    root = small_coco(tmp_path / "export", ids)
+    train = build_dataset(root, "coco", "train", PLAIN, val_fraction=0.5)
+    val = build_dataset(root, "coco", "val", PLAIN, train.class_map, val_fraction=0.5)
+    masks = {image.name: read_mask(mask) for image, mask in train.pairs + val.pairs}
+    car, road = np.zeros((12, 16), np.uint8), np.zeros((12, 16), np.uint8)
+    car[0:6, 0:8], road[4:12, 4:16] = 1, 2
+    assert np.array_equal(masks["a.jpg"], car) and np.array_equal(masks["b.jpg"], road)
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - {p for p in (tmp_path / "cache").rglob("*")}
+    assert written == {root / "result.json", root / "images" / "a.jpg", root / "images" / "b.jpg"}
+
+
+def test_rle_string_counts_are_pycocotools_run_lengths():
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = rng.integers(1, 40, 2)
+        bits = rng.random((h, w)) < rng.random()
+        encoded = mask_utils.encode(np.asfortranarray(bits.astype(np.uint8)))["counts"].decode()
+        assert annotations.rle_string_counts(encoded) == uncompressed_rle(bits)["counts"]
+    assert annotations.rle_string_counts("a b") is None and annotations.rle_string_counts("o") is None
+
+
+def cvat_one_shape(root: Path, shape: str, width: int = 16, height: int = 12) -> Path:
+    save_rgb(root / "images" / "a.png", (12, 16))
+    (root / "annotations.xml").write_text(
+        '<annotations><meta><task><labels><label><name>car</name></label></labels></task></meta>'
+        f'<image id="0" name="a.png" width="{width}" height="{height}">{shape}</image></annotations>')
+    return root
+
+
+@pytest.mark.parametrize("shape, width, needle", [
+    ('<mask label="car" rle="0,10000000000" left="0" top="0" width="100000" height="100000"/>', 16,
+     "a <mask> in {root}/annotations.xml, image 'a.png' has 10,000,000,000 pixels, over the limit"),
+    ('<polygon label="car" points="0,0;1e12,0;1e12,1e12"/>', 16,
+     "a polygon has the point (1e+12, 0), over a whole image's size outside the 16x12 image"),
+    ('<polygon label="car" points="0,0;8,0;8,8"/>', 30000, "the export declares 30000x12 pixels, but"),
+])
+def test_a_shape_or_size_that_would_rasterise_absurdly_is_one_line(tmp_path, shape, width, needle, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = cvat_one_shape(tmp_path / "export", shape, width)
+    message = run_cli(["--data", str(root), "--check"])
+    assert needle.format(root=root) in message, message
+    assert not list((tmp_path / "cache").rglob("*.png"))
+
+
+def test_a_labelme_file_declaring_another_size_than_its_image_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_rgb(tmp_path / "export" / "a.jpg", (12, 16))
+    (tmp_path / "export" / "a.json").write_text(json.dumps({
+        "version": "5.5.0", "imagePath": "a.jpg", "imageHeight": 16, "imageWidth": 12, "imageData": None,
+        "shapes": [{"label": "car", "points": [[0, 0], [8, 0], [8, 8]], "shape_type": "polygon"}]}))
+    message = run_cli(["--data", str(tmp_path / "export"), "--check"])
+    assert "image a.json: the export declares 12x16 pixels, but" in message and "a.jpg is 16x12" in message

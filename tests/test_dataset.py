@@ -6,7 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, check, counts_of, random_masks, run_cli, save_rgb, write_folder, write_pair
+from conftest import (
+    CAMVID,
+    check,
+    counts_of,
+    png_header_only,
+    random_masks,
+    run_cli,
+    save_rgb,
+    write_folder,
+    write_pair,
+)
 from PIL import Image, ImageOps
 
 import dataset
@@ -662,3 +672,55 @@ def test_a_test_split_of_images_alone_is_no_split_and_is_said(tmp_path):
     assert train.about[1] == f"{root / 'test' / 'images'} has no masks/ folder beside it: not a split"
     with pytest.raises(DatasetError, match="has no split 'test'"):
         build_dataset(root, "auto", "test", PLAIN, ClassOptions(num_classes=2))
+
+
+# ---- the pixel limit, and masks of values that are no class ----
+
+
+def test_a_bomb_is_refused_by_the_default_limit_before_decoding(tmp_path):
+    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    for read in (dataset.read_image, dataset.read_mask, dataset.mask_values, dataset.image_size):
+        with pytest.raises(DatasetError, match=r"bomb.png has 400,000,000 pixels, over the limit of 89,478,485"):
+            read(tmp_path / "bomb.png")
+
+
+@pytest.mark.parametrize("suffix, mode", [(".png", "RGB"), (".png", "L"), (".png", "I;16"), (".jpg", "RGB"),
+                                          (".tif", "L"), (".gif", "P")])
+def test_every_decode_path_refuses_a_file_over_the_pixel_limit(tmp_path, monkeypatch, suffix, mode):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (31, 32):  # 961 pixels pass, 1024 do not
+        path = tmp_path / f"{side}{suffix}"
+        Image.new(mode, (side, side)).save(path)
+        readers = [dataset.read_mask, dataset.mask_values, dataset.image_size] + (
+            [dataset.read_image] if mode == "RGB" else [])
+        for read in readers:
+            if side == 31:
+                read(path)
+            else:
+                with pytest.raises(DatasetError, match=f"{side}{re.escape(suffix)} has 1,024 pixels, over the limit"):
+                    read(path)
+
+
+def test_max_pixels_raises_the_limit_for_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the command sets it; put it back after
+    root = write_folder(tmp_path, "train", random_masks([0, 1], 2, (40, 40)))
+    assert "--max-pixels 1600 reads it" in run_cli(["--data", str(root), "--max-pixels", "1000"])
+    dataset.main(dataset.get_args_parser().parse_args(["--data", str(root), "--max-pixels", "1600"]))
+    assert "1 images in split 'train'" in capsys.readouterr().out
+
+
+def save_tiff(path: Path, values: np.ndarray, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values, mode=mode).save(path)
+
+
+def test_float_and_32_bit_tiff_masks_read_whole_ids_and_refuse_anything_else(tmp_path):
+    ids = np.array([[0, 1, 2, 3], [300, 2, 1, 0]])
+    save_tiff(tmp_path / "whole.tif", ids.astype(np.float32), "F")
+    save_tiff(tmp_path / "int.tif", ids.astype(np.int32), "I")
+    for name in ("whole.tif", "int.tif"):
+        assert dataset.read_mask(tmp_path / name).tolist() == ids.tolist()
+    for values, mode, shown in ((ids + 0.5, "F", "0.5"), (ids - 1, "I", "-1"), (ids * np.nan, "F", "nan")):
+        save_tiff(tmp_path / "bad.tif", values.astype(np.float32 if mode == "F" else np.int32), mode)
+        with pytest.raises(DatasetError, match=f"bad.tif .* holds values that are no class index, e.g. {shown}"):
+            dataset.read_mask(tmp_path / "bad.tif")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import png_header_only
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader
@@ -34,6 +35,7 @@ from evaluate import (
 )
 from losses import CrossEntropyLoss
 from models import ARCHS, build_model, load_model
+from train_deeplab import csv_header
 
 
 def test_confusion_matrix_metrics_on_a_hand_made_case():
@@ -353,7 +355,7 @@ def test_an_export_that_disagrees_is_removed_and_bad_paths_are_one_line(checkpoi
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(checkpoint.read_bytes()[:1000])
     for args, needle in (
-        (["--checkpoint", str(checkpoint), "--export-onnx", str(tmp_path / "a_file" / "m.onnx")], "cannot write"),
+        (["--checkpoint", str(checkpoint), "--export-onnx", str(tmp_path / "a_file" / "m.onnx")], "a_file is a file"),
         (["--checkpoint", str(corrupt), "--export-onnx", str(onnx_file)], "cannot be loaded safely"),
         (["--predict", str(tmp_path / "a_file"), "--onnx", str(corrupt)], "cannot be loaded by ONNX Runtime"),
     ):
@@ -722,7 +724,8 @@ def test_ranking_lists_every_image_most_wrong_first_and_select_writes_only_those
 
 
 def test_pre_label_and_select_flags_are_checked_in_one_line(checkpoint, tmp_path, capsys):
-    for flags, said in ((["--pre-label", "cvat,yolo"], "unknown format yolo"), (["--select", "0"], "at least 1")):
+    for flags, said in ((["--pre-label", "cvat,yolo"], "unknown format yolo"),
+                        (["--select", "0"], "--select: expected a whole number over 0")):
         with pytest.raises(SystemExit) as e:
             evaluate_module.get_args_parser().parse_args(["--checkpoint", str(checkpoint), *flags])
         error = capsys.readouterr().err.strip()
@@ -734,3 +737,56 @@ def test_pre_label_and_select_flags_are_checked_in_one_line(checkpoint, tmp_path
         run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
                 "--pre-label", "coco")
     assert "holds no pre-labels" in str(e.value.code) and (tmp_path / "out" / "coco" / "mine.txt").is_file()
+
+
+# ---- bad input: one line naming the file or the flag, before any work ----
+
+
+def test_a_broken_row_of_a_runs_log_is_one_line_naming_it(tmp_path):
+    header = ",".join(csv_header(2))
+    cells = ",".join(["1"] * len(csv_header(2)))
+    for name, last in (("short", "2,0.001,1.5"), ("word", cells.replace("1", "abc", 3)), ("long", cells + ",9")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.csv").write_text(f"{header}\n{cells}\n{last}\n")
+        with pytest.raises(SystemExit) as e:
+            run_cli("--compare", str(tmp_path / name), "--report", str(tmp_path / "report"))
+        message = str(e.value.code)
+        assert message.startswith(f"error: {tmp_path / name / 'log.csv'}, line 3: not a row as train_deeplab.py "
+                                  "writes it") and "\n" not in message, message
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    missing = str(tmp_path / "no.pth")  # loading it would be the first work: the path check must come before
+    for flags, needle in ((["--predict", str(tmp_path), "--out", str(tmp_path / "file")], "--out"),
+                          (["--json", str(tmp_path)], "--json"),
+                          (["--json", str(tmp_path / "file" / "m.json")], "--json"),
+                          (["--report", str(tmp_path / "file")], "--report"),
+                          (["--confusion", str(tmp_path / "file" / "c.png")], "--confusion")):
+        with pytest.raises(SystemExit) as e:
+            run_cli("--checkpoint", missing, *flags)
+        assert str(e.value.code).startswith(f"error: {needle} {tmp_path}") and "\n" not in str(e.value.code)
+
+
+def test_predicting_a_bomb_is_one_line(checkpoint, tmp_path):
+    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "p"))
+    assert str(e.value.code) == (f"error: image {tmp_path / 'bomb.png'} has 400,000,000 pixels, over the limit of "
+                                 "89,478,485 that guards against decompression bombs; --max-pixels 400000000 reads it")
+
+
+def test_ctrl_c_is_one_line(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_module, "evaluate_command", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint))
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--workers", "-1"], ["--sliding-window", "8", "8", "8"],
+                                   ["--size", "0"], ["--bootstrap", "-1"], ["--time-limit", "-1"]])
+def test_inference_flags_that_mean_nothing_are_refused_when_parsed(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate_module.get_args_parser().parse_args(flags)
+    error = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and error.startswith(f"error: argument {flags[0]}: ") and "\n" not in error

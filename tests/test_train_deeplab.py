@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import CAMVID, write_folder
 
+import dataset
 import evaluate
 import train_deeplab
 import train_deeplab_finetune
@@ -164,7 +165,6 @@ def test_existing_run_is_never_overwritten(two_epoch_run, tiny_demo):
     "extra, needle",
     [
         (["--loss", "ce:0.5,dyce:0.5"], "--loss"),
-        (["--crop", "1", "2", "3"], "--crop"),
         (["--batch-size", "1"], "--batch-size"),
     ],
 )
@@ -406,3 +406,167 @@ def test_tensorboard_without_the_package_is_one_line(tiny_demo, tmp_path, monkey
         train_deeplab.main(train_args(tiny_demo, tmp_path / "r", "--tensorboard"))
     assert str(e.value.code) == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
     assert not (tmp_path / "r" / "log.csv").exists()
+
+
+# ---- faults: a kill at any instant, a full disk, Ctrl-C, a folder that holds a run ----
+
+
+class Killed(BaseException):
+    """A SIGKILL at a chosen instant, simulated: nothing after it runs, and no handler in the code catches it."""
+
+
+def epochs_of(out: Path) -> dict[str, int]:
+    """The epoch of each whole checkpoint in `out`: what a kill at this instant would leave."""
+    return {p.name: torch.load(p, weights_only=True)["epoch"] for p in out.glob("*.pth")}
+
+
+def test_a_kill_at_any_instant_of_saving_leaves_best_pth_and_a_checkpoint_to_resume(tmp_path, monkeypatch):
+    out = tmp_path
+    train_deeplab.write_checkpoints({"epoch": 1, "w": torch.zeros(4)}, out, best=True)
+    instants = []
+    for name in ("save", "replace"):  # before each step of the write, and after the last, what is on disk
+        module, real = (torch, torch.save) if name == "save" else (train_deeplab.os, train_deeplab.os.replace)
+        monkeypatch.setattr(module, name, lambda *a, real=real: (instants.append(epochs_of(out)), real(*a))[1])
+    monkeypatch.setattr(train_deeplab, "link_or_copy", lambda a, b, real=train_deeplab.link_or_copy: (
+        instants.append(epochs_of(out)), real(a, b)))
+    train_deeplab.write_checkpoints({"epoch": 2, "w": torch.ones(4)}, out, best=True)
+    instants.append(epochs_of(out))
+    assert len(instants) == 5 and instants[-1] == {"best.pth": 2, "last.pth": 2}
+    for left in instants:  # never a last.pth of the improved epoch beside an older best.pth
+        assert left["best.pth"] in (1, 2) and left["last.pth"] in (1, 2)
+        assert left["last.pth"] == 1 or left["best.pth"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth"]
+
+
+@pytest.mark.parametrize("kill_at", ["last.pth of epoch 2", "log row of epoch 1"])
+def test_killed_between_best_and_last_or_before_the_log_row_resumes_to_the_uninterrupted_run(
+        two_epoch_run, tiny_demo, tmp_path, monkeypatch, kill_at):
+    whole, _ = two_epoch_run
+    real_replace, real_append = train_deeplab.os.replace, train_deeplab.append_log
+
+    def replace(a, b):  # epoch 2's best.pth (if it improved) is in place, its last.pth not yet
+        if Path(b).name == "last.pth" and kill_at.startswith("last") and torch.load(a)["epoch"] == 2:
+            raise Killed
+        real_replace(a, b)
+
+    def append(log, row, num_classes):  # epoch 1's checkpoints are written, its log row not yet
+        if kill_at.startswith("log") and row[0] == "1":
+            raise Killed
+        real_append(log, row, num_classes)
+
+    monkeypatch.setattr(train_deeplab.os, "replace", replace)
+    monkeypatch.setattr(train_deeplab, "append_log", append)
+    out = tmp_path / "r"
+    with pytest.raises(Killed):
+        train_deeplab.train(train_args(tiny_demo, out, "--epochs", "2"))
+    monkeypatch.undo()
+    assert epochs_of(out)["last.pth"] == 1 and (out / "best.pth").is_file()
+    train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--resume", str(out / "last.pth")]))
+    assert metrics_of(out / "log.csv") == metrics_of(whole / "log.csv")
+    a = torch.load(whole / "best.pth", weights_only=True)["model"]
+    b = torch.load(out / "best.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint_whole(tiny_demo, tmp_path, monkeypatch):
+    out, real_save, before = tmp_path / "r", torch.save, []
+
+    def full(obj, path):  # epoch 2: what torch.save does when the disk fills, part of the file and a bare failure
+        if obj["epoch"] == 1:
+            return real_save(obj, path)
+        before.append((out / "last.pth").read_bytes())
+        Path(path).write_bytes(b"PK" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/12: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(dataset.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, out, "--epochs", "2"))
+    monkeypatch.undo()
+    assert str(e.value.code) == f"error: cannot write {out / 'last.pth'}: no space left on device (0 MiB free)"
+    assert (out / "last.pth").read_bytes() == before[0] and not list(out.glob("*.tmp"))
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(tiny_demo, tmp_path, monkeypatch, capsys):
+    real = train_deeplab.run_epoch
+
+    def interrupt(run, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(run, epoch)
+
+    monkeypatch.setattr(train_deeplab, "run_epoch", interrupt)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, out, "--epochs", "3"))
+    error = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in error and error.endswith(f"--resume {out / 'last.pth'}")
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("held, needle", [
+    (["best.pth"], "holds best.pth of an earlier run but no last.pth to resume from"),
+    (["last.pth"], "already holds a run (last.pth); continue it with --resume"),
+    (["log.csv"], "holds log.csv of an earlier run but no last.pth"),
+])
+def test_a_folder_holding_any_part_of_a_run_is_never_overwritten(tiny_demo, tmp_path, held, needle):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in held:
+        (out / name).write_bytes(b"mine")
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, out))
+    assert needle in str(e.value.code) and all((out / name).read_bytes() == b"mine" for name in held)
+
+
+def test_an_out_that_is_a_file_or_under_one_is_one_line_before_any_work(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_deeplab, "build_loaders", lambda *a: pytest.fail("work began"))
+    (tmp_path / "file").write_text("")
+    for out, needle in ((tmp_path / "file", "is no folder"), (tmp_path / "file" / "r", "file is a file")):
+        with pytest.raises(SystemExit) as e:
+            train_deeplab.main(train_args(tiny_demo, out))
+        assert needle in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(tiny_demo, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dataset.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(train_deeplab, "build_loaders", lambda *a: pytest.fail("work began"))
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, tmp_path / "ro" / "r"))
+    assert str(e.value.code) == f"error: --out {tmp_path / 'ro' / 'r'}: cannot write in {tmp_path} (Permission denied)"
+
+
+def test_a_validation_split_with_no_labelled_pixel_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_deeplab, "train_one_epoch", lambda *a, **k: pytest.fail("training began"))
+    root = write_folder(tmp_path / "data", "train", [np.array([[0, 1], [2, 1]] * 4, np.uint8)] * 2)
+    write_folder(root, "val", [np.full((8, 2), 255, np.uint8)] * 2)
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(root, tmp_path / "r", "--num-classes", "3", "--batch-size", "2"))
+    assert "every pixel of the 2 masks of split val" in str(e.value.code) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--scale", "0", "0"], "--scale: expected a number over 0, got '0'"),
+    (["--scale", "2.0", "0.5"], "--scale: MIN 2 is above MAX 0.5"),
+    (["--lr", "-0.01"], "--lr: expected a number 0 or more"),
+    (["--lr", "nan"], "--lr: expected a number 0 or more"),
+    (["--epochs", "0"], "--epochs: expected a whole number over 0"),
+    (["--workers", "-1"], "--workers: expected a whole number 0 or more"),
+    (["--batch-size", "0"], "--batch-size: expected a whole number over 0"),
+    (["--crop", "1", "2", "3"], "--crop: takes H W or one size"),
+    (["--size", "0", "4"], "--size: expected a whole number over 0"),
+    (["--val-fraction", "1"], "--val-fraction: expected a number over 0 and below 1"),
+    (["--momentum", "1.5"], "--momentum: expected a number 0 or more and at most 1"),
+    (["--max-pixels", "-5"], "--max-pixels: expected a whole number over 0"),
+])
+def test_flags_that_mean_nothing_are_refused_when_parsed(flags, needle, capsys):
+    for parser in (train_deeplab.get_args_parser(), train_deeplab_finetune.get_args_parser()):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(flags)
+        error = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and needle in error and "\n" not in error

@@ -73,14 +73,13 @@ def test_unfreeze_trains_the_backbone_at_its_own_lr(base_run, tmp_path):
 
 def test_freeze_at_epoch_freezes_from_exactly_that_epoch(tiny_demo, tmp_path, monkeypatch):
     states = []
-    save = train_deeplab.save_atomic
+    save = train_deeplab.write_checkpoints
 
-    def record(obj, path):
-        if path.name == "last.pth":
-            states.append(copy.deepcopy(obj["model"]))
-        save(obj, path)
+    def record(state, out, best):
+        states.append(copy.deepcopy(state["model"]))
+        save(state, out, best)
 
-    monkeypatch.setattr(train_deeplab, "save_atomic", record)
+    monkeypatch.setattr(train_deeplab, "write_checkpoints", record)
     train(tiny_demo, tmp_path / "r", "--epochs", "3", "--freeze-at-epoch", "3")
     (b1, h1), (b2, h2), (b3, h3) = (split_state(s) for s in states)
     assert not same(b1, b2)  # epoch 2 still trains the backbone
