@@ -71,12 +71,14 @@ from dataset import (
 )
 from models import (
     ARCHS,
+    DEFAULT_DEVICE,
     ModelError,
     aux_params,
     build_model,
     checkpoint_class_map,
     count_macs,
     count_params,
+    device_name,
     load_checkpoint,
     load_model,
     memory_format_of,
@@ -1647,7 +1649,7 @@ def add_inference_args(group: argparse._ArgumentGroup) -> None:
                        help="resize to H W, or off (default: as trained)")
     group.add_argument("--batch-size", type=POSITIVE_INT, default=4)
     group.add_argument("--workers", type=COUNT, default=2)
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", type=device_name, default=DEFAULT_DEVICE)
     group.add_argument("--amp", default="off", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
     group.add_argument("--tta", default="none", choices=tuple(TTA_SCALES),
                        help="flip, or ms: scales 0.75/1/1.25 + flip")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset import IGNORE_INDEX, POSITIVE_INT, ArgumentParser
+from models import DEFAULT_DEVICE, device_name
 
 # ---- the losses: forward(logits [B, C, H, W], target [B, H, W]) -> a scalar; IGNORE_INDEX pixels count nowhere -------
 
@@ -310,7 +311,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=2)
     parser.add_argument("--num-classes", type=POSITIVE_INT, default=19)
     parser.add_argument("--runs", type=POSITIVE_INT, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default=DEFAULT_DEVICE)
     return parser
 
 

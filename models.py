@@ -7,6 +7,7 @@ head its own learning rate. An optional `aux_classifier` (torchvision's FCN head
 by nothing else.
 """
 
+import argparse
 import copy
 import math
 from pathlib import Path
@@ -261,6 +262,26 @@ def build_model(
 # channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
 # every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
 CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
+
+
+def device_name(text: str) -> str:
+    """A parser type for --device: a device torch knows and this machine has (cpu, cuda, cuda:1, mps)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is no device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch finds no CUDA device here (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch finds no MPS device here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps are supported")
+    return text
+
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -69,11 +69,13 @@ from evaluate import (
 from losses import LossSpecError, build_loss
 from models import (
     ARCHS,
+    DEFAULT_DEVICE,
     ModelError,
     aux_params,
     backbone_frozen,
     build_model,
     count_params,
+    device_name,
     freeze_backbone,
     load_checkpoint,
     load_init,
@@ -206,9 +208,9 @@ def parse_power_changes(spec: str | None) -> dict[int, float]:
     for part in spec.split(",") if spec else []:
         epoch, value = _epoch_and_value(part, "--poly-power-at")
         try:
-            changes[epoch] = float(value)
-        except ValueError:
-            raise LossSpecError(f"invalid --poly-power-at {part!r}: {value!r} is not a number") from None
+            changes[epoch] = NON_NEGATIVE(value)
+        except argparse.ArgumentTypeError as e:
+            raise LossSpecError(f"invalid --poly-power-at {part!r}: {e}") from None
     return changes
 
 
@@ -910,7 +912,7 @@ def add_schedule_args(group: argparse._ArgumentGroup) -> None:
 def add_run_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ARCH-TIME)")
     group.add_argument("--resume", type=Path, default=None, help="continue the run of this last.pth (its flags)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", type=device_name, default=DEFAULT_DEVICE)
     group.add_argument("--workers", type=COUNT, default=2)
     group.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="mixed precision on CUDA")
     group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
@@ -948,6 +950,10 @@ def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
         is_path = name in ("data", "out", "init", "checkpoint", "classes") and value
         setattr(args, name, Path(value) if is_path else value)
     args.resume = path
+    try:
+        device_name(args.device)
+    except argparse.ArgumentTypeError as e:
+        raise ModelError(f"--resume {path}: the run trained on --device {e}") from None
     return args, None, state
 
 

@@ -166,6 +166,7 @@ def test_existing_run_is_never_overwritten(two_epoch_run, tiny_demo):
     [
         (["--loss", "ce:0.5,dyce:0.5"], "--loss"),
         (["--batch-size", "1"], "--batch-size"),
+        (["--poly-power-at", "2:-1"], "--poly-power-at '2:-1': expected a number 0 or more"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tiny_demo, tmp_path, extra, needle):
@@ -563,6 +564,8 @@ def test_a_validation_split_with_no_labelled_pixel_stops_before_training(tmp_pat
     (["--val-fraction", "1"], "--val-fraction: expected a number over 0 and below 1"),
     (["--momentum", "1.5"], "--momentum: expected a number 0 or more and at most 1"),
     (["--max-pixels", "-5"], "--max-pixels: expected a whole number over 0"),
+    (["--device", "bogus"], "--device: 'bogus' is no device torch knows"),
+    (["--device", "cuda:64"], "--device: 'cuda:64': "),
 ])
 def test_flags_that_mean_nothing_are_refused_when_parsed(flags, needle, capsys):
     for parser in (train_deeplab.get_args_parser(), train_deeplab_finetune.get_args_parser()):
@@ -570,3 +573,13 @@ def test_flags_that_mean_nothing_are_refused_when_parsed(flags, needle, capsys):
             parser.parse_args(flags)
         error = capsys.readouterr().err.strip()
         assert e.value.code == 2 and needle in error and "\n" not in error
+
+
+def test_resuming_on_a_machine_without_the_runs_device_is_one_line(two_epoch_run, tmp_path):
+    state = torch.load(two_epoch_run[0] / "last.pth", weights_only=True)
+    state["args"]["device"] = "cuda:64"
+    torch.save(state, tmp_path / "last.pth")
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--resume", str(tmp_path / "last.pth")]))
+    assert str(e.value.code).startswith(f"error: --resume {tmp_path / 'last.pth'}: the run trained on --device "
+                                        "'cuda:64'") and "\n" not in str(e.value.code)
