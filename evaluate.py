@@ -79,12 +79,13 @@ from models import (
     count_macs,
     count_params,
     device_name,
+    layout_choice,
     load_checkpoint,
     load_model,
+    measured_layout,
     memory_format_of,
     model_from_checkpoint,
     model_with_classes,
-    place,
 )
 
 # ---- metrics: confusion matrices, IoU, precision and recall ----------------------------------------------------------
@@ -1360,20 +1361,17 @@ def format_name(model: nn.Module) -> str:
 
 def print_train_row(
     model: nn.Module, arch: str, size: tuple[int, int], macs: float, batch_size: int, device: torch.device,
-    amp_dtype: torch.dtype | None, timing: Timing,
+    amp_dtype: torch.dtype | None, timing: Timing, why: str,
 ) -> None:
-    """Training throughput (in channels_last also the contiguous figure, measured after it, for comparison); on CUDA
-    also the achieved TFLOP/s (a training step is counted as 3x the forward FLOPs) beside the GPU's dense bf16
-    peak, which gives the model-FLOPs utilisation."""
+    """Training throughput in the memory format the run would use, and why (on the CPU: both formats raced side by
+    side just now, the race a run then reuses); on CUDA also the achieved TFLOP/s (a training step is counted as
+    3x the forward FLOPs) beside the GPU's dense bf16 peak, which gives the model-FLOPs utilisation."""
     settings = (size, batch_size, device, amp_dtype, timing.warmup, timing.runs, timing.limit)
     result, chosen = train_benchmark(model, *settings), format_name(model)
-    where = f"{device}, dtype {amp_dtype or torch.float32}, batch {batch_size}"
+    where = f"{device}, dtype {amp_dtype or torch.float32}, batch {batch_size}, torch {torch.__version__}"
     print(f"train step of {arch} at {size[0]}x{size[1]} on {where}, median of {result['timed']} after {timing.warmup}")
-    line = f"train: {result['images_per_s']:.2f} images/s ({chosen})"
-    if chosen == "channels_last":
-        contiguous = train_benchmark(model.to(memory_format=torch.contiguous_format), *settings)
-        line += f" | contiguous {contiguous['images_per_s']:.2f} images/s"
-    line += f" | peak memory {result['peak_memory_gib']:.2f} GiB"
+    print(f"memory format {chosen}: {why}")
+    line = f"train: {result['images_per_s']:.2f} images/s ({chosen}) | peak memory {result['peak_memory_gib']:.2f} GiB"
     if device.type == "cuda":
         achieved = 3 * 2 * macs * 1e9 * result["images_per_s"] / 1e12
         name = torch.cuda.get_device_name(device)
@@ -1381,6 +1379,23 @@ def print_train_row(
         line += f" | {achieved:.1f} TFLOP/s achieved"
         line += f" of {peak:.0f} peak bf16 (MFU {achieved / peak:.1%})" if peak else " (peak of this GPU unknown)"
     print(line)
+
+
+def print_layout_rows(models: Iterator[tuple[str, nn.Module]], size: tuple[int, int], batch_size: int,
+                      runs: int) -> None:
+    """--benchmark --train --runtimes: each model's CPU training step in contiguous and channels_last memory, raced
+    side by side (the formats taking turns, step by step), and the format `--channels-last auto` then trains in:
+    the race is cached, so a run on this machine, torch and input uses it."""
+    print(f"training steps (forward, cross-entropy, backward) at {batch_size}x{size[0]}x{size[1]} on the CPU "
+          f"({torch.get_num_threads()} threads), images/s, the fastest of {runs} steps per format, taking turns; "
+          f"torch {torch.__version__}")
+    print("| arch | contiguous | channels_last | channels_last / contiguous | `--channels-last auto` |")
+    print("|---|---|---|---|---|")
+    for arch, model in models:
+        race, _ = measured_layout(model, arch, (batch_size, *size), train=True, fresh=True, steps=runs)
+        faster = "channels_last" if race["channels_last"] > race["contiguous"] else "contiguous"
+        print(f"| {arch} | {race['contiguous']:.2f} | {race['channels_last']:.2f} | "
+              f"{race['channels_last'] / race['contiguous']:.2f} | {faster} |")
 
 
 def print_cost_rows(
@@ -1403,10 +1418,13 @@ def print_cost_rows(
     for arch, model in models:
         (trainable, total), aux = count_params(model), aux_params(model)
         macs, conv_macs = (n / 1e9 for n in count_macs(model, size))
-        model = place(model.eval(), arch, channels_last, device)
+        shape = (batch_size if train else 1, *size)
+        faster, why = layout_choice(channels_last, arch, device, model.train(train).to(device), shape, train,
+                                    fresh=train, steps=timing.runs)
+        model = model.eval().to(memory_format=torch.channels_last if faster else torch.contiguous_format)
         model = torch.compile(model) if compile else model
         if train:
-            print_train_row(model, arch, size, conv_macs, batch_size, device, amp_dtype, timing)
+            print_train_row(model, arch, size, conv_macs, batch_size, device, amp_dtype, timing, why)
             continue
         result = benchmark(model, size, batch_size, device, amp_dtype, timing.warmup, timing.runs, timing.limit)
         print(f"| {arch} | {size[0]}x{size[1]} | {trainable:,}{f' (+{aux:,} aux head)' if aux else ''} | {total:,} | "
@@ -1583,7 +1601,9 @@ def benchmark_command(args: argparse.Namespace) -> None:
     size, device = hw_pair(args.size) or (512, 1024), torch.device("cpu" if args.runtimes else args.device)
     models = cost_models(args.checkpoint, args.arch, args.num_classes, args.output_stride)
     timing = Timing.for_device(device, args.warmup, args.runs, args.time_limit)
-    if args.runtimes:
+    if args.runtimes and args.train:
+        print_layout_rows(models, size, args.batch_size, timing.runs)
+    elif args.runtimes:
         print_runtime_rows(models, size, timing)
     else:
         print_cost_rows(models, size, args.batch_size, device, args.amp, args.channels_last, args.compile, timing,

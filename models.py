@@ -9,7 +9,11 @@ by nothing else.
 
 import argparse
 import copy
+import json
 import math
+import os
+import platform
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +33,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from annotations import cache_root
 from dataset import ClassMap, cityscapes_table, class_map_of, hw_pair, numbered_table, offroad_table
 
 ARCHS = (
@@ -259,9 +264,13 @@ def build_model(
 # ---- placing on the device, and the memory format --------------------------------------------------------------------
 
 
-# channels_last against contiguous memory, training-step images/s on the 2-core CPU (BENCHMARKS.md): faster for
-# every arch but DeepLabV2, where it is 2% slower. On CUDA channels_last is used throughout (unmeasured here).
-CHANNELS_LAST_ON_CPU = {arch: arch != "deeplabv2_resnet101" for arch in ARCHS}
+# Which memory format is faster on the CPU depends on the CPU as much as on torch and the model: channels_last ran
+# a MobileNetV3 training step 1.43x contiguous on one 2-core EPYC and 0.90x on another, both on torch 2.14.1
+# (BENCHMARKS.md). So `--channels-last auto` races the two on the CPU, once per machine, torch, arch and input shape.
+LAYOUTS_CACHE = "deeplab_layouts.json"  # under ~/.cache: each race's images/s and its winner
+LAYOUT_STEPS = 3  # timed steps of each format per race, after one warm-up step of each; the fastest counts
+LAYOUT_SIZE = (512, 512)  # the inference race's input where the model was trained at no fixed size
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def device_name(text: str) -> str:
@@ -293,17 +302,89 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_channels_last(choice: str, arch: str, device: torch.device) -> bool:
-    """--channels-last {auto,on,off}: auto is the measured choice for the arch on this kind of device."""
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's word for it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def race_layouts(model: nn.Module, shape: tuple[int, int, int], train: bool, steps: int = LAYOUT_STEPS
+                 ) -> dict[str, float]:
+    """Images/s of `model` on the CPU in each memory format, on random input of `shape` (batch, H, W): training
+    steps (forward, cross-entropy, backward) or, train=False, inference passes. The formats take turns, step by
+    step, so that a machine slowing down slows both alike, and each format's fastest step counts (on a shared
+    machine noise only adds time). A copy runs: the model's weights, BatchNorm statistics and the random state are
+    left as they were."""
+    batch, height, width = shape
+    copies = {name: copy.deepcopy(model).to(memory_format=fmt).train(train) for name, fmt in FORMATS.items()}
+    times: dict[str, list[float]] = {name: [] for name in FORMATS}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        x, y = torch.randn(batch, 3, height, width), torch.zeros(batch, height, width, dtype=torch.long)
+        for _ in range(steps + 1):  # the first round warms up
+            for name, net in copies.items():
+                start = time.perf_counter()
+                with torch.set_grad_enabled(train):
+                    out = net(x.contiguous(memory_format=FORMATS[name]))
+                    if train:
+                        F.cross_entropy(out.float(), y).backward()
+                        net.zero_grad(set_to_none=True)
+                times[name].append(time.perf_counter() - start)
+    return {name: batch / min(seconds[1:]) for name, seconds in times.items()}
+
+
+def measured_layout(model: nn.Module, arch: str, shape: tuple[int, int, int], train: bool, fresh: bool = False,
+                    steps: int = LAYOUT_STEPS) -> tuple[dict, bool]:
+    """The race of the two memory formats for `model` on this CPU (race_layouts), from the cache when this machine,
+    torch, arch, mode and shape were raced before (fresh: raced again, and cached), and whether it was cached."""
+    path = cache_root() / LAYOUTS_CACHE
+    key = (f"{cpu_name()}, {torch.get_num_threads()} threads | torch {torch.__version__} | {arch} | "
+           f"{'train' if train else 'eval'} {'x'.join(map(str, shape))}")
+    try:
+        races = json.loads(path.read_text())
+    except (OSError, ValueError):
+        races = {}
+    races = races if isinstance(races, dict) else {}
+    if not fresh and isinstance(races.get(key), dict) and set(races[key]) == set(FORMATS):
+        return races[key], True
+    races[key] = race_layouts(model, shape, train, steps)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(races, indent=1))
+        tmp.replace(path)
+    except OSError:  # a cache that cannot be written: the race is run again next time
+        pass
+    return races[key], False
+
+
+def layout_choice(choice: str, arch: str, device: torch.device, model: nn.Module | None = None,
+                  shape: tuple[int, int, int] | None = None, train: bool = False, fresh: bool = False,
+                  steps: int = LAYOUT_STEPS) -> tuple[bool, str]:
+    """--channels-last {auto,on,off}: whether to use channels_last, and why. auto: on CUDA channels_last (NVIDIA's
+    layout for convolutions under autocast; unmeasured here), on the CPU the winner of the race of both formats
+    for this model and input `shape` (measured_layout), on other devices contiguous."""
     if choice != "auto":
-        return choice == "on"
-    return device.type == "cuda" or CHANNELS_LAST_ON_CPU[arch]
+        return choice == "on", f"--channels-last {choice}"
+    if device.type != "cpu" or model is None:
+        return device.type == "cuda", f"--channels-last auto on {device.type}"
+    race, cached = measured_layout(model, arch, shape or (1, *LAYOUT_SIZE), train, fresh, steps)
+    faster = race["channels_last"] > race["contiguous"]
+    when = f"raced before, {cache_root() / LAYOUTS_CACHE}" if cached else "raced now"
+    return faster, (f"--channels-last auto: channels_last {race['channels_last']:.2f} against contiguous "
+                    f"{race['contiguous']:.2f} images/s on this CPU ({when})")
 
 
-def place(model: nn.Module, arch: str, channels_last: str, device: torch.device) -> nn.Module:
-    """The model on `device`, in the memory format that --channels-last {auto,on,off} picks for it there."""
+def place(model: nn.Module, arch: str, channels_last: str, device: torch.device,
+          shape: tuple[int, int, int] | None = None, train: bool = False) -> nn.Module:
+    """The model on `device`, in the memory format that --channels-last {auto,on,off} picks for it there, for
+    input batches of `shape` (batch, H, W), trained (train=True) or evaluated."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if use_channels_last(channels_last, arch, device) else model
+    faster, _ = layout_choice(channels_last, arch, device, model, shape, train)
+    return model.to(memory_format=torch.channels_last) if faster else model
 
 
 def memory_format_of(model: nn.Module) -> torch.memory_format:
@@ -436,7 +517,9 @@ def model_with_classes(
 ) -> SegmentationModel:
     """load_model for a checkpoint already read from `path`."""
     run = checkpoint["args"]
-    model = place(model_from_checkpoint(checkpoint, path), run["arch"], channels_last, torch.device(device)).eval()
+    shape = (1, *(hw_pair(run.get("size")) or LAYOUT_SIZE))
+    model = place(model_from_checkpoint(checkpoint, path), run["arch"], channels_last, torch.device(device), shape)
+    model.eval()
     model.class_map = checkpoint_class_map(checkpoint)
     model.class_names, model.palette = list(model.class_map.names), model.class_map.palette
     model.size, model.arch, model.run = hw_pair(run.get("size")), run["arch"], run

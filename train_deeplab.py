@@ -47,6 +47,8 @@ from dataset import (
     check_trainable,
     class_weights,
     collate,
+    hw_pair,
+    image_size,
     normalize,
     number,
     one_line,
@@ -77,6 +79,7 @@ from models import (
     count_params,
     device_name,
     freeze_backbone,
+    layout_choice,
     load_checkpoint,
     load_init,
     load_weights,
@@ -84,7 +87,6 @@ from models import (
     memory_format_of,
     output_stride_of,
     param_groups,
-    place,
     set_train_mode,
 )
 
@@ -340,6 +342,11 @@ def check_training_data(args: argparse.Namespace, train_set: SegmentationDataset
     return stats
 
 
+def step_size(args: argparse.Namespace, train_set: SegmentationDataset) -> tuple[int, int]:
+    """The (H, W) of a training batch: the crop, else the resize, else the first training image's own size."""
+    return hw_pair(args.crop, "--crop") or hw_pair(args.size) or image_size(train_set.pairs[0][0])[::-1]
+
+
 def load_class_weights(
     args: argparse.Namespace, names: tuple[str, ...], pixels: np.ndarray, say: Callable
 ) -> torch.Tensor | None:
@@ -365,10 +372,11 @@ def load_class_weights(
 
 def build_network(
     args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None, num_classes: int,
-    device: torch.device, world: int, say: Callable,
+    device: torch.device, world: int, say: Callable, shape: tuple[int, int, int],
 ) -> tuple[nn.Module, nn.Module]:
-    """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device;
-    and the module that runs the steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
+    """The model (new, or with a checkpoint's weights), frozen and initialised as the flags say, on the device in
+    the memory format that is faster for training batches of `shape` (batch, H, W); and the module that runs the
+    steps (DDP and torch.compile wrap it; checkpoints save the model itself)."""
     source = resumed or checkpoint
     if source is not None and source["num_classes"] != num_classes:
         raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
@@ -383,7 +391,11 @@ def build_network(
         freeze_backbone(model)
     if args.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = place(model, args.arch, args.channels_last, device)
+    faster, why = layout_choice(args.channels_last, args.arch, device, model.to(device), shape, train=True)
+    if world > 1:  # every process in one format, channels_last only where every process raced it faster
+        faster = all_processes_true(torch.tensor(faster, device=device))
+    model = model.to(memory_format=torch.channels_last if faster else torch.contiguous_format)
+    say(f"memory format {'channels_last' if faster else 'contiguous'}: {why}")
     net = model
     if world > 1:  # a backbone frozen mid-run stops producing gradients, which DDP must be told to expect
         ids = [device.index] if device.type == "cuda" else None
@@ -464,7 +476,8 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     make_loss = lambda spec: build_loss(spec, class_map.num_classes, class_weights=weights).to(device)  # noqa: E731
     for spec in [args.loss, *loss_changes.values()]:  # a typo in a later phase's loss fails now, not hours later
         make_loss(spec)
-    model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say)
+    shape = (min(args.batch_size, len(train_set)), *step_size(args, train_set))
+    model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say, shape)
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

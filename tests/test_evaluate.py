@@ -34,7 +34,7 @@ from evaluate import (
     sliding_window,
 )
 from losses import CrossEntropyLoss
-from models import ARCHS, build_model, load_model
+from models import ARCHS, build_model, layout_choice, load_model
 from train_deeplab import csv_header
 
 
@@ -375,7 +375,7 @@ def test_comparing_a_checkpoint_with_itself_finds_no_difference(checkpoint, tmp_
 
 def test_cost_row_of_deeplabv2_at_512x1024(capsys):
     run_cli("--benchmark", "--arch", "deeplabv2_resnet101", "--num-classes", "19", "--size", "512", "1024",
-            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu")
+            "--warmup", "0", "--runs", "1", "--batch-size", "1", "--device", "cpu", "--channels-last", "off")
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| deeplabv2_resnet101"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -790,3 +790,16 @@ def test_inference_flags_that_mean_nothing_are_refused_when_parsed(flags, capsys
         evaluate_module.get_args_parser().parse_args(flags)
     error = capsys.readouterr().err.strip()
     assert e.value.code == 2 and error.startswith(f"error: argument {flags[0]}: ") and "\n" not in error
+
+
+def test_benchmark_train_runtimes_races_both_layouts_and_caches_what_a_run_then_uses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    run_cli("--benchmark", "--train", "--runtimes", "--arch", "deeplabv3_mobilenet_v3_large", "--num-classes", "3",
+            "--size", "32", "48", "--batch-size", "2", "--runs", "1")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| deeplabv3_mobilenet"))
+    contiguous, channels_last, ratio, auto = (c.strip() for c in row.strip("|").split("|")[1:])
+    assert float(ratio) == pytest.approx(float(channels_last) / float(contiguous), abs=0.01)
+    assert auto == ("channels_last" if float(channels_last) > float(contiguous) else "contiguous")
+    model = build_model("deeplabv3_mobilenet_v3_large", 3)
+    faster, why = layout_choice("auto", "deeplabv3_mobilenet_v3_large", torch.device("cpu"), model, (2, 32, 48), True)
+    assert faster == (auto == "channels_last") and "raced before" in why and f"{float(channels_last):.2f}" in why

@@ -259,9 +259,33 @@ def test_channels_last_gives_the_logits_and_loss_of_contiguous_memory(arch):
     assert loss(plain, y).item() == pytest.approx(loss(last, y).item(), rel=1e-5)
 
 
-def test_auto_memory_format_follows_the_measurements():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert models.use_channels_last("auto", "deeplabv3_mobilenet_v3_large", cpu)
-    assert not models.use_channels_last("auto", "deeplabv2_resnet101", cpu)  # measured 2% slower
-    assert models.use_channels_last("auto", "deeplabv2_resnet101", cuda)
-    assert models.use_channels_last("on", "deeplabv2_resnet101", cpu) and not models.use_channels_last("off", "x", cuda)
+def test_auto_memory_format_is_the_winner_of_a_race_run_once_per_shape_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    races = []
+
+    def race(model, shape, train, steps=models.LAYOUT_STEPS):
+        races.append((shape, train))
+        return {"contiguous": 10.0, "channels_last": 12.0 if shape[1] > 100 else 8.0}
+
+    monkeypatch.setattr(models, "race_layouts", race)
+    cpu, model = torch.device("cpu"), torch.nn.Conv2d(3, 4, 3)
+    choose = lambda shape, train=True: models.layout_choice("auto", "a", cpu, model, shape, train)[0]  # noqa: E731
+    assert choose((8, 160, 224)) and not choose((8, 48, 64))
+    assert choose((8, 160, 224)) and not choose((8, 48, 64))  # the cache answers: no second race
+    assert not choose((1, 48, 64), train=False)
+    assert races == [((8, 160, 224), True), ((8, 48, 64), True), ((1, 48, 64), False)]
+    assert "channels_last 12.00 against contiguous 10.00" in models.layout_choice("auto", "a", cpu, model,
+                                                                                 (8, 160, 224), True)[1]
+    assert models.layout_choice("auto", "a", torch.device("cuda"), model)[0]  # unmeasured on CUDA: channels_last
+    assert models.layout_choice("on", "a", cpu)[0] and not models.layout_choice("off", "a", torch.device("cuda"))[0]
+
+
+def test_a_layout_race_leaves_the_model_and_the_random_state_as_they_were():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3_mobilenet_v3_large", 3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    speeds = models.race_layouts(model, (2, 32, 48), train=True, steps=1)
+    assert set(speeds) == {"contiguous", "channels_last"} and all(v > 0 for v in speeds.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and models.memory_format_of(model) == torch.contiguous_format

@@ -72,7 +72,8 @@ def test_evaluating_the_best_checkpoint_reproduces_the_best_val_miou(two_epoch_r
 
 def test_epoch_lines_follow_the_study_format(tiny_demo, tmp_path, capsys):
     # DeepLabV2 has frozen BatchNorm, so with lr 0 nothing changes: epoch 2 is no better and patience 1 stops there
-    args = train_args(tiny_demo, tmp_path / "r", "--arch", "deeplabv2_resnet101", "--epochs", "3", "--lr", "0")
+    args = train_args(tiny_demo, tmp_path / "r", "--arch", "deeplabv2_resnet101", "--epochs", "3", "--lr", "0",
+                      "--channels-last", "off")
     train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--patience", "1"], namespace=args))
     lines = capsys.readouterr().out.splitlines()
     epochs = [line for line in lines if line.startswith("Epoch ")]
