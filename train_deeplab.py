@@ -389,11 +389,12 @@ def build_network(
         say(load_init(model, args.init))
     if args.freeze_backbone:
         freeze_backbone(model)
-    if args.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # raced before SyncBatchNorm, whose collectives the processes' races would not call alike
     faster, why = layout_choice(args.channels_last, args.arch, device, model.to(device), shape, train=True)
     if world > 1:  # every process in one format, channels_last only where every process raced it faster
         faster = all_processes_true(torch.tensor(faster, device=device))
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(memory_format=torch.channels_last if faster else torch.contiguous_format)
     say(f"memory format {'channels_last' if faster else 'contiguous'}: {why}")
     net = model
