@@ -264,9 +264,10 @@ def build_model(
 # ---- placing on the device, and the memory format --------------------------------------------------------------------
 
 
-# Which memory format is faster on the CPU depends on the CPU as much as on torch and the model: channels_last ran
-# a MobileNetV3 training step 1.43x contiguous on one 2-core EPYC and 0.90x on another, both on torch 2.14.1
-# (BENCHMARKS.md). So `--channels-last auto` races the two on the CPU, once per machine, torch, arch and input shape.
+# Which memory format is faster on the CPU depends on the CPU and the input size as much as on torch and the model:
+# on torch 2.14.1 channels_last ran a MobileNetV3 training step 1.37x contiguous here at 160x224, 0.8x at 48x64, and
+# 0.90x on issue 28's EPYC (BENCHMARKS.md). So `--channels-last auto` races the two on the CPU, once per machine,
+# torch, arch and input shape.
 LAYOUTS_CACHE = "deeplab_layouts.json"  # under ~/.cache: each race's images/s and its winner
 LAYOUT_STEPS = 3  # timed steps of each format per race, after one warm-up step of each; the fastest counts
 LAYOUT_SIZE = (512, 512)  # the inference race's input where the model was trained at no fixed size

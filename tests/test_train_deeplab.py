@@ -15,10 +15,11 @@ from conftest import CAMVID, write_folder
 
 import dataset
 import evaluate
+import models
 import train_deeplab
 import train_deeplab_finetune
 from dataset import make_demo
-from models import ARCHS
+from models import ARCHS, memory_format_of
 from train_deeplab import csv_header, poly_lr_factor
 
 EPOCH_LINE = re.compile(
@@ -584,3 +585,22 @@ def test_resuming_on_a_machine_without_the_runs_device_is_one_line(two_epoch_run
         train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--resume", str(tmp_path / "last.pth")]))
     assert str(e.value.code).startswith(f"error: --resume {tmp_path / 'last.pth'}: the run trained on --device "
                                         "'cuda:64'") and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("speeds, chosen", [((1.0, 2.0), torch.channels_last), ((2.0, 1.0), torch.contiguous_format)])
+def test_a_cpu_run_trains_in_the_winner_of_the_layout_race_at_its_batch_shape(tiny_demo, tmp_path, monkeypatch,
+                                                                             capsys, speeds, chosen):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    raced, used = [], []
+
+    def race(model, shape, train, steps=3):
+        raced.append((shape, train))
+        return {"contiguous": speeds[0], "channels_last": speeds[1]}
+
+    monkeypatch.setattr(models, "race_layouts", race)
+    monkeypatch.setattr(train_deeplab, "train_epochs", lambda run: used.append(memory_format_of(run.model)) or 0.0)
+    train_deeplab.main(train_args(tiny_demo, tmp_path / "r", "--crop", "48", "64"))
+    assert raced == [((4, 48, 64), True)] and used == [chosen]
+    name = "channels_last" if chosen == torch.channels_last else "contiguous"
+    assert f"memory format {name}: --channels-last auto: channels_last {speeds[1]:.2f} against contiguous " \
+           f"{speeds[0]:.2f} images/s on this CPU (raced now)" in capsys.readouterr().out
