@@ -268,7 +268,7 @@ def build_model(
 # on torch 2.14.1 channels_last ran a MobileNetV3 training step 1.37x contiguous here at 160x224, 0.8x at 48x64, and
 # 0.90x on issue 28's EPYC (BENCHMARKS.md). So `--channels-last auto` races the two on the CPU, once per machine,
 # torch, arch and input shape.
-LAYOUTS_CACHE = "deeplab_layouts.json"  # under ~/.cache: each race's images/s and its winner
+LAYOUTS_CACHE = "deeplab_layouts.json"  # under ~/.cache: each race's images/s in each format
 LAYOUT_STEPS = 3  # timed steps of each format per race, after one warm-up step of each; the fastest counts
 LAYOUT_SIZE = (512, 512)  # the inference race's input where the model was trained at no fixed size
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -349,8 +349,10 @@ def measured_layout(model: nn.Module, arch: str, shape: tuple[int, int, int], tr
     except (OSError, ValueError):
         races = {}
     races = races if isinstance(races, dict) else {}
-    if not fresh and isinstance(races.get(key), dict) and set(races[key]) == set(FORMATS):
-        return races[key], True
+    cached = races.get(key)
+    if not fresh and isinstance(cached, dict) and set(cached) == set(FORMATS) and all(
+            isinstance(v, (int, float)) for v in cached.values()):
+        return cached, True
     races[key] = race_layouts(model, shape, train, steps)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
