@@ -214,8 +214,8 @@ def pixel_limit_for_workers() -> Callable[[int], None]:
 
 
 def too_many_pixels(what: str, path: Path | str, pixels: int) -> DatasetError:
-    return DatasetError(f"{what} {path} has {pixels:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,} that "
-                        f"guards against decompression bombs; --max-pixels {pixels} reads it")
+    return DatasetError(f"{what} {path} has {pixels:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,} (a guard "
+                        f"against decompression bombs; --max-pixels {pixels} raises it)")
 
 
 def open_image(path: Path | str, data: bytes | None = None, what: str = "image") -> Image.Image:

@@ -59,6 +59,7 @@ from annotations import (
     pair_by_stem,
     sample_masks,
     set_pixel_limit,
+    too_many_pixels,
     unpack_zip,
 )
 
@@ -874,6 +875,8 @@ def transform_pair(
             image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
             mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)
     else:
+        if hs * ws > (Image.MAX_IMAGE_PIXELS or math.inf):  # a --scale of 100 would resize a photo to terapixels
+            raise too_many_pixels(f"a {h0}x{w0} image resized (--size, --scale {s:.3g}) to", f"{hs}x{ws}", hs * ws)
         image, mask = _resize_pair(image, mask, (hs, ws))
     if cfg.train:
         if cfg.hflip and torch.rand(1, generator=g).item() < 0.5:
@@ -1642,6 +1645,11 @@ def one_line(error: Exception) -> str:
     return lines[-1].split(": ", 1)[1] if "Traceback" in str(error) and ": " in lines[-1] else lines[-1]
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is the CPU allocator's refusal (torch raises it as a RuntimeError naming the allocator)."""
+    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
 def cannot_write(path: Path, error: BaseException) -> DatasetError:
     """The one line for a file that cannot be written; a full disk is named as such (torch.save reports it as a
     failed write, with no reason)."""
@@ -1733,9 +1741,14 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
 
 
 def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfig:
-    """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone)."""
+    """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone); a --size or
+    --crop of more pixels than the pixel limit is refused before any work."""
     scale = tuple(args.scale) if args.scale else None
-    return TransformConfig(hw_pair(args.size), scale, hw_pair(args.crop, "--crop"), augment=args.augment, train=train)
+    size, crop = hw_pair(args.size), hw_pair(args.crop, "--crop")
+    for flag, hw in (("--size", size), ("--crop", crop)):
+        if hw and hw[0] * hw[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
+            raise too_many_pixels(flag, f"{hw[0]} {hw[1]}", hw[0] * hw[1])
+    return TransformConfig(size, scale, crop, augment=args.augment, train=train)
 
 
 def main(args: argparse.Namespace) -> None:

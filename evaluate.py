@@ -64,6 +64,7 @@ from dataset import (
     image_size,
     normalize,
     one_line,
+    out_of_memory,
     read_image,
     resize_image,
     writable_file,
@@ -1646,6 +1647,10 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: {one_line(e)}")
     except OSError as e:  # a write that failed after the checks above passed: a full disk, a folder removed
         sys.exit(f"error: {one_line(cannot_write(Path(e.filename or '.'), e))}")
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        sys.exit("error: out of memory; try a smaller --batch-size or --size, or --sliding-window")
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

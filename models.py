@@ -270,6 +270,7 @@ def build_model(
 # torch, arch and input shape.
 LAYOUTS_CACHE = "deeplab_layouts.json"  # under ~/.cache: each race's images/s in each format
 LAYOUT_STEPS = 3  # timed steps of each format per race, after one warm-up step of each; the fastest counts
+LAYOUT_BUDGET = 30.0  # seconds a race's timed rounds may take, at least one round
 LAYOUT_SIZE = (512, 512)  # the inference race's input where the model was trained at no fixed size
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -325,7 +326,8 @@ def race_layouts(model: nn.Module, shape: tuple[int, int, int], train: bool, ste
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         x, y = torch.randn(batch, 3, height, width), torch.zeros(batch, height, width, dtype=torch.long)
-        for _ in range(steps + 1):  # the first round warms up
+        rounds = steps + 1  # the first round warms up; slow steps get fewer rounds, within LAYOUT_BUDGET
+        while len(times["contiguous"]) < rounds:
             for name, net in copies.items():
                 start = time.perf_counter()
                 with torch.set_grad_enabled(train):
@@ -334,6 +336,9 @@ def race_layouts(model: nn.Module, shape: tuple[int, int, int], train: bool, ste
                         F.cross_entropy(out.float(), y).backward()
                         net.zero_grad(set_to_none=True)
                 times[name].append(time.perf_counter() - start)
+            if len(times["contiguous"]) == 1:
+                warm_up = sum(seconds[0] for seconds in times.values())
+                rounds = 1 + max(1, min(steps, int(LAYOUT_BUDGET / warm_up)))
     return {name: batch / min(seconds[1:]) for name, seconds in times.items()}
 
 

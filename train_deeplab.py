@@ -53,6 +53,7 @@ from dataset import (
     number,
     one_line,
     open_data,
+    out_of_memory,
     split_dataset,
     split_statistics,
     transform_from_args,
@@ -991,6 +992,10 @@ def run(prepare: Callable[[], tuple[argparse.Namespace, dict | None, dict | None
         sys.exit(f"error: {one_line(e)}")
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: CUDA ran out of memory; try a smaller --batch-size or --crop")
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        sys.exit("error: out of memory on the CPU; try a smaller --batch-size, --size or --crop")
     except KeyboardInterrupt:
         sys.stderr.write(f"{interrupted(args)}\n")
         sys.exit(130)  # the shell's status for a process stopped by Ctrl-C

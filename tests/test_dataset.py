@@ -704,7 +704,7 @@ def test_every_decode_path_refuses_a_file_over_the_pixel_limit(tmp_path, monkeyp
 def test_max_pixels_raises_the_limit_for_the_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the command sets it; put it back after
     root = write_folder(tmp_path, "train", random_masks([0, 1], 2, (40, 40)))
-    assert "--max-pixels 1600 reads it" in run_cli(["--data", str(root), "--max-pixels", "1000"])
+    assert "--max-pixels 1600 raises it" in run_cli(["--data", str(root), "--max-pixels", "1000"])
     dataset.main(dataset.get_args_parser().parse_args(["--data", str(root), "--max-pixels", "1600"]))
     assert "1 images in split 'train'" in capsys.readouterr().out
 

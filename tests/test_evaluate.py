@@ -773,7 +773,7 @@ def test_predicting_a_bomb_is_one_line(checkpoint, tmp_path):
     with pytest.raises(SystemExit) as e:
         run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "bomb.png"), "--out", str(tmp_path / "p"))
     assert str(e.value.code) == (f"error: image {tmp_path / 'bomb.png'} has 400,000,000 pixels, over the limit of "
-                                 "89,478,485 that guards against decompression bombs; --max-pixels 400000000 reads it")
+                                 "89,478,485 (a guard against decompression bombs; --max-pixels 400000000 raises it)")
 
 
 def test_ctrl_c_is_one_line(checkpoint, monkeypatch, capsys):

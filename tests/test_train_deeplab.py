@@ -604,3 +604,22 @@ def test_a_cpu_run_trains_in_the_winner_of_the_layout_race_at_its_batch_shape(ti
     name = "channels_last" if chosen == torch.channels_last else "contiguous"
     assert f"memory format {name}: --channels-last auto: channels_last {speeds[1]:.2f} against contiguous " \
            f"{speeds[0]:.2f} images/s on this CPU (raced now)" in capsys.readouterr().out
+
+
+def test_sizes_and_scales_past_the_pixel_limit_and_running_out_of_memory_are_one_line(tiny_demo, tmp_path,
+                                                                                     monkeypatch):
+    for flags, needle in ((["--size", "20000", "20000"], "--size 20000 20000 has 400,000,000 pixels, over the limit"),
+                          (["--crop", "30000"], "--crop 30000 30000 has 900,000,000 pixels"),
+                          (["--scale", "0.5", "400", "--workers", "1"], "resized (--size, --scale")):
+        with pytest.raises(SystemExit) as e:
+            train_deeplab.main(train_args(tiny_demo, tmp_path / "r", *flags))
+        assert needle in str(e.value.code) and "\n" not in str(e.value.code), flags
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 28800000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train_deeplab, "train_one_epoch", exhausted)
+    with pytest.raises(SystemExit) as e:
+        train_deeplab.main(train_args(tiny_demo, tmp_path / "s"))
+    assert str(e.value.code) == "error: out of memory on the CPU; try a smaller --batch-size, --size or --crop"
