@@ -352,13 +352,8 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
         full[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
         return full
     if region.polygons is not None:
-        for polygon in region.polygons:  # pycocotools draws every edge, whatever its length, before it clips
-            xy = np.asarray(polygon, float).reshape(-1, 2)
-            outside = ~(np.isfinite(xy) & (xy >= -np.array([width, height])) & (xy <= 2 * np.array([width, height])))
-            if outside.any():
-                x, y = xy[outside.any(1)][0]
-                raise ValueError(f"a polygon has the point ({x:g}, {y:g}), over a whole image's size outside the "
-                                 f"{width}x{height} image")
+        for polygon in region.polygons:
+            check_points(np.asarray(polygon, float).reshape(-1, 2), height, width)
         rle = mask_utils.merge(mask_utils.frPyObjects(region.polygons, height, width))
     else:
         counts = region.rle.get("counts")
@@ -366,8 +361,20 @@ def region_pixels(region: Region, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def check_points(xy: np.ndarray, height: int, width: int) -> None:
+    """Refuse (ValueError) a shape's points [N, 2] that are no numbers, or over a whole image's size outside it: no
+    tool draws there, and pycocotools draws every edge, whatever its length, before it clips (a 1e12 vertex makes
+    5e12 points). YOLO's normalised coordinates past 1 (Ultralytics refuses such a label file) land here too."""
+    outside = ~(np.isfinite(xy) & (xy >= -np.array([width, height])) & (xy <= 2 * np.array([width, height])))
+    if outside.any():
+        x, y = xy[outside.any(1)][0]
+        raise ValueError(f"a shape has the point ({x:g}, {y:g}), over a whole image's size outside the "
+                         f"{width}x{height} image")
+
+
 def drawn(kind: str, xy: list[tuple[float, float]], height: int, width: int) -> np.ndarray:
     """A shape as LabelMe's shape_to_mask draws it with Pillow: outline and fill, lines LABELME_LINE_WIDTH wide."""
+    check_points(np.asarray(xy, float).reshape(-1, 2), height, width)
     canvas = Image.new("L", (width, height))
     draw = ImageDraw.Draw(canvas)
     if kind == "ellipse":
@@ -1591,8 +1598,11 @@ def yolo_regions(path: Path, width: int, height: int, classes: int, counts: Coun
             raise DatasetError(f"{path}, line {n}: class {cls} is outside the {classes} classes of the names")
         if len(xy) == 4:
             counts["boxes"] += 1
+        elif not np.isfinite(xy).all() or not ((xy >= -1) & (xy <= 2)).all():
+            raise DatasetError(f"{path}, line {n}: coordinates not normalised to 0..1 (Ultralytics refuses such a "
+                               f"label file): {line[:60]!r}")
         elif len(xy) >= 6 and len(xy) % 2 == 0:  # polygon2mask: vertices truncated to whole pixels, edges filled
-            points = (xy.reshape(-1, 2) * (width, height)).astype(np.int32)
+            points = (xy.reshape(-1, 2) * (width, height)).astype(np.int64)
             regions.append(Region(cls + 1, drawing=("polygon", [tuple(p) for p in points.tolist()])))
         else:
             raise DatasetError(f"{path}, line {n}: {len(xy)} coordinates, neither a box (4) nor a polygon (6 or more)")

@@ -1083,7 +1083,7 @@ def cvat_one_shape(root: Path, shape: str, width: int = 16, height: int = 12) ->
     ('<mask label="car" rle="0,10000000000" left="0" top="0" width="100000" height="100000"/>', 16,
      "a <mask> in {root}/annotations.xml, image 'a.png' has 10,000,000,000 pixels, over the limit"),
     ('<polygon label="car" points="0,0;1e12,0;1e12,1e12"/>', 16,
-     "a polygon has the point (1e+12, 0), over a whole image's size outside the 16x12 image"),
+     "a shape has the point (1e+12, 0), over a whole image's size outside the 16x12 image"),
     ('<polygon label="car" points="0,0;8,0;8,8"/>', 30000, "the export declares 30000x12 pixels, but"),
 ])
 def test_a_shape_or_size_that_would_rasterise_absurdly_is_one_line(tmp_path, shape, width, needle, monkeypatch):
@@ -1102,3 +1102,21 @@ def test_a_labelme_file_declaring_another_size_than_its_image_is_one_line(tmp_pa
         "shapes": [{"label": "car", "points": [[0, 0], [8, 0], [8, 8]], "shape_type": "polygon"}]}))
     message = run_cli(["--data", str(tmp_path / "export"), "--check"])
     assert "image a.json: the export declares 12x16 pixels, but" in message and "a.jpg is 16x12" in message
+
+
+def test_labelme_and_yolo_points_that_are_no_numbers_or_far_outside_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name, points in (("nan", "[[0, 0], [NaN, 0], [5, 5]]"), ("far", "[[0, 0], [1e12, 0], [1e12, 1e12]]")):
+        root = tmp_path / f"labelme-{name}"
+        save_rgb(root / "a.jpg", (12, 16))
+        (root / "a.json").write_text('{"version": "5.5.0", "imagePath": "a.jpg", "imageHeight": 12, "imageWidth": 16, '
+                                     f'"shapes": [{{"label": "car", "points": {points}, "shape_type": "polygon"}}]}}')
+        assert "over a whole image's size outside the 16x12 image" in run_cli(["--data", str(root), "--check"])
+    for name, line in (("nan", "0 0.1 0.1 nan 0.2 0.3 0.3"), ("far", "0 0.1 0.1 1e12 0.2 0.3 0.3")):
+        root = tmp_path / f"yolo-{name}"
+        save_rgb(root / "images" / "train" / "a.jpg", (12, 16))
+        (root / "labels" / "train").mkdir(parents=True)
+        (root / "labels" / "train" / "a.txt").write_text(line + "\n")
+        (root / "data.yaml").write_text("names: [car]\ntrain: images/train\nval: images/train\n")
+        message = run_cli(["--data", str(root), "--check"])
+        assert "a.txt, line 1: coordinates not normalised to 0..1" in message, message
