@@ -769,6 +769,8 @@ def open_tree(data: Path, layout: str = "auto", val_fraction: float | None = Non
         inner = [p for p in data.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]  # Finder's
         if len(inner) == 1 and inner[0].is_dir() and detectable(inner[0]):
             data = inner[0]  # the export's own top folder
+    if data.exists() and not data.is_dir():
+        raise DatasetError(f"--data {data} is a file: give the dataset's folder, or an export's .zip")
     if not data.is_dir():
         raise DatasetError(f"--data folder {data} does not exist")
     data, layout, found = find_root(data, layout)

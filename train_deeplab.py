@@ -965,11 +965,25 @@ def resume_run(path: Path) -> tuple[argparse.Namespace, None, dict]:
         is_path = name in ("data", "out", "init", "checkpoint", "classes") and value
         setattr(args, name, Path(value) if is_path else value)
     args.resume = path
-    try:
-        device_name(args.device)
-    except argparse.ArgumentTypeError as e:
-        raise ModelError(f"--resume {path}: the run trained on --device {e}") from None
+    check_resumed_flags(path, state["args"])
     return args, None, state
+
+
+def check_resumed_flags(path: Path, flags: dict) -> None:
+    """A checkpoint's flags, checked by the parser's own types and choices, as if typed now: an edited or foreign
+    checkpoint (or one whose --device this machine lacks) stops in one line, not hours in."""
+    for action in get_args_parser()._actions:
+        value = flags.get(action.dest)
+        if value is None or not action.option_strings:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                parsed = action.type(str(item)) if action.type is not None and not isinstance(item, bool) else item
+                if action.choices is not None and parsed not in action.choices:
+                    raise ValueError(f"not one of {', '.join(map(str, action.choices))}")
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise ModelError(f"--resume {path}: the run's {action.option_strings[0]} {item!r} is refused here "
+                                 f"({e})") from None
 
 
 def interrupted(args: argparse.Namespace | None) -> str:

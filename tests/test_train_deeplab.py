@@ -577,14 +577,22 @@ def test_flags_that_mean_nothing_are_refused_when_parsed(flags, needle, capsys):
         assert e.value.code == 2 and needle in error and "\n" not in error
 
 
-def test_resuming_on_a_machine_without_the_runs_device_is_one_line(two_epoch_run, tmp_path):
+@pytest.mark.parametrize("flag, value, needle", [
+    ("device", "cuda:64", "the run's --device 'cuda:64' is refused here ('cuda:64': "),
+    ("epochs", 0, "the run's --epochs 0 is refused here (expected a whole number over 0"),
+    ("arch", "unet", "the run's --arch 'unet' is refused here (not one of deeplabv3_mobilenet_v3_large"),
+    ("scale", [2.0, "x"], "the run's --scale 'x' is refused here"),
+])
+def test_resuming_a_checkpoint_whose_flags_this_machine_or_the_parser_refuses_is_one_line(two_epoch_run, tmp_path,
+                                                                                          flag, value, needle):
     state = torch.load(two_epoch_run[0] / "last.pth", weights_only=True)
-    state["args"]["device"] = "cuda:64"
+    state["args"][flag] = value
     torch.save(state, tmp_path / "last.pth")
     with pytest.raises(SystemExit) as e:
         train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--resume", str(tmp_path / "last.pth")]))
-    assert str(e.value.code).startswith(f"error: --resume {tmp_path / 'last.pth'}: the run trained on --device "
-                                        "'cuda:64'") and "\n" not in str(e.value.code)
+    message = str(e.value.code)
+    assert message.startswith(f"error: --resume {tmp_path / 'last.pth'}: ") and needle in message, message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("speeds, chosen", [((1.0, 2.0), torch.channels_last), ((2.0, 1.0), torch.contiguous_format)])
