@@ -803,3 +803,11 @@ def test_benchmark_train_runtimes_races_both_layouts_and_caches_what_a_run_then_
     model = build_model("deeplabv3_mobilenet_v3_large", 3)
     faster, why = layout_choice("auto", "deeplabv3_mobilenet_v3_large", torch.device("cpu"), model, (2, 32, 48), True)
     assert faster == (auto == "channels_last") and "raced before" in why and f"{float(channels_last):.2f}" in why
+
+
+def test_an_inference_size_past_the_pixel_limit_is_one_line(checkpoint, tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as e:
+        run_cli("--checkpoint", str(checkpoint), "--predict", str(tmp_path / "a.png"), "--size", "20000", "20000",
+                "--out", str(tmp_path / "p"))
+    assert str(e.value.code).startswith("error: --size 20000 20000 has 400,000,000 pixels, over the limit")
