@@ -213,6 +213,11 @@ def pixel_limit_for_workers() -> Callable[[int], None]:
     return partial(set_pixel_limit, Image.MAX_IMAGE_PIXELS)
 
 
+def over_pixel_limit(pixels: int) -> bool:
+    """More pixels than an image of this process may have (set_pixel_limit; Pillow's None: no limit)."""
+    return pixels > (Image.MAX_IMAGE_PIXELS or math.inf)
+
+
 def too_many_pixels(what: str, path: Path | str, pixels: int) -> DatasetError:
     return DatasetError(f"{what} {path} has {pixels:,} pixels, over the limit of {Image.MAX_IMAGE_PIXELS:,} (a guard "
                         f"against decompression bombs; --max-pixels {pixels} raises it)")
@@ -226,7 +231,7 @@ def open_image(path: Path | str, data: bytes | None = None, what: str = "image")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise too_many_pixels(what, path, int(found[1]) if found else 0) from None
-    if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+    if over_pixel_limit(im.width * im.height):
         im.close()
         raise too_many_pixels(what, path, im.width * im.height)
     return im
@@ -981,9 +986,10 @@ def cvat_rle(shape: ET.Element, where: str) -> Region:
         left, top, width, height = (int(float(shape.get(k))) for k in ("left", "top", "width", "height"))
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: a <mask> without a whole-number rle, left, top, width and height") from None
-    if min(width, height) < 0 or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
-        raise too_many_pixels("a <mask> in", where, width * height) if width * height > 0 else DatasetError(
-            f"{where}: a <mask> of width {width} and height {height}")
+    if min(width, height) < 0:
+        raise DatasetError(f"{where}: a <mask> of width {width} and height {height}")
+    if over_pixel_limit(width * height):
+        raise too_many_pixels("a <mask> in", where, width * height)
     if sum(runs) != width * height or min(runs, default=0) < 0:
         raise DatasetError(f"{where}: a <mask> whose runs add up to {sum(runs)}, not its {width}x{height} box")
     bits = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool).reshape(height, width)

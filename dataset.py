@@ -56,6 +56,7 @@ from annotations import (
     is_ignore,
     open_image,
     orientation,
+    over_pixel_limit,
     pair_by_stem,
     sample_masks,
     set_pixel_limit,
@@ -429,7 +430,7 @@ def fast_png(data: bytes, kinds: tuple[tuple[int, int], ...], fmt: str) -> np.nd
     if pyspng is None or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or (data[24], data[25]) not in kinds:
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if b"eXIf" in data or width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+    if b"eXIf" in data or over_pixel_limit(width * height):
         return None  # Pillow's open refuses a file over the pixel limit, in one line
     try:
         return pyspng.load(data, fmt)
@@ -877,7 +878,7 @@ def transform_pair(
             image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
             mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)
     else:
-        if hs * ws > (Image.MAX_IMAGE_PIXELS or math.inf):  # a --scale of 100 would resize a photo to terapixels
+        if over_pixel_limit(hs * ws):  # a --scale of 100 would resize a photo to terapixels
             raise too_many_pixels(f"a {h0}x{w0} image resized (--size, --scale {s:.3g}) to", f"{hs}x{ws}", hs * ws)
         image, mask = _resize_pair(image, mask, (hs, ws))
     if cfg.train:
@@ -1742,14 +1743,19 @@ def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] |
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
+def within_pixel_limit(hw: tuple[int, int] | None, flag: str) -> tuple[int, int] | None:
+    """A flag's (H, W), refused before any work where it has more pixels than an image may have."""
+    if hw and over_pixel_limit(hw[0] * hw[1]):
+        raise too_many_pixels(flag, f"{hw[0]} {hw[1]}", hw[0] * hw[1])
+    return hw
+
+
 def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfig:
     """The TransformConfig that add_transform_args's flags describe (train=False: the resize alone); a --size or
     --crop of more pixels than the pixel limit is refused before any work."""
     scale = tuple(args.scale) if args.scale else None
-    size, crop = hw_pair(args.size), hw_pair(args.crop, "--crop")
-    for flag, hw in (("--size", size), ("--crop", crop)):
-        if hw and hw[0] * hw[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
-            raise too_many_pixels(flag, f"{hw[0]} {hw[1]}", hw[0] * hw[1])
+    size = within_pixel_limit(hw_pair(args.size), "--size")
+    crop = within_pixel_limit(hw_pair(args.crop, "--crop"), "--crop")
     return TransformConfig(size, scale, crop, augment=args.augment, train=train)
 
 

@@ -41,7 +41,6 @@ from annotations import (
     pixel_limit_for_workers,
     read_json,
     set_pixel_limit,
-    too_many_pixels,
 )
 from dataset import (
     COUNT,
@@ -68,6 +67,7 @@ from dataset import (
     out_of_memory,
     read_image,
     resize_image,
+    within_pixel_limit,
     writable_file,
     writable_folder,
 )
@@ -1468,10 +1468,7 @@ def eval_size(size: list | None, trained: list | None) -> tuple[int, int] | None
         return None
     if size and "off" in size:
         raise DatasetError(f"--size takes H W or off, got {' '.join(map(str, size))}")
-    hw = hw_pair(size) if size else hw_pair(trained)
-    if hw and hw[0] * hw[1] > (Image.MAX_IMAGE_PIXELS or math.inf):
-        raise too_many_pixels("--size", f"{hw[0]} {hw[1]}", hw[0] * hw[1])
-    return hw
+    return within_pixel_limit(hw_pair(size) if size else hw_pair(trained), "--size")
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
