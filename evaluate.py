@@ -38,6 +38,7 @@ from tqdm import tqdm
 from annotations import (
     LABEL_STUDIO_LOCAL_FILES,
     PRE_LABEL_WRITERS,
+    link_or_copy,
     pixel_limit_for_workers,
     read_json,
     set_pixel_limit,
@@ -60,10 +61,14 @@ from dataset import (
     build_dataset,
     cannot_write,
     collate,
+    detectable,
     hw_pair,
     image_size,
+    list_pairs,
+    nested_datasets,
     normalize,
     one_line,
+    open_data,
     out_of_memory,
     read_image,
     resize_image,
@@ -447,11 +452,14 @@ def plot_confusion(mat: torch.Tensor, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-# ---- the images worth labelling next: each image's estimated share of pixels wrong, ranking.csv --------------------
+# ---- the images worth labelling next: what the labelled frames do not cover, ranking.csv ----------------------------
 
 RELIABILITY_BINS = 10  # max-softmax bins of the validation split's reliability counts, kept in each checkpoint
 RELIABILITY_PRIOR = 1.0  # pseudo-pixels by which a sparse bin leans on its class's precision
 RANKING = "ranking.csv"
+THUMBNAIL = (24, 32)  # (H, W): the embedding of an image without a model (no checkpoint, or an ONNX file)
+COVERAGE_TARGETS = 4096  # pool frames whose coverage is measured; a larger pool is sampled down to this many
+LAZY_CHECKS = 16  # frames whose gain coverage_order recomputes at a time, those of the highest bounds
 
 
 class LabellingScore:
@@ -491,15 +499,101 @@ def labelling_score(checkpoint: dict | None, num_classes: int) -> LabellingScore
     return LabellingScore(reliability if usable else None, num_classes)
 
 
-def write_ranking(path: Path, rows: list[tuple[Path, float, list[float]]], names: list[str]) -> Path:
-    """ranking.csv: image, score, the predicted share of each class; the highest score (most worth labelling)
-    first."""
+class BackboneFeatures:
+    """A forward hook on a model's backbone that keeps what each image looks like to the model: its last features
+    averaged over space, then over the backbone's calls for the batch (TTA views, sliding windows), L2-normalised,
+    so that two images' distance is their features' cosine (in 0..2). take() gives the batch's [B, D]."""
+
+    def __init__(self, model: nn.Module):
+        self.total, self.calls = None, 0
+        self.handle = model.backbone.register_forward_hook(self.hook)
+
+    def hook(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor | dict) -> None:
+        pooled = (output["out"] if isinstance(output, dict) else output).float().mean((-2, -1))
+        self.total, self.calls = pooled if self.total is None else self.total + pooled, self.calls + 1
+
+    def take(self) -> torch.Tensor:
+        features, self.total, self.calls = F.normalize(self.total / self.calls, dim=1), None, 0
+        return features.cpu()
+
+
+def thumbnails(files: list[Path], workers: int = 0) -> torch.Tensor:
+    """The embedding without a model [N, 3 * 24 * 32]: each image as displayed, shrunk to THUMBNAIL, its RGB in
+    0..1 scaled so that two images' distance is their root-mean-square pixel difference."""
+    loader = DataLoader(ImageFiles(files, THUMBNAIL, originals=False), batch_size=32, num_workers=workers,
+                        collate_fn=stack_batch, worker_init_fn=pixel_limit_for_workers())
+    rows = [inputs.float().flatten(1) for inputs, _, _ in tqdm(loader, desc="thumbnails", unit="batch", disable=None)]
+    return torch.cat(rows) / (255 * math.sqrt(3 * THUMBNAIL[0] * THUMBNAIL[1]))
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One frame of the coverage order: its index in the pool, how much nearer it brings the pool to the frames
+    chosen (the drop in the summed distance, per pool frame), and the nearest frame already labelled or picked
+    before it (a pool index, or -1 - i for labelled frame i; None for the very first) at `distance`."""
+
+    index: int
+    gain: float
+    distance: float
+    nearest: int | None
+
+
+def coverage_order(pool: torch.Tensor, labelled: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                   seed: int = 0) -> list[Pick]:
+    """Every frame of the pool [N, D] in the order that covers it best, the labelled frames [M, D] counting as
+    covered: greedy facility location (k-medoids), each next frame the one that most lowers the sum over the pool
+    of each frame's distance to its nearest labelled or chosen frame. A near-duplicate of a frame already there
+    lowers it by almost nothing, and so does an outlier, which covers only itself: the order goes from the most
+    typical uncovered frames outwards (TypiClust, Hacohen et al. 2022, makes the same case at small budgets).
+    Lazy greedy: a frame's gain only falls as frames are chosen, so a stale gain is an upper bound, and a frame
+    whose fresh gain passes every other frame's bound is the best. Pools over
+    COVERAGE_TARGETS frames are covered as measured on a sample of that many (seeded). `weights` [N]: how much
+    each pool frame's distance counts (default: alike)."""
+    n = len(pool)
+    kept = torch.arange(n) if n <= COVERAGE_TARGETS else torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed))[:COVERAGE_TARGETS]
+    targets, weight = pool[kept], torch.ones(len(kept)) if weights is None else weights[kept].float()
+    distances = torch.cat([torch.cdist(chunk, targets) for chunk in pool.split(1024)])  # [N, T]
+    near, near_frame = torch.full((n,), math.inf), torch.full((n,), -1)  # each pool frame's nearest covered frame
+    if labelled is not None and len(labelled):
+        to_labelled = torch.cat([torch.cdist(chunk, labelled) for chunk in pool.split(1024)])
+        near, near_frame = to_labelled.min(1).values, -1 - to_labelled.argmin(1)
+    cover = near[kept] if labelled is not None and len(labelled) else distances.max().expand(len(kept)).clone()
+    bound = ((cover - distances).clamp_min(0) * weight).sum(1)  # each frame's gain: once stale, an upper bound
+    squared = (pool * pool).sum(1)
+    order = []
+    while len(order) < n:
+        checked = bound.topk(min(LAZY_CHECKS + 1, n - len(order))).indices  # frames picked are at -inf
+        gains = ((cover - distances[checked[:LAZY_CHECKS]]).clamp_min(0) * weight).sum(1)
+        bound[checked[:LAZY_CHECKS]] = gains
+        best = int(gains.argmax())
+        if len(checked) > LAZY_CHECKS and gains[best] < bound[checked[-1]]:  # a frame not checked may gain more
+            continue
+        i, first = int(checked[best]), math.isinf(near[checked[best]])
+        order.append(Pick(i, float(gains[best] / weight.sum()), float(near[i]), None if first else int(near_frame[i])))
+        bound[i], cover = -math.inf, torch.minimum(cover, distances[i])
+        to_pick = distances[:, i] if n <= COVERAGE_TARGETS else (squared - 2 * pool @ pool[i] + squared[i]).clamp_min(
+            0).sqrt()
+        near, near_frame = torch.minimum(near, to_pick), torch.where(to_pick < near, i, near_frame)
+    return order
+
+
+def write_ranking(path: Path, files: list[Path], order: list[Pick], scores: dict[int, tuple[float, list[float]]],
+                  names: list[str], labelled: list[Path]) -> Path:
+    """ranking.csv: every image in the order picked (coverage_order), with why: the coverage it adds (gain), the
+    nearest frame already labelled or picked before it and its distance, the score (the share of its pixels
+    estimated wrong) and the predicted share of each class (both blank without a model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "score", *names])
-        for image, score, shares in sorted(rows, key=lambda row: -row[1]):
-            writer.writerow([str(image), f"{score:.6f}", *(f"{v:.6f}" for v in shares)])
+        writer.writerow(["rank", "image", "gain", "distance", "nearest", "score", *names])
+        for rank, pick in enumerate(order, 1):
+            near = "" if pick.nearest is None else labelled[-1 - pick.nearest] if pick.nearest < 0 else files[
+                pick.nearest]
+            score, shares = scores.get(pick.index, ("", []))
+            writer.writerow([rank, str(files[pick.index]), f"{pick.gain:.6f}",
+                             "" if pick.nearest is None else f"{pick.distance:.6f}", str(near),
+                             score if score == "" else f"{score:.6f}", *(f"{v:.6f}" for v in shares)])
     return path
 
 
@@ -544,17 +638,18 @@ def find_images(paths: list[str], recursive: bool = False) -> list[tuple[Path, P
 
 
 class ImageFiles(Dataset):
-    """Images to predict: (the uint8 image [3, h, w] at `size`, or as it is with size None; the original; index)."""
+    """Images to predict: (the uint8 image [3, h, w] at `size`, or as it is with size None; the original, or None
+    without `originals`; index)."""
 
-    def __init__(self, files: list[Path], size: tuple[int, int] | None):
-        self.files, self.size = files, size
+    def __init__(self, files: list[Path], size: tuple[int, int] | None, originals: bool = True):
+        self.files, self.size, self.originals = files, size, originals
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         image = read_image(self.files[index])
-        return (resize_image(image, self.size) if self.size else image), image, index
+        return (resize_image(image, self.size) if self.size else image), image if self.originals else None, index
 
 
 def same_size_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -585,60 +680,128 @@ def to_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def predicted_images(
     model: nn.Module, files: list[Path], size: tuple[int, int] | None, options: InferenceOptions, batch_size: int,
-    workers: int,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(index into files, the image as displayed [3, H, W] uint8, its softmax [C, H, W]) for every file, in
-    same-size batches; the logits are resized to each image's own size first."""
+    workers: int, embed: bool = False,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(index into files, the image as displayed [3, H, W] uint8, its softmax [C, H, W], with `embed` its
+    BackboneFeatures [D]) for every file, in same-size batches; the logits are resized to each image's own size
+    first."""
     sizes = [size or image_size(path)[::-1] for path in files]
     loader = DataLoader(ImageFiles(files, size), batch_sampler=same_size_batches(sizes, batch_size),
                         num_workers=workers, collate_fn=stack_batch, worker_init_fn=pixel_limit_for_workers())
     device = device_of(model)
     model.eval()
-    for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
-        logits = options.logits(model, normalize(inputs.to(device)).contiguous(memory_format=memory_format_of(model)))
-        for logit, original, index in zip(logits, originals, indices):
-            yield index, original, to_size(logit, tuple(original.shape[-2:])).softmax(0)
+    features = BackboneFeatures(model) if embed else None
+    try:
+        for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
+            x = normalize(inputs.to(device)).contiguous(memory_format=memory_format_of(model))
+            logits = options.logits(model, x)
+            embeddings = features.take() if features else [None] * len(indices)
+            for logit, original, index, embedding in zip(logits, originals, indices, embeddings):
+                yield index, original, to_size(logit, tuple(original.shape[-2:])).softmax(0), embedding
+    finally:
+        if features:
+            features.handle.remove()
 
 
 def predict_images(
     model: nn.Module, paths: list[str], out: Path, class_map: ClassMap, *, size: tuple[int, int] | None = None,
     recursive: bool = False, options: InferenceOptions = InferenceOptions(), batch_size: int = 4, workers: int = 0,
     save_probs: bool = False, label_ids: bool = False, scorer: LabellingScore | None = None,
-    select: int | None = None, pre_label: tuple[str, ...] = (), image_url: str = LABEL_STUDIO_LOCAL_FILES,
-    model_version: str = "",
+    select: int | None = None, labelled: list[Path] | None = None, pre_label: tuple[str, ...] = (),
+    image_url: str = LABEL_STUDIO_LOCAL_FILES, model_version: str = "",
 ) -> dict:
     """Predict every image of `paths` (find_images) and write its files (write_prediction) under `out`, mirroring
-    the inputs' relative paths, and out/ranking.csv, the images most worth labelling first (LabellingScore).
-    `select`: only the N highest-scoring images' files are written (a first pass scores them all). `pre_label`:
-    the predictions also as each tool's import (annotations.PRE_LABEL_WRITERS), in out/<format>/."""
+    the inputs' relative paths, and out/ranking.csv: every image in the order that best covers what the
+    `labelled` frames do not (coverage_order of what the model sees, BackboneFeatures; of thumbnails for a model
+    without a backbone, ONNX), with its LabellingScore. `select`: only the first N images' files are written (a
+    first pass orders them all). `pre_label`: the predictions also as each tool's import
+    (annotations.PRE_LABEL_WRITERS), in out/<format>/."""
     found = find_images(paths, recursive)
     for image, relative in found:
         if (out / relative).with_suffix(".png").resolve() == image.resolve():
             raise DatasetError(f"--out {out} would overwrite the input image {image}; choose another --out")
     files, names = [image for image, _ in found], [relative.with_suffix("").as_posix() for _, relative in found]
-    scorer = scorer or LabellingScore(None, class_map.num_classes)
+    scorer, labelled = scorer or LabellingScore(None, class_map.num_classes), labelled or []
     frames = partial(predicted_images, model, size=size, options=options, batch_size=batch_size, workers=workers)
-    scores, chosen = {}, list(range(len(files)))
-    if select is not None:
-        scores = {i: scorer(probs) for i, _, probs in frames(files)}
-        chosen = sorted(chosen, key=lambda i: -scores[i][0])[:select]
     writers = [PRE_LABEL_WRITERS[f](out, list(class_map.names), class_map.palette, model_version, image_url)
                for f in pre_label]
     ids = class_ids(class_map) if label_ids else None
-    for k, original, probs in frames([files[i] for i in chosen]):
-        i = chosen[k]
+
+    def write(i: int, original: torch.Tensor, probs: torch.Tensor) -> None:
         conf, pred = probs.max(0)
-        scores[i] = scorer(probs)
         pred, conf, picture = pred.to(torch.uint8).cpu().numpy(), conf.cpu().numpy(), original.permute(1, 2, 0)
         write_prediction(out / names[i], picture.numpy(), pred, class_map, conf if save_probs else None, ids=ids)
         for writer in writers:
             writer.add(names[i], files[i], pred, conf, scores[i][0])
+
+    embed = isinstance(getattr(model, "backbone", None), nn.Module)
+    scores, embeddings = {}, {}
+    for i, original, probs, embedding in frames(files, embed=embed):
+        scores[i], embeddings[i] = scorer(probs), embedding
+        if select is None:
+            write(i, original, probs)
+    pool = torch.stack([embeddings[i] for i in range(len(files))]) if embed else thumbnails(files, workers)
+    known = (embedded(frames, labelled) if embed else thumbnails(labelled, workers)) if labelled else None
+    order = coverage_order(pool, known)
+    chosen = [pick.index for pick in order[:select]] if select is not None else list(range(len(files)))
+    if select is not None:
+        for k, original, probs, _ in frames([files[i] for i in chosen]):
+            write(chosen[k], original, probs)
     imports = [str(writer.close()) for writer in writers]
-    ranking = write_ranking(out / RANKING, [(files[i], *scores[i]) for i in range(len(files))], class_map.names)
+    ranking = write_ranking(out / RANKING, files, order, scores, class_map.names, labelled)
     print(f"wrote the predictions of {len(chosen)} images to {out}" + "".join(f", {p}" for p in imports)
-          + f"; {ranking} ranks all {len(files)} by {scorer.what}")
+          + f"; {ranking} orders all {len(files)} by what {len(labelled)} labelled frames leave uncovered, "
+          f"scored by {scorer.what}")
     return {"predicted": [str(files[i]) for i in chosen], "out": str(out), "ranking": str(ranking),
             "pre_labels": imports}
+
+
+def embedded(frames: Callable, files: list[Path]) -> torch.Tensor:
+    """[N, D]: the BackboneFeatures of each of `files`, through `frames` (predicted_images)."""
+    rows = {i: embedding for i, _, _, embedding in frames(files, embed=True)}
+    return torch.stack([rows[i] for i in range(len(files))])
+
+
+def labelled_frames(labelled: Path | None, run: dict) -> tuple[list[Path], str]:
+    """The frames already labelled, which the ranking counts as covered, and where they come from in words: the
+    training split of `labelled` where it holds a dataset (else its images, subfolders too), or else the training
+    split of the data the checkpoint's run (`run`: its args) trained on, while that data is there."""
+    if labelled is not None and not labelled.exists():
+        raise DatasetError(f"--labelled {labelled} does not exist")
+    if labelled is not None and (labelled.suffix.lower() == ".zip" or detectable(labelled)
+                                 or labelled.is_dir() and nested_datasets(labelled)):
+        tree = open_data(labelled, "auto")
+        return [image for image, _ in list_pairs(tree, "train")], f"split {tree.resolve('train')} of {labelled}"
+    if labelled is not None:
+        return [image for image, _ in find_images([str(labelled)], recursive=True)], f"the images of {labelled}"
+    if not run:
+        return [], "none (--labelled DIR names them)"
+    data, split = run.get("data"), run.get("train_split", "train")
+    try:
+        tree = open_data(Path(data) if data else None, run.get("layout", "auto"), run.get("seed", 0),
+                         run.get("val_fraction"))
+        return [image for image, _ in list_pairs(tree, split)], f"split {split} of {data or 'the demo data'}"
+    except DatasetError as e:
+        return [], f"none: the checkpoint's --data {data} cannot be read ({one_line(e)}); --labelled DIR names them"
+
+
+def select_images(paths: list[str], out: Path, select: int, recursive: bool = False,
+                  labelled: list[Path] | None = None, workers: int = 0) -> dict:
+    """Without a model (the first round: which images to label first): the `select` images that best cover the
+    pool's thumbnails, the `labelled` ones counting as covered, linked into out/selected/ (their relative paths
+    kept), and out/ranking.csv ordering every image."""
+    found, labelled = find_images(paths, recursive), labelled or []
+    files = [image for image, _ in found]
+    known = thumbnails(labelled, workers) if labelled else None
+    order = coverage_order(thumbnails(files, workers), known)
+    for pick in order[:select]:
+        image, relative = found[pick.index]
+        link_or_copy(image, out / "selected" / relative)
+    ranking = write_ranking(out / RANKING, files, order, {}, [], labelled)
+    print(f"linked the {min(select, len(files))} images that best cover the {len(files)} into {out / 'selected'}; "
+          f"{ranking} orders them all by what {len(labelled)} labelled images leave uncovered (by thumbnails: "
+          "give --checkpoint to see them as a model does)")
+    return {"selected": [str(files[p.index]) for p in order[:select]], "out": str(out), "ranking": str(ranking)}
 
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -1513,12 +1676,23 @@ def compare_command(args: argparse.Namespace, dataset: SegmentationDataset, resu
 def predict_command(args: argparse.Namespace, model: nn.Module, class_map: ClassMap, size: tuple[int, int] | None,
                     checkpoint: dict | None = None) -> dict:
     out = args.out or args.save_predictions or PREDICTIONS
+    labelled, source = labelled_frames(args.labelled, (checkpoint or {}).get("args", {}))
+    print(f"labelled already: {len(labelled)} frames, {source}")
     return predict_images(model, args.predict, out, class_map, size=size, recursive=args.recursive,
                           options=inference_options(args), batch_size=args.batch_size, workers=args.workers,
                           save_probs=args.save_probs, label_ids=args.label_ids,
                           scorer=labelling_score(checkpoint, class_map.num_classes), select=args.select,
-                          pre_label=args.pre_label, image_url=args.image_url,
+                          labelled=labelled, pre_label=args.pre_label, image_url=args.image_url,
                           model_version=str(args.checkpoint or args.onnx))
+
+
+def select_command(args: argparse.Namespace) -> dict:
+    """--predict with --select and no model: the images to label first, by their thumbnails."""
+    if args.pre_label:
+        raise ModelError("--pre-label needs a model's predictions: give --checkpoint (or --onnx)")
+    labelled, source = labelled_frames(args.labelled, {})
+    print(f"labelled already: {len(labelled)} images, {source}")
+    return select_images(args.predict, args.out or PREDICTIONS, args.select, args.recursive, labelled, args.workers)
 
 
 def evaluate_command(args: argparse.Namespace) -> dict:
@@ -1641,9 +1815,12 @@ def main(args: argparse.Namespace) -> None:
             evaluate_command(args)
         elif args.predict and args.onnx:
             predict_onnx_command(args)
+        elif args.predict and args.select:
+            select_command(args)
         else:
             sys.exit("error: give --checkpoint (evaluate, --predict, --export-onnx), --benchmark (cost table), "
-                     "--compare RUN... (report) or --predict with --onnx")
+                     "--compare RUN... (report), --predict with --onnx, or --predict with --select (which images "
+                     "to label first)")
     except (DatasetError, ModelError) as e:
         sys.exit(f"error: {one_line(e)}")
     except OSError as e:  # a write that failed after the checks above passed: a full disk, a folder removed
@@ -1703,7 +1880,11 @@ def add_output_args(group: argparse._ArgumentGroup) -> None:
                        help=f"--predict: also write the predictions for the tools to import, in OUT/FORMAT/: any of "
                        f"{','.join(PRE_LABEL_WRITERS)} (comma-separated), or all")
     group.add_argument("--select", type=POSITIVE_INT, default=None, metavar="N",
-                       help="--predict: write the files of the N images most worth labelling (ranking.csv) only")
+                       help="--predict: write the files of the N images that best cover what is not labelled yet "
+                       "(the first N of ranking.csv) only; without a model, link them into OUT/selected/")
+    group.add_argument("--labelled", type=Path, default=None, metavar="DIR",
+                       help="--predict: the images already labelled, which count as covered: a dataset (its "
+                       "training split) or a folder of images (default: the checkpoint's training split)")
     group.add_argument("--image-url", default=LABEL_STUDIO_LOCAL_FILES, metavar="PREFIX",
                        help="--pre-label label-studio: each task's image URL is PREFIX then images/NAME (default: "
                        "Label Studio's local files, under LOCAL_FILES_DOCUMENT_ROOT=OUT/label-studio)")

@@ -699,28 +699,167 @@ def test_an_image_score_is_the_share_of_its_pixels_the_validation_counts_say_are
     assert LabellingScore(None, 2)(probs)[0] == pytest.approx(1 - (0.97 * 3 + 0.55) / 4)
 
 
-def test_ranking_lists_every_image_most_wrong_first_and_select_writes_only_those(tmp_path):
+def test_ranking_lists_every_image_with_its_score_and_select_writes_only_the_first(tmp_path):
     from evaluate import LabellingScore
 
     counts = torch.zeros(4, 10, 2, dtype=torch.int64)
     counts[:, :, 1] = 100
-    counts[3, :] = torch.tensor([100, 0])  # class 3 ("car") is always wrong: images with more of it first
+    counts[3, :] = torch.tensor([100, 0])  # class 3 ("car") is always wrong: the more of it, the higher the score
     expected = oracle_pool(tmp_path / "pool")
     class_map = dataset.class_map_of(dataset.numbered_table(4, NO_BACKGROUND), "index")
     evaluate_module.predict_images(Oracle(4), [str(tmp_path / "pool")], tmp_path / "out", class_map, recursive=True,
                                    scorer=LabellingScore(counts, 4), select=1, pre_label=("coco",))
     with open(tmp_path / "out" / "ranking.csv") as f:
         rows = list(csv.DictReader(f))
+    assert list(rows[0])[:6] == ["rank", "image", "gain", "distance", "nearest", "score"]
+    assert [r["rank"] for r in rows] == ["1", "2", "3"]
+    names = [Path(r["image"]).relative_to(tmp_path / "pool").with_suffix("").as_posix() for r in rows]
     car = {image: (mask == 3).mean() for image, mask in expected.items()}
-    order = sorted(car, key=lambda i: -car[i])
-    assert [Path(r["image"]).relative_to(tmp_path / "pool").with_suffix("").as_posix() for r in rows] == order
-    assert [float(r["car"]) for r in rows] == pytest.approx([car[i] for i in order], abs=1e-6)
-    assert float(rows[0]["score"]) > float(rows[-1]["score"])
-    out, top = tmp_path / "out", order[0]
+    assert sorted(names) == sorted(expected)
+    assert [float(r["car"]) for r in rows] == pytest.approx([car[i] for i in names], abs=1e-6)
+    by_score = sorted(rows, key=lambda r: float(r["score"]))
+    assert [float(r["car"]) for r in by_score] == sorted(float(r["car"]) for r in rows)
+    out, top = tmp_path / "out", names[0]
     written = [p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.relative_to(out).parts[0] != "coco"]
     assert sorted(written) == sorted(f"{top}{kind}.png" for kind in ("", "_color", "_overlay"))
     coco = json.loads((tmp_path / "out" / "coco" / "annotations" / "instances_default.json").read_text())
     assert [i["file_name"].rsplit(".", 1)[0] for i in coco["images"]] == [top]
+
+
+def plain_costs(pool: np.ndarray, labelled: np.ndarray, order: list[int]) -> list[tuple[float, float, float, int]]:
+    """Greedy facility location checked the plain way, along `order`: at each step, the total distance of the pool
+    to its nearest labelled or chosen frame (with nothing there, the pool's largest distance) once the step's
+    frame is chosen, the smallest such total over every frame left, and the frame's nearest labelled (-1 - i) or
+    earlier frame, with its distance."""
+    dist = lambda a, b: float(np.sqrt(((a - b) ** 2).sum()))  # noqa: E731
+    largest = max(dist(a, b) for a in pool for b in pool)
+    centres = [(-1 - i, c) for i, c in enumerate(labelled)]
+    cost = lambda chosen: sum(min([dist(p, c) for _, c in chosen], default=largest) for p in pool)  # noqa: E731
+    steps, left = [], list(range(len(pool)))
+    for i in order:
+        best = min(cost(centres + [(j, pool[j])]) for j in left)
+        near = min(centres, key=lambda c: dist(pool[i], c[1]), default=(None, None))
+        steps.append((cost(centres + [(i, pool[i])]), best, dist(pool[i], near[1]) if centres else math.inf, near[0]))
+        centres.append((i, pool[i]))
+        left.remove(i)
+    return steps
+
+
+@pytest.mark.parametrize("labelled", [0, 2])
+def test_coverage_order_is_greedy_facility_location_checked_the_plain_way(labelled):
+    from evaluate import coverage_order
+
+    rng = np.random.default_rng(labelled)
+    pool, known = rng.normal(size=(14, 3)), rng.normal(size=(labelled, 3))
+    order = coverage_order(torch.tensor(pool, dtype=torch.float32), torch.tensor(known, dtype=torch.float32))
+    assert sorted(p.index for p in order) == list(range(14))
+    steps = plain_costs(pool, known, [p.index for p in order])
+    assert all(cost <= best + 1e-4 for cost, best, _, _ in steps)  # each frame the best there was (ties either)
+    assert [p.nearest for p in order] == [near for *_, near in steps]
+    assert [p.distance for p in order] == pytest.approx([d for _, _, d, _ in steps], rel=1e-5)
+    assert all(a.gain >= b.gain - 1e-6 for a, b in zip(order, order[1:]))  # each frame adds less than the last
+
+
+def test_coverage_goes_to_the_typical_frames_of_what_is_not_labelled_and_never_twice_to_one_frame():
+    from evaluate import coverage_order
+
+    rng = np.random.default_rng(0)
+    crowd, group, outlier = rng.normal(0, 0.1, (8, 2)), rng.normal(0, 0.1, (4, 2)) + [6, 0], np.array([[0, 3.0]])
+    points = np.concatenate([crowd, group, outlier])
+    pool = torch.tensor(points, dtype=torch.float32)
+    medoid = int(np.argmin(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).sum(1)))
+    first = coverage_order(pool)
+    assert first[0].index == medoid and medoid in range(8)  # the most typical frame of all
+    assert first[1].index in range(8, 12) and first[2].index == 12  # the group, then the outlier, which covers less
+    covered = coverage_order(pool, torch.tensor([[0.0, 0.0]]))  # a labelled frame in the crowd
+    assert covered[0].index in range(8, 12) and covered[0].nearest == -1
+    assert covered[0].distance == pytest.approx(float(pool[covered[0].index].norm()), rel=1e-5)
+    twins = torch.cat([pool, pool + 1e-6])  # every frame twice: no second copy before every frame has one
+    picked = [p.index % len(pool) for p in coverage_order(twins)[: len(pool)]]
+    assert sorted(picked) == list(range(len(pool)))
+
+
+def test_weights_pull_the_coverage_towards_the_frames_that_weigh_more():
+    from evaluate import coverage_order
+
+    pool = torch.tensor([[0.0], [0.1], [0.2], [5.0], [5.1]])
+    assert coverage_order(pool)[0].index in (0, 1, 2)
+    assert coverage_order(pool, weights=torch.tensor([1.0, 1, 1, 10, 10]))[0].index in (3, 4)
+
+
+def solid(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (30, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), rgb, np.uint8)).save(path)
+    return path
+
+
+def test_select_without_a_model_links_the_images_that_cover_the_pool_best(tmp_path, capsys):
+    pool = tmp_path / "pool"
+    reds = [solid(pool / f"red{i}.png", (255 - i, 0, 0)) for i in range(4)]
+    blues = [solid(pool / "sub" / f"blue{i}.png", (0, 0, 255 - i)) for i in range(2)]
+    solid(pool / "green.png", (0, 255, 0))
+    run_cli("--predict", str(pool), "--recursive", "--select", "2", "--out", str(tmp_path / "out"))
+    picked = sorted(p.relative_to(tmp_path / "out" / "selected").as_posix()
+                    for p in (tmp_path / "out" / "selected").rglob("*.png"))
+    assert len(picked) == 2 and picked[0].startswith("red") and picked[1].startswith("sub/blue")
+    with open(tmp_path / "out" / "ranking.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["rank", "image", "gain", "distance", "nearest", "score"] and len(rows) == 7
+    assert rows[0]["distance"] == rows[0]["nearest"] == rows[0]["score"] == ""
+    assert rows[1]["nearest"] == rows[0]["image"] in map(str, reds) and rows[1]["image"] in map(str, blues)
+    red, blue = (255 - int(Path(rows[0]["image"]).stem[3:]), 0, 0), (0, 0, 255 - int(Path(rows[1]["image"]).stem[4:]))
+    rms = math.sqrt(sum((a - b) ** 2 for a, b in zip(red, blue)) / 3) / 255  # the thumbnails' distance, by hand
+    assert float(rows[1]["distance"]) == pytest.approx(rms, rel=1e-4)
+    assert "linked the 2 images that best cover the 7" in capsys.readouterr().out
+
+
+def test_labelled_images_count_as_covered(tmp_path, capsys):
+    pool = tmp_path / "pool"
+    for i in range(4):
+        solid(pool / f"red{i}.png", (255 - i, 0, 0))
+    solid(pool / "blue.png", (0, 0, 255))
+    done = solid(tmp_path / "labelled" / "red.png", (250, 0, 0))
+    run_cli("--predict", str(pool), "--select", "1", "--labelled", str(tmp_path / "labelled"), "--out",
+            str(tmp_path / "out"))
+    assert [p.name for p in (tmp_path / "out" / "selected").iterdir()] == ["blue.png"]
+    with open(tmp_path / "out" / "ranking.csv") as f:
+        first = next(csv.DictReader(f))
+    assert first["nearest"] == str(done) and "labelled already: 1 images, the images of" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run_cli("--predict", str(pool), "--select", "1", "--labelled", str(tmp_path / "nowhere"))
+    assert str(e.value.code) == f"error: --labelled {tmp_path / 'nowhere'} does not exist"
+    with pytest.raises(SystemExit) as e:
+        run_cli("--predict", str(pool), "--select", "1", "--pre-label", "coco", "--out", str(tmp_path / "o2"))
+    assert str(e.value.code) == "error: --pre-label needs a model's predictions: give --checkpoint (or --onnx)"
+
+
+def test_a_checkpoint_counts_its_training_frames_as_labelled_and_a_copy_of_one_comes_last(checkpoint, tiny_demo,
+                                                                                        tmp_path, capsys):
+    trained = sorted((tiny_demo / "train" / "Color_Images").iterdir())
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    shutil.copy(trained[0], pool / "copy.png")
+    for i, image in enumerate(sorted((tiny_demo / "val" / "Color_Images").iterdir())):
+        shutil.copy(image, pool / f"new{i}.png")
+    run_cli("--checkpoint", str(checkpoint), "--predict", str(pool), "--select", "1", "--out", str(tmp_path / "out"))
+    assert f"labelled already: {len(trained)} frames, split train of {tiny_demo}" in capsys.readouterr().out
+    with open(tmp_path / "out" / "ranking.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert Path(rows[-1]["image"]).name == "copy.png" and rows[-1]["nearest"] == str(trained[0])
+    assert float(rows[-1]["distance"]) < 1e-4 and float(rows[0]["distance"]) > 1e-3
+    assert Path(rows[0]["nearest"]).parent == trained[0].parent and len(rows) == 5
+
+
+def test_a_checkpoint_whose_data_is_gone_says_so_and_still_ranks(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state["args"]["data"] = str(tmp_path / "moved")
+    torch.save(state, tmp_path / "moved.pth")
+    solid(tmp_path / "pool" / "a.png", (10, 20, 30))
+    run_cli("--checkpoint", str(tmp_path / "moved.pth"), "--predict", str(tmp_path / "pool"), "--out",
+            str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert f"labelled already: 0 frames, none: the checkpoint's --data {tmp_path / 'moved'} cannot be read" in out
+    assert "--labelled DIR names them" in out and (tmp_path / "out" / "ranking.csv").is_file()
 
 
 def test_pre_label_and_select_flags_are_checked_in_one_line(checkpoint, tmp_path, capsys):
