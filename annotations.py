@@ -276,15 +276,25 @@ def pair_by_stem(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path
     return files
 
 
-def find_image(name: str, folders: Iterable[Path]) -> Path | None:
+def find_image(name: str, folders: Iterable[Path], below: dict[str, list[Path]] | None = None) -> Path | None:
     """The file an export names (`images/a.jpg`, `C:\\data\\a.jpg`, `a.jpg`) in the first folder that has it, by its
-    path and then by its file name alone."""
+    path and then by its file name alone; else, with `below` (images_below), the one image of that file name
+    anywhere below the export."""
     name = name.replace("\\", "/")
     folders = list(folders)
     for candidate in [f / name for f in folders] + [f / PurePosixPath(name).name for f in folders]:
         if candidate.is_file():
             return candidate
-    return None
+    elsewhere = (below or {}).get(PurePosixPath(name).name, [])
+    return elsewhere[0] if len(elsewhere) == 1 else None
+
+
+def images_below(root: Path) -> dict[str, list[Path]]:
+    """Every image file below `root` by its file name: where an export's images sit in a folder of their own."""
+    found: dict[str, list[Path]] = {}
+    for path in images_by_stem(root, recursive=True).values():
+        found.setdefault(path.name, []).append(path)
+    return found
 
 
 # ---- shapes to masks: one rasteriser, a cache by digest -------------------------------------------------------------
@@ -793,18 +803,17 @@ def sample_masks(pairs: list[tuple[Path, Path]], n: int = 16) -> list[Path]:
     return [pairs[i][1] for i in sorted(set(np.asarray(picks).tolist()))]
 
 
-def numbered_voc_table(base: Path, masks: list[Path]) -> tuple[ClassTable | None, str]:
+def numbered_voc_table(base: Path, masks: list[Path], why: str) -> tuple[ClassTable | None, str]:
     """A tree with no class file whose masks are not VOC's: the ids its masks hold as numbered classes (every id
-    up to the largest, for 8-bit masks), and the line that says so; None where the masks are colours."""
+    up to the largest, for 8-bit masks), and the line that says so and `why`; None where the masks are colours."""
     values = [v for v in mask_id_values(masks) if v != IGNORE_INDEX]
     if not values:
         return None, ""
     ids = list(range(max(values) + 1)) if max(values) < IGNORE_INDEX else values
     rows = tuple(ClassRow(f"class_{v}", v) for v in ids) + (ClassRow("ignore", IGNORE_INDEX),)
-    note = (f"{base}: no class file, and the masks are not VOC's (its palette and classes 0..20): their ids "
-            f"{ids[0]}..{ids[-1]} are read as {len(ids)} numbered classes class_{ids[0]}..class_{ids[-1]}; name "
-            f"them with --classes FILE (`python dataset.py --data {base} --check --write-classes classes.csv` "
-            "writes one to edit)")
+    note = (f"{base}: {why}: their ids {ids[0]}..{ids[-1]} are read as {len(ids)} numbered classes "
+            f"class_{ids[0]}..class_{ids[-1]}; name them with --classes FILE (`python dataset.py --data {base} "
+            "--check --write-classes classes.csv` writes one to edit)")
     return ClassTable(rows, f"{len(ids)} numbered classes"), note
 
 
@@ -858,11 +867,16 @@ def voc_like_table(base: Path, layout: str, pairs: list[tuple[Path, Path]]) -> t
         raise DatasetError(f"--layout cvat: {base} has no {CVAT_LABELMAP}")
     sample = sample_masks(pairs)
     devkit = base.name in ("VOC2012", "VOC2007") or (base / SBD_MASKS).is_dir()  # its masks may be grey (SBD's)
+    if layout == "labelme" and not devkit:  # labelme2voc.py paints the user's own labels in VOC's palette
+        table, note = numbered_voc_table(base, sample, f"labelme2voc.py's tree without its {LABELME_CLASSES}: "
+                                         "its masks hold the ids of labels it does not name, not VOC's")
+        return table, [note] if note else []
     voc_ids = set(range(len(VOC_CLASSES))) | {IGNORE_INDEX}
     if all(painted_like_voc(mask) is not False for mask in sample) or (
             devkit and set(mask_id_values(sample)) <= voc_ids and not any(is_rgb(m) for m in sample)):
         return voc_table(), []
-    table, note = numbered_voc_table(base, sample)
+    table, note = numbered_voc_table(base, sample, "no class file, and the masks are not VOC's (its palette and "
+                                     "classes 0..20)")
     return table, [note] if note else []
 
 
@@ -1020,11 +1034,12 @@ def read_cvat_xml(root: Path) -> DatasetTree:
     table, value_of, ignore = shape_table(names, f"{CVAT_XML} with {len(names)} labels", colours)
     splits: dict[str, ShapeSplit] = {}
     skipped: Counter[str] = Counter()
+    below = images_below(root)  # CVAT's images/<subset>/, or a folder of the user's such as images/raw/
     for image in document.iter("image"):
         subset = image.get("subset") or "default"
         split, where = splits.setdefault(subset, ShapeSplit()), f"{path}, image {image.get('name')!r}"
         with malformed(where):
-            split.images.append(cvat_image(root, image, subset, value_of, skipped, where))
+            split.images.append(cvat_image(root, image, subset, value_of, skipped, where, below))
     if not any(a.regions for s in splits.values() for a in s.images) and skipped:
         raise boxes_only(str(path), sum(skipped.values()))
     tree = read_shapes(root, "cvat-xml", splits, table, ignore, [raw])
@@ -1033,7 +1048,7 @@ def read_cvat_xml(root: Path) -> DatasetTree:
 
 
 def cvat_image(root: Path, image: ET.Element, subset: str, value_of: dict[str, int], skipped: Counter,
-               where: str) -> Annotated:
+               where: str, below: dict[str, list[Path]]) -> Annotated:
     """One <image>: its areas painted by z_order (file order within one), and what has no area counted."""
     shapes = sorted((s for s in image if s.tag in CVAT_AREAS), key=lambda s: int(s.get("z_order", 0) or 0))
     regions = []
@@ -1046,7 +1061,7 @@ def cvat_image(root: Path, image: ET.Element, subset: str, value_of: dict[str, i
             regions.append(region)
     skipped.update(f"<{s.tag}> (no area)" for s in image if s.tag in CVAT_NO_AREA)
     name = image.get("name", "")
-    found = find_image(name, [root / "images" / subset, root / "images", root])
+    found = find_image(name, [root / "images" / subset, root / "images", root], below)
     return Annotated(name, found, int(image.get("height", 0)), int(image.get("width", 0)), regions)
 
 
@@ -2048,6 +2063,30 @@ TOOL_READERS: dict[str, Callable[[Path], DatasetTree]] = {
 PRE_LABEL_WRITERS: dict[str, type[PreLabelWriter]] = {
     "cvat": CvatMaskWriter, "coco": CocoWriter, "label-studio": LabelStudioWriter, "labelme": LabelMeWriter,
 }
+def labelme_split_trees(root: Path) -> bool:
+    """labelme2voc.py's trees, one per split folder, each with its class_names.txt."""
+    return any(d.name.lower() in SPLIT_NAMES and voc_base(d) and (d / LABELME_CLASSES).is_file()
+               for d in sorted(root.iterdir()) if d.is_dir())
+
+
+# What each tool's export holds, and how to see it: detect_tool tries them in this order (the VOC-like trees first,
+# told apart by labelmap.txt and the lists), and a forced --layout must find its own
+TOOL_SIGNS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "voc": ("JPEGImages/ beside SegmentationClass/", lambda root: voc_base(root) is not None),
+    "cvat": ("JPEGImages/ beside SegmentationClass/ and labelmap.txt", lambda root: voc_base(root) is not None),
+    "labelme": ("JPEGImages/ beside SegmentationClass/, or one such tree per split",
+                lambda root: voc_base(root) is not None or labelme_split_trees(root)),
+    "roboflow": (f"{ROBOFLOW_CLASSES} in ROOT or in a split folder", lambda root: (root / ROBOFLOW_CLASSES).is_file()
+                 or any((d / ROBOFLOW_CLASSES).is_file() for d in root.iterdir() if d.is_dir())),
+    "cvat-xml": (CVAT_XML, lambda root: (root / CVAT_XML).is_file()),
+    "yolo": (f"data.yaml, or {YOLO_CLASSES} beside labels/", lambda root: yolo_yaml(root) is not None
+             or ((root / YOLO_CLASSES).is_file() and (root / "labels").is_dir())),
+    "label-studio": ("Label Studio JSON export", lambda root: label_studio_json(root) is not None),
+    "coco": ("COCO file (annotations/instances_*.json, */_annotations.coco.json, result.json, ...)",
+             lambda root: bool(coco_files(root))),
+    "labelme-json": ("LabelMe JSON files beside the images", lambda root: bool(labelme_jsons(root))),
+    "via": ("VIA JSON (via_region_data.json or a project file)", lambda root: bool(via_files(root))),
+}
 TOOL_FILES = (f"JPEGImages + SegmentationClass (voc, cvat, labelme), SPLIT/{ROBOFLOW_CLASSES} (roboflow), a COCO "
               f"file (coco), {CVAT_XML} (cvat-xml), data.yaml or {YOLO_CLASSES} + labels/ (yolo), LabelMe's JSON "
               f"files (labelme-json), VIA's JSON (via) or Label Studio's JSON (label-studio)")
@@ -2055,24 +2094,7 @@ TOOL_FILES = (f"JPEGImages + SegmentationClass (voc, cvat, labelme), SPLIT/{ROBO
 
 def detect_tool(root: Path) -> str | None:
     """The tool whose export `root` is, from the folders and files each writes; None for none of them."""
-    subfolders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     base = voc_base(root)
     if base is not None:
         return "cvat" if (base / CVAT_LABELMAP).is_file() else "voc" if (base / VOC_LISTS).is_dir() else "labelme"
-    if any(d.name.lower() in SPLIT_NAMES and voc_base(d) and (d / LABELME_CLASSES).is_file() for d in subfolders):
-        return "labelme"
-    if (root / ROBOFLOW_CLASSES).is_file() or any((d / ROBOFLOW_CLASSES).is_file() for d in subfolders):
-        return "roboflow"
-    if (root / CVAT_XML).is_file():
-        return "cvat-xml"
-    if yolo_yaml(root) or ((root / YOLO_CLASSES).is_file() and (root / "labels").is_dir()):
-        return "yolo"
-    if label_studio_json(root):
-        return "label-studio"
-    if coco_files(root):
-        return "coco"
-    if labelme_jsons(root):
-        return "labelme-json"
-    if via_files(root):
-        return "via"
-    return None
+    return next((tool for tool, (_, seen) in TOOL_SIGNS.items() if tool not in ("voc", "cvat") and seen(root)), None)

@@ -42,6 +42,7 @@ from annotations import (
     PIXEL_LIMIT,
     TOOL_FILES,
     TOOL_READERS,
+    TOOL_SIGNS,
     VALIDATION_NAMES,
     ClassRow,
     ClassTable,
@@ -658,16 +659,28 @@ DEFAULT_VAL_FRACTION = 0.1
 NESTED_DEPTH = 3  # folders below --data searched for a dataset, as labelme's examples nest theirs
 
 
+def split_folder_with(root: Path, name: str) -> bool:
+    return any((d / name).is_dir() for d in root.iterdir() if d.is_dir())
+
+
+# This file's own layouts beside annotations.TOOL_SIGNS: what each holds, and how to see it
+LAYOUT_SIGNS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "cityscapes": ("leftImg8bit/ and gtFine/",
+                   lambda root: (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()),
+    **{layout: (f"SPLIT/{images}/", lambda root, images=images: split_folder_with(root, images))
+       for layout, (images, _) in SPLIT_FOLDERS.items()},
+}
+
+
 def detect_layout(root: Path) -> str:
     """The layout of a dataset root, from the folders and files each tool writes."""
-    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+    if LAYOUT_SIGNS["cityscapes"][1](root):
         return "cityscapes"
     tool = detect_tool(root)
     if tool is not None:
         return tool
-    subfolders = [d for d in sorted(root.iterdir()) if d.is_dir()]
     for layout in ("offroad", "folder"):
-        if any((d / SPLIT_FOLDERS[layout][0]).is_dir() for d in subfolders):
+        if LAYOUT_SIGNS[layout][1](root):
             return layout
     raise DatasetError(
         f"cannot detect the layout of {root}: expected SPLIT/images + SPLIT/masks (folder), SPLIT/Color_Images "
@@ -696,8 +709,12 @@ def nested_datasets(root: Path, depth: int = NESTED_DEPTH) -> list[Path]:
 
 def find_root(data: Path, layout: str) -> tuple[Path, str, list[str]]:
     """The dataset at `data`, or the one dataset a few folders below it (said in a note); several below it are
-    named, and --data picks one."""
+    named, and --data picks one. A forced layout must find what that layout holds."""
     if layout != "auto":
+        what, seen = {**LAYOUT_SIGNS, **TOOL_SIGNS}.get(layout, ("", lambda _: True))
+        if not seen(data):
+            found = f"; it reads as {detect_layout(data)} without the flag" if detectable(data) else ""
+            raise DatasetError(f"--layout {layout}: {data} holds no {what}{found}")
         return data, layout, []
     try:
         return data, detect_layout(data), []

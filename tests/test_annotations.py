@@ -717,6 +717,26 @@ def test_cvat_xml_reads_labels_in_order_rle_masks_polygons_and_counts_boxes(tmp_
     assert status == 0 and any("never present" in line and "sky" in line for line in lines)
 
 
+def test_cvat_xml_finds_its_images_by_name_below_the_export_and_counts_the_absent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "export"
+    written = cvat_xml_export(root, cell_masks(6))
+    for i in (0, 1):  # the images a user keeps in a folder of their own: images/raw/ below the XML
+        (root / "images" / "raw").mkdir(exist_ok=True)
+        (root / "images" / "Train" / f"{i}.png").rename(root / "images" / "raw" / f"{i}.png")
+    for i in (2, 3):
+        (root / "images" / "Train" / f"{i}.png").unlink()
+    train, masks = read_all(root)
+    assert sorted(image.name for image, _ in train.pairs) == ["0.png", "1.png"]
+    assert all(image.parent == root / "images" / "raw" for image, _ in train.pairs)
+    for i in (0, 1):
+        assert np.array_equal(masks[f"{i}.png"], np.where(written[i] > 0, written[i] + 1, 0))
+    assert "warning: split Train: 2 annotated images are not there, their annotations unused: 2.png, 3.png" in (
+        train.about)
+    status, _ = check(["--data", str(root)], capsys)
+    assert status == 0
+
+
 def test_cvat_xml_paints_by_z_order(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     save_rgb(tmp_path / "images" / "a.png", (8, 8))
@@ -816,6 +836,27 @@ def test_a_voc_style_tree_of_non_voc_masks_reads_numbered_classes_and_says_how_t
     class_map = dataset.split_dataset(tree, "train", PLAIN).class_map
     pairs = [p for f in tree.splits.values() for p in f.pairs]
     assert split_statistics(pairs, class_map).pixels.tolist() == counts_of(masks, [0, 1, 2])
+
+
+def test_an_old_labelme2voc_tree_without_its_class_file_reads_numbered_classes_not_vocs(tmp_path, capsys):
+    """labelme2voc.py before 4.0: SegmentationClassPNG/ (palette PNGs in VOC's colours), SegmentationClass/*.npy,
+    SegmentationClassVisualization/, and no class_names.txt: labels of its own, not VOC's aeroplane, bicycle, ..."""
+    masks = random_masks([0, 1, 3, 255], 3)
+    for i, mask in enumerate(masks):
+        save_rgb(tmp_path / "JPEGImages" / f"{i}.jpg", mask.shape, i)
+        save_palette_mask(tmp_path / "SegmentationClassPNG" / f"{i}.png", mask)
+        (tmp_path / "SegmentationClass").mkdir(exist_ok=True)
+        np.save(tmp_path / "SegmentationClass" / f"{i}.npy", mask.astype(np.int32))
+        save_rgb(tmp_path / "SegmentationClassVisualization" / f"{i}.jpg", mask.shape, i)
+    tree = dataset.open_tree(tmp_path)
+    assert tree.layout == "labelme" and tree.table.names == ("class_0", "class_1", "class_2", "class_3")
+    note = next(n for n in tree.notes if "numbered classes" in n)
+    assert "labelme2voc.py's tree without its class_names.txt" in note and "--write-classes" in note
+    class_map = dataset.split_dataset(tree, "train", PLAIN).class_map
+    stats = split_statistics([p for f in tree.splits.values() for p in f.pairs], class_map)  # val is held out
+    assert stats.pixels.tolist() == counts_of(masks, [0, 1, 2, 3]) and stats.ignored == counts_of(masks, [255])[0]
+    status, lines = check(["--data", str(tmp_path)], capsys)
+    assert status == 0 and any("labelme2voc.py's tree" in line for line in lines)
 
 
 def test_voc_palette_masks_still_read_with_voc_names(tmp_path):

@@ -724,3 +724,11 @@ def test_float_and_32_bit_tiff_masks_read_whole_ids_and_refuse_anything_else(tmp
         save_tiff(tmp_path / "bad.tif", values.astype(np.float32 if mode == "F" else np.int32), mode)
         with pytest.raises(DatasetError, match=f"bad.tif .* holds values that are no class index, e.g. {shown}"):
             dataset.read_mask(tmp_path / "bad.tif")
+
+
+@pytest.mark.parametrize("layout", [layout for layout in dataset.LAYOUTS if layout not in ("auto", "folder", "demo")])
+def test_a_forced_layout_the_data_is_not_says_so_naming_the_flag(tmp_path, layout):
+    root = write_folder(tmp_path / "data", "train", random_masks([0, 1], 2))
+    message = run_cli(["--data", str(root), "--layout", layout, "--check"])
+    assert message.startswith(f"error: --layout {layout}: {root} holds no ")
+    assert message.endswith("; it reads as folder without the flag")
