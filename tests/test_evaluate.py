@@ -540,13 +540,21 @@ def test_a_one_image_split_and_a_one_class_model_give_a_page_with_absent_classes
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (Debian: apt install chromium)")
-def test_the_report_renders_in_a_real_browser(checkpoint, tmp_path):
-    report_of(checkpoint, tmp_path / "r", "--report-images", "2")
+def test_the_report_renders_in_a_real_browser_with_the_numbers_a_user_reads(checkpoint, tmp_path):
+    _, numbers = report_of(checkpoint, tmp_path / "r", "--report-images", "2")
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]
+    page = (tmp_path / "r" / "index.html").as_uri()
+    shown = subprocess.run([*chromium, "--dump-dom", page], check=True, capture_output=True, text=True, timeout=120)
+    rendered = Page(shown.stdout)  # the page as the browser built it, its scripts run
+    assert f"mIoU {numbers['miou']:.4f}" in "".join(rendered.text)  # the headline
+    rows = {row[0]["text"]: row for row in rendered.tables[0][1:]}
+    assert list(rows) == numbers["class_names"]  # every class has its row: none lost to the sortable script
+    c = int(np.argmax(numbers["share"]))  # the class of the most pixels: it has an IoU
+    assert rows[numbers["class_names"][c]][1]["text"] == f"{numbers['iou'][c]:.4f}"
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-                    (tmp_path / "r" / "index.html").as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run([*chromium, f"--screenshot={shot}", page], check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1200) and pixels.std() > 10  # drawn, not blank
 

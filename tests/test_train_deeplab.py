@@ -147,6 +147,27 @@ def test_fine_tuning_a_checkpoint_defaults_to_cross_entropy():
     assert (args.optimizer, args.loss) == ("sgd", "ce")
 
 
+def test_pretrained_loads_exactly_the_imagenet_weights_in_torchs_cache(tiny_demo, tmp_path, monkeypatch):
+    """The user's main path, --pretrained: the backbone starts as the file torchvision's cache holds (here one of
+    the right shapes and random values, put where TORCH_HOME says; nothing is downloaded)."""
+    from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(7)
+    shapes = mobilenet_v3_large().state_dict()
+    cached = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in shapes.items()}
+    url = MobileNet_V3_Large_Weights.IMAGENET1K_V1.url
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(cached, tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    args = train_args(tiny_demo, tmp_path / "run", "--pretrained", "--lr", "0", "--channels-last", "off")
+    train_deeplab.train(args)  # lr 0: the weights stay as loaded
+    saved = torch.load(tmp_path / "run" / "last.pth", weights_only=True)["model"]
+    backbone = {k[len("backbone."):]: v for k, v in saved.items() if k.startswith("backbone.")}
+    parameters = [k for k in backbone if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(parameters) > 100 and args.pretrained
+    assert all(torch.equal(backbone[k], cached[f"features.{k}"]) for k in parameters)
+
+
 def test_poly_schedule_and_warmup_follow_the_formula():
     assert poly_lr_factor(0, 100, 0.9) == 1.0
     assert poly_lr_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
