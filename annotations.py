@@ -642,17 +642,6 @@ def distinct_colours(names: list[str], palette: np.ndarray, background: int | No
     return colours
 
 
-def region_boxes(labels: np.ndarray, n: int) -> np.ndarray:
-    """[n, 4] (x0, y0, x1, y1), inclusive, of the regions 1..n of a label image."""
-    ys, xs = np.nonzero(labels)
-    k = labels[ys, xs] - 1
-    boxes = np.tile(np.array([labels.shape[1], labels.shape[0], -1, -1], np.int64), (n, 1))
-    for column, values, reduce in ((0, xs, np.minimum), (1, ys, np.minimum), (2, xs, np.maximum),
-                                   (3, ys, np.maximum)):
-        reduce.at(boxes[:, column], k, values)
-    return boxes
-
-
 def region_rles(labels: np.ndarray, n: int) -> list[list[int]]:
     """The uncompressed COCO RLE counts of each region 1..n of a label image (column-major runs, a run of 0s
     first), all from one pass over the image, not one mask per region."""
@@ -1505,13 +1494,12 @@ class CocoWriter(PreLabelWriter):
             labels, n = connected_regions(mask == c)
             areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
             scores = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
-            for counts, (x0, y0, x1, y1), area, score in zip(region_rles(labels, n), region_boxes(labels, n).tolist(),
-                                                              areas.tolist(), scores.tolist()):
+            for counts, area, score in zip(region_rles(labels, n), areas.tolist(), scores.tolist()):
                 rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
                 self.annotations.append({
                     "id": len(self.annotations) + 1, "image_id": len(self.images), "category_id": category,
                     "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-                    "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "iscrowd": 0,
+                    "area": area, "bbox": [int(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
                     "score": round(score, 4),
                 })
 

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision.datasets import Cityscapes
 from tqdm import tqdm
@@ -391,18 +390,10 @@ def is_lossy(path: Path) -> bool:
 # ---- decoding: 8-bit PNGs through libspng (pyspng), the same pixels as Pillow's; every other file through Pillow -
 
 
-def upright(pixels: np.ndarray, turn: int) -> np.ndarray:
-    """Pixels [H, W, ...] as stored -> as displayed under EXIF orientation `turn` (PIL.ImageOps.exif_transpose's
-    turns, on the array)."""
-    if turn in (5, 6, 7, 8):
-        pixels = pixels.swapaxes(0, 1)  # a transpose, then the flips that make each of the four
-    flip_rows, flip_columns = {2: (False, True), 3: (True, True), 4: (True, False), 6: (False, True),
-                               7: (True, True), 8: (True, False)}.get(turn, (False, False))
-    if flip_rows:
-        pixels = pixels[::-1]
-    if flip_columns:
-        pixels = pixels[:, ::-1]
-    return np.ascontiguousarray(pixels)
+def displayed(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (Pillow's exif_transpose), where annotations.orientation, the
+    turn image_size reports, finds one: a broken EXIF block turns nothing, as it changes no size."""
+    return ImageOps.exif_transpose(im) if orientation(im) != 1 else im
 
 
 LINE_ENDINGS_CHANGED = (b"\x89PNG\r\r\n", b"\x89PNG\n\x1a\n")  # a PNG signature after LF -> CRLF, CRLF -> LF
@@ -477,11 +468,9 @@ def read_mask(path: Path, colour: bool = False) -> np.ndarray:
         if raw is not None:
             return raw
         with open_image(path, data, "mask") as im:
-            turn = orientation(im)
-            raw = _mask_pixels(im, path, colour)
+            return _mask_pixels(displayed(im), path, colour)
     except (OSError, ValueError) as e:
         raise unreadable("mask", path, e) from None
-    return upright(raw, turn)
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -491,8 +480,8 @@ def read_image(path: Path) -> torch.Tensor:
         rgb = fast_png(data, ((8, 2), (8, 6)), "RGB")
         if rgb is None:
             with open_image(path, data) as im:
-                turn = orientation(im)
-                rgb = upright(np.array(im if im.mode == "RGB" else im.convert("RGB")), turn)  # writable
+                shown = displayed(im)
+                rgb = np.array(shown if shown.mode == "RGB" else shown.convert("RGB"))  # writable
     except (OSError, ValueError) as e:
         raise unreadable("image", path, e) from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
@@ -1545,62 +1534,6 @@ def check_dataset(root: Path, layout: str, options: ClassOptions, write_classes:
     return 1 if errors else 0
 
 
-# ---- data pipeline benchmark --------------------------------------------------------------------------------------
-
-
-def reference_pipeline(cfg: TransformConfig) -> Callable[[Path, Path], tuple[torch.Tensor, torch.Tensor]]:
-    """The baseline of `--benchmark`: torchvision's reference segmentation recipe on v2 transforms (PIL decode,
-    RandomResize of the shorter side, RandomCrop padding masks with 255, flip, ToDtype, Normalize)."""
-    from torchvision import tv_tensors
-
-    steps = []
-    if cfg.size is not None:
-        steps.append(T.Resize(list(cfg.size)))
-    if cfg.scale is not None:
-        base = min(cfg.size) if cfg.size else None
-        steps.append(("scale", cfg.scale, base))
-    if cfg.crop is not None:
-        steps.append(T.RandomCrop(list(cfg.crop), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}))
-    steps.append(T.RandomHorizontalFlip(0.5))
-    if cfg.augment:
-        steps.append(T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
-    tail = T.Compose([T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def load(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(image_path) as im, Image.open(mask_path) as m:
-            image = tv_tensors.Image(TF.pil_to_tensor(im.convert("RGB")))
-            mask = tv_tensors.Mask(TF.pil_to_tensor(m))
-        for step in steps:
-            if isinstance(step, tuple):  # RandomResize of the shorter side, from scale x the (resized) base size
-                _, (lo, hi), base = step
-                short = base or min(image.shape[-2:])
-                image, mask = T.RandomResize(int(lo * short), int(hi * short))(image, mask)
-            else:
-                image, mask = step(image, mask)
-        return tail(image, mask)
-
-    return load
-
-
-def benchmark_pipeline(dataset: SegmentationDataset, samples: int) -> tuple[float, float]:
-    """Training samples/s of this repository's per-sample pipeline (read, decode, map ids, scale, crop, flip,
-    jitter, normalise) and of the reference pipeline on the same files, both in this one process."""
-    pairs = [dataset.pairs[i % len(dataset)] for i in range(samples)]
-    reference = reference_pipeline(dataset.transform)
-    torch.manual_seed(0)
-    normalize(dataset[0][0]), reference(*pairs[0])  # untimed warm-up of both, so neither pays first-call costs
-    start = time.perf_counter()
-    for i in range(samples):
-        image, _ = dataset[i % len(dataset)]
-        normalize(image)
-    ours = samples / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for image_path, mask_path in pairs:
-        reference(image_path, mask_path)
-    return ours, samples / (time.perf_counter() - start)
-
-
 # ---- command line --------------------------------------------------------------------------------------------------
 
 
@@ -1741,7 +1674,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_transform_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of the training transforms, shared by train_deeplab.py and `dataset.py --benchmark`."""
+    """Flags of the training transforms (train_deeplab.py's)."""
     parser.add_argument("--size", type=POSITIVE_INT, nargs="+", action=HeightWidth, default=None, metavar="H W",
                         help="resize to H W (default: keep)")
     parser.add_argument("--crop", type=POSITIVE_INT, nargs="+", action=HeightWidth, default=None, metavar="H W",
@@ -1785,20 +1718,15 @@ def main(args: argparse.Namespace) -> None:
             root = data if data is not None else make_demo(args.data or default_demo_root(args.seed), seed=args.seed)
             layout = args.layout if data is not None else "auto"
             sys.exit(check_dataset(Path(root), layout, options, args.write_classes, args.val_fraction))
-        cfg = transform_from_args(args, train=args.benchmark is not None)  # the benchmark times training transforms
         dataset = build_dataset(
-            args.data, args.layout, args.split, cfg, options, args.seed, args.cache, args.val_fraction
+            args.data, args.layout, args.split, TransformConfig(train=False), options, args.seed, args.cache,
+            args.val_fraction,
         )
         print("\n".join(dataset.about))
         print(f"{len(dataset)} images in split {args.split!r}, {dataset.class_map.num_classes} classes")
         print(f"masks: {dataset.class_map.encoding}, classes from {dataset.class_map.source} ({dataset.why})")
         if args.stats:
             print_stats(dataset)
-        if args.benchmark:
-            ours, reference = benchmark_pipeline(dataset, args.benchmark)
-            print(f"pipeline: {ours:.2f} samples/s")
-            print(f"baseline: {reference:.2f} samples/s")
-            print(f"ratio: {ours / reference:.2f}")
     except DatasetError as e:
         sys.exit(f"error: {one_line(e)}")
     except KeyboardInterrupt:
@@ -1815,8 +1743,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="train", help="split to read (train, val, ...)")
     parser.add_argument("--stats", action="store_true", help="print per-class pixel counts and suggested weights")
-    parser.add_argument("--benchmark", type=POSITIVE_INT, default=None, metavar="N", help="time N training samples")
-    add_transform_args(parser)
     return parser
 
 

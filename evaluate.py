@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -62,6 +62,7 @@ from dataset import (
     cannot_write,
     collate,
     detectable,
+    displayed,
     hw_pair,
     image_size,
     list_pairs,
@@ -813,7 +814,7 @@ def as_image(image: ImageLike) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return read_image(Path(image))
     if isinstance(image, Image.Image):
-        image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        image = np.asarray(displayed(image).convert("RGB"))
     array = np.asarray(image)
     array = np.repeat(array[..., None], 3, -1) if array.ndim == 2 else array
     if array.ndim != 3 or array.shape[-1] not in (3, 4) or array.dtype != np.uint8:

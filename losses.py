@@ -1,7 +1,4 @@
-"""Segmentation losses, each an nn.Module with `forward(logits, target)`.
-
-    python losses.py --benchmark [--size 256 512] [--batch-size 2] [--num-classes 19] [--device cuda]
-
+"""Segmentation losses, each an nn.Module with `forward(logits, target)`; their speeds: benchmarks/lovasz.py.
 
 logits: [B, C, H, W] float (any dtype; computed in float32 since fp16 sums overflow).
 target: [B, H, W] int64 class indices; pixels equal to `ignore_index` take no part in the loss and get no
@@ -9,18 +6,13 @@ gradient. A batch whose pixels are all ignored gives a 0-d zero that is still co
 No loss synchronises with the host, so they are safe inside a CUDA training step.
 """
 
-import argparse
 import math
-import statistics
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataset import IGNORE_INDEX, POSITIVE_INT, ArgumentParser
-from models import DEFAULT_DEVICE, device_name
+from dataset import IGNORE_INDEX
 
 # ---- the losses: forward(logits [B, C, H, W], target [B, H, W]) -> a scalar; IGNORE_INDEX pixels count nowhere -------
 
@@ -238,85 +230,3 @@ def build_loss(
         }[name]()
         terms.append((name, w, loss))
     return CombinedLoss(terms)
-
-
-# ---- the benchmark: python losses.py --benchmark ---------------------------------------------------------------------
-
-
-def _lovasz_per_class_loop(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Lovász-softmax written the way Berman et al.'s reference code is, one class at a time, with ignored pixels
-    dropped by boolean indexing: the benchmark's baseline, not used for training."""
-    probs = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
-    labels = target.reshape(-1)
-    keep = labels != IGNORE_INDEX
-    probs, labels = probs[keep], labels[keep]
-    losses = []
-    for c in range(probs.shape[1]):
-        fg = (labels == c).float()
-        if fg.sum() == 0:  # a host sync per class
-            continue
-        errors_sorted, perm = torch.sort((fg - probs[:, c]).abs(), descending=True)
-        fg_sorted = fg[perm]
-        gts = fg_sorted.sum()
-        jaccard = 1 - (gts - fg_sorted.cumsum(0)) / (gts + (1 - fg_sorted).cumsum(0))
-        grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-        losses.append(torch.dot(errors_sorted, grad))
-    return torch.stack(losses).mean()
-
-
-def benchmark(size: tuple[int, int], batch: int, num_classes: int, device: torch.device, runs: int) -> list[tuple]:
-    """(name, median forward+backward seconds, value) of every loss on random logits and targets (5% ignored).
-    The losses take turns, one step each per round, so that a machine slowing down mid-run slows them all alike."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(batch, num_classes, *size, generator=g).to(device).requires_grad_(True)
-    target = torch.randint(0, num_classes, (batch, *size), generator=g)
-    target[torch.rand(batch, *size, generator=g) < 0.05] = IGNORE_INDEX
-    target = target.to(device)
-    candidates = {name: build_loss(name, num_classes).to(device) for name in LOSS_NAMES}
-    candidates["lovasz per_image"] = LovaszSoftmaxLoss(per_image=True)
-    candidates["lovasz, per-class loop"] = _lovasz_per_class_loop
-    times, values = {name: [] for name in candidates}, {}
-    for _ in range(runs + 1):  # the first round warms up
-        for name, loss_fn in candidates.items():
-            start = time.perf_counter()
-            value = loss_fn(logits, target)
-            value.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-            values[name], logits.grad = value.item(), None
-    return [(name, statistics.median(times[name][1:]), values[name]) for name in candidates]
-
-
-# ---- command line ----------------------------------------------------------------------------------------------------
-
-
-def main(args: argparse.Namespace) -> None:
-    if not args.benchmark:
-        sys.exit("error: nothing to do: pass --benchmark (see --help)")
-    device = torch.device(args.device)
-    rows = {name: (seconds, value) for name, seconds, value in
-            benchmark(tuple(args.size), args.batch_size, args.num_classes, device, args.runs)}
-    print(f"forward+backward, logits {args.batch_size}x{args.num_classes}x{args.size[0]}x{args.size[1]} on {device}, "
-          f"torch {torch.__version__}, median of {args.runs}")
-    print(f"{'loss':<24} {'ms':>9} {'x ce':>7} {'value':>10}")
-    for name, (seconds, value) in rows.items():
-        print(f"{name:<24} {1000 * seconds:>9.2f} {seconds / rows['ce'][0]:>7.2f} {value:>10.6f}")
-    (loop, loop_value), (ours, value) = rows["lovasz, per-class loop"], rows["lovasz"]
-    print(f"lovasz speed-up over the per-class loop: {loop / ours:.2f}x (the values differ by "
-          f"{abs(value - loop_value):.1e})")
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Time the segmentation losses", add_help=add_help)
-    parser.add_argument("--benchmark", action="store_true", help="time forward+backward of every loss")
-    parser.add_argument("--size", type=POSITIVE_INT, nargs=2, default=[256, 512], metavar=("H", "W"))
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=2)
-    parser.add_argument("--num-classes", type=POSITIVE_INT, default=19)
-    parser.add_argument("--runs", type=POSITIVE_INT, default=5)
-    parser.add_argument("--device", type=device_name, default=DEFAULT_DEVICE)
-    return parser
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

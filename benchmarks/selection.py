@@ -33,18 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import CAMVID, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from evaluate import (  # noqa: E402
-    InferenceOptions,
-    coverage_order,
-    embedded,
-    labelling_score,
-    predicted_images,
-)
-from models import load_checkpoint, model_with_classes  # noqa: E402
+from evaluate import InferenceOptions, coverage_order, embedded, labelling_score, predicted_images
+from models import load_checkpoint, model_with_classes
 
 ARMS = ("random", "score", "kcenter", "select", "weighted", "thumbnails")
 TEST_SHARE = 0.25  # the last quarter of each sequence is the test frames
@@ -263,7 +255,7 @@ def main(args: argparse.Namespace) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--camvid", type=Path, default=ROOT.parent / "shared" / "data" / "camvid")
+    parser.add_argument("--camvid", type=Path, default=CAMVID)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "select-benchmark",
                         help="where the runs go (kept, so a second call reads them back)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

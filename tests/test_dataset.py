@@ -276,19 +276,6 @@ def test_decoded_cache_gives_the_same_samples_and_is_built_once(tmp_path, monkey
     assert marker.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
-def test_pipeline_benchmark_prints_its_three_figures(tmp_path, capsys):
-    root = offroad_root(tmp_path, [np.full((16, 24), 100), np.full((16, 24), 7100)])
-    dataset.main(
-        dataset.get_args_parser().parse_args(
-            ["--data", str(root), "--crop", "8", "--scale", "0.5", "2", "--benchmark", "4"]
-        )
-    )
-    last = capsys.readouterr().out.splitlines()[-3:]
-    assert [line.split(":")[0] for line in last] == ["pipeline", "baseline", "ratio"]
-    ours, reference, ratio = (float(line.split()[1]) for line in last)
-    assert ratio == pytest.approx(ours / reference, rel=0.01)
-
-
 # ---- class tables and mask encodings ---------------------------------------------------------------------------------
 
 RGB = np.array([[128, 0, 0], [0, 128, 0], [0, 0, 200], [9, 9, 9]], np.uint8)  # red, green, blue, and a stray colour

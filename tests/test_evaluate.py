@@ -614,6 +614,8 @@ def test_coco_pre_labels_read_by_pycocotools_are_the_predicted_masks_one_region_
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
             bits = coco.annToMask(ann).astype(bool)
             assert connected_regions(bits)[1] == 1 and ann["area"] == bits.sum() and 0 < ann["score"] <= 1
+            ys, xs = np.nonzero(bits)  # the box by hand: x, y, width, height of the region's pixels
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
             name = coco.loadCats(ann["category_id"])[0]["name"]
             assert not (own.get(name, False) & bits).any()
             own[name] = own.get(name, np.zeros_like(bits)) | bits

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
 from dataset import IGNORE_INDEX
 from losses import (
     CrossEntropyLoss,
@@ -211,13 +210,3 @@ def test_build_loss_is_the_weighted_sum_of_its_terms():
 def test_invalid_spec_raises_a_clear_error(spec):
     with pytest.raises(LossSpecError, match="--loss"):
         build_loss(spec, 4)
-
-
-def test_benchmark_prints_every_loss_and_the_lovasz_speed_up(capsys):
-    losses.main(
-        losses.get_args_parser().parse_args(["--benchmark", "--size", "8", "8", "--runs", "1", "--device", "cpu"])
-    )
-    out = capsys.readouterr().out
-    for name in ("ce", "dice", "tversky", "focal", "lovasz", "lovasz per_image", "lovasz, per-class loop"):
-        assert f"\n{name} " in out
-    assert "speed-up over the per-class loop" in out

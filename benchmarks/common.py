@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: the repository on the import path, and timing things in turns.
+
+Each script in benchmarks/ runs from the repository root (`python benchmarks/NAME.py`) and prints the table it backs
+in BENCHMARKS.md; nothing in the library imports them.
+"""
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"  # the data the figures were measured on, beside the clone
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def in_turns(candidates: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+             sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """The median seconds of one call of each candidate, the candidates taking turns (a call of each per round,
+    after `warmup` untimed rounds), so that a machine slowing down mid-run slows them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(warmup + rounds):
+        for name, call in candidates.items():
+            start = time.perf_counter()
+            call()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def machine() -> str:
+    """The CPU (or GPU), its threads and the torch version, and the date: the line under every table."""
+    import torch
+
+    from models import cpu_name
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"

@@ -1,0 +1,54 @@
+"""The scripts behind BENCHMARKS.md still run and compute what they say: each on a tiny input (the figures
+themselves are the scripts' to print)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_masks, write_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import lovasz  # noqa: E402
+import pipeline  # noqa: E402
+import selection  # noqa: E402
+
+from dataset import TransformConfig  # noqa: E402
+
+
+def test_the_lovasz_benchmark_times_every_loss_and_the_loop_agrees_with_the_library(capsys):
+    lovasz.main(lovasz.get_args_parser().parse_args(["--size", "8", "8", "--runs", "1", "--num-classes", "4"]))
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in lines[3:] if line.startswith("| ")}
+    assert set(rows) == {"ce", "ohem", "dice", "tversky", "focal", "lovasz", "lovasz per_image",
+                         "lovasz, per-class loop"}
+    assert float(rows["ce"][1]) == 1.0 and all(float(ms) > 0 for ms, _, _ in rows.values())
+    assert float(rows["lovasz"][2]) == pytest.approx(float(rows["lovasz, per-class loop"][2]), abs=1e-5)
+
+
+def test_the_pipeline_benchmark_runs_both_pipelines_on_the_same_files(tmp_path):
+    root = write_folder(tmp_path / "data", "train", random_masks([0, 1, 2], 2, shape=(24, 32)))
+    ours, reference = pipeline.pipeline_row(root, 2, augment=True, cache=False)
+    assert ours > 0 and reference > 0
+    cfg = TransformConfig(scale=(0.5, 2.0), crop=(16, 24), augment=True)
+    files = root / "train" / "images" / "0.png", root / "train" / "masks" / "0.png"
+    image, mask = pipeline.reference_pipeline(cfg)(*files)
+    assert image.shape == (3, 16, 24) and image.dtype == torch.float32 and mask.shape == (1, 16, 24)
+
+
+def test_the_selection_benchmark_holds_out_the_last_quarter_of_each_sequence_and_counts_neighbours():
+    names = [f"A_{i:03d}.png" for i in range(20)] + [f"B_{i:03d}.png" for i in range(8)]
+    test, start, pool = selection.split_frames(names, seed=0, start=4)
+    assert test == names[15:20] + names[26:28]  # 5 of A's 20, 2 of B's 8
+    assert not {*names[13:15], *names[24:26]} & {*start, *pool}  # the 2 frames before each block: nobody's
+    assert sorted(start + pool) == names[:13] + names[20:24] and len(start) == 4 and not set(start) & set(pool)
+    assert selection.neighbours(["A_000.png", "A_001.png", "A_003.png", "B_000.png"], names) == 1
+    assert selection.neighbours(["A_001.png", "A_003.png"], [n for n in names if n != "A_002.png"]) == 1
+
+
+def test_kcenter_takes_the_frame_farthest_from_every_labelled_and_chosen_one_first():
+    pool = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 1.5], [0.0, 5.0]])
+    # from the labelled (0, 0): 0, 2, 10, 10.1, 5 -> (10, 1.5); then (10, 0) is 1.5 from it, (0, 5) still 5 ->
+    # (0, 5); then (2, 0) at 2 beats (10, 0) at 1.5
+    assert selection.kcenter(pool, torch.tensor([[0.0, 0.0]]), 3) == [3, 4, 1]
