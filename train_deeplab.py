@@ -164,12 +164,16 @@ def recipe_help(setting: str) -> str:
     return f"default by arch and start (train_deeplab.RECIPES): {'; '.join(parts)}"
 
 
-def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -> None:
+def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -> str:
     """Fill in the defaults that depend on other flags, so the printed args and the checkpoint show real values:
-    the recipe's (RECIPES) for the arch and the start, for each setting the command line left out."""
+    the recipe's (RECIPES) for the arch and the start, for each setting the command line left out. Returns the
+    line that says what the run got, and from where."""
     if args.pretrained is None:  # the demo, --init and fine-tuning runs must not download anything
         args.pretrained = args.data is not None and args.init is None and checkpoint is None
-    recipe = RECIPES[(arch_family(args.arch), start_of(args.pretrained, args.init, checkpoint))]
+    family, start = arch_family(args.arch), start_of(args.pretrained, args.init, checkpoint)
+    given = [f"--{name.replace('_', '-')}" for name in ("optimizer", "lr", "weight_decay", "loss", "head_lr_mult")
+             if getattr(args, name) is not None]
+    recipe = RECIPES[(family, start)]
     args.optimizer = args.optimizer or recipe.optimizer
     which = OPTIMIZERS.index(args.optimizer)
     args.lr = recipe.lr[which] if args.lr is None else args.lr
@@ -185,6 +189,9 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
         )
     if args.aux_loss and args.arch == "deeplabv2_resnet101":
         raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch (DeepLabV2 has no aux head)")
+    return (f"recipe: optimizer {args.optimizer}, lr {args.lr:g}, weight decay {args.weight_decay:g}, loss "
+            f"{args.loss}, head lr x{args.head_lr_mult:g}: train_deeplab.RECIPES for {family} {STARTS[start]}"
+            + (f", but {', '.join(given)} as given" if given else ""))
 
 
 # ---- schedule: the poly learning rate with warmup, and what changes from which epoch on ------------------------------
@@ -458,11 +465,12 @@ class Run:
 
 def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
     """Data (checked before the first epoch), loss, model (new, from a checkpoint, or resumed) and optimiser."""
-    resolve_defaults(args, checkpoint or resumed)
+    recipe = resolve_defaults(args, checkpoint or resumed)
     set_pixel_limit(args.max_pixels)
     rank, world, device = setup_device(args)
     say = print if rank == 0 else lambda *a, **k: None
     say(args)
+    say(recipe if resumed is None else "recipe: the resumed run's own, as its checkpoint holds them")
     seed_everything(args.seed)
     out = args.out = Path(args.out or RUNS / f"{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if resumed is None:
@@ -789,11 +797,12 @@ def train_one_epoch(
             "skipped": skipped}
 
 
-def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
-    """One epoch: the schedule's changes for it, the training pass, then validation. Returns the train and val
-    metrics, the lr at its first step and its run time."""
+# ---- the training loop: epochs, logging, saving, early stopping ------------------------------------------------------
+
+
+def begin_epoch(run: Run, epoch: int) -> nn.Module:
+    """The schedule's changes from this epoch on (its loss, a backbone frozen from it), said; its criterion."""
     args = run.args
-    criterion = run.make_loss(value_at(run.loss_changes, epoch, args.loss))
     if epoch in run.loss_changes:
         run.say(f"Epoch {epoch}: loss is now {run.loss_changes[epoch]}")
     if args.freeze_at_epoch and epoch >= args.freeze_at_epoch and not backbone_frozen(run.model):
@@ -802,13 +811,13 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
             write_run_info(run.out, args, list(run.class_map.names), run.model)
         run.say(f"Epoch {epoch}: backbone frozen, trainable params {count_params(run.model)[0]}")
     run.train_loader.sampler.set_epoch(epoch)
-    start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
-    num_classes = run.class_map.num_classes
-    options = StepOptions(run.amp_dtype, args.downsample_gt is not None, args.aux_loss, args.skip_nonfinite,
-                          show_progress=run.rank == 0, on_step=step_logger(run, epoch))
-    train_m = train_one_epoch(run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
-                              num_classes, f"Epoch {epoch}/{args.epochs}", options)
-    if train_m["nonfinite_step"] >= 0 and not args.skip_nonfinite:
+    return run.make_loss(value_at(run.loss_changes, epoch, args.loss))
+
+
+def check_steps(run: Run, epoch: int, train_m: dict) -> None:
+    """A non-finite loss stops the run (its checkpoints stay those of the last good epoch) unless it was asked to
+    skip such steps; those skipped are said."""
+    if train_m["nonfinite_step"] >= 0 and not run.args.skip_nonfinite:
         raise NonFiniteLoss(
             f"non-finite loss at epoch {epoch}, step {train_m['nonfinite_step'] + 1} of {len(run.train_loader)}; "
             f"stopped, {run.out} keeps the checkpoints of the last good epoch. Lower --lr, or pass --skip-nonfinite"
@@ -818,46 +827,35 @@ def run_epoch(run: Run, epoch: int) -> tuple[dict, dict, float, float]:
     if run.world > 1:  # every process evaluates with process 0's BatchNorm statistics, the ones it saves
         for buffer in run.model.buffers():
             dist.broadcast(buffer, 0)
-    val_m = evaluate(
-        run.model, run.val_loader, criterion, run.device, num_classes, run.amp_dtype, show_progress=run.rank == 0
-    )
-    return train_m, val_m, lr, time.time() - start
 
 
-# ---- the training loop: epochs, logging, saving, early stopping ------------------------------------------------------
-
-
-def train_epochs(run: Run) -> float:
-    """The epochs of a built run, with early stopping; returns the best val mIoU."""
+def end_epoch(run: Run, epoch: int, train_m: dict, val_m: dict, lr: float, runtime: float) -> bool:
+    """The epoch's lines, checkpoints, log.csv row and TensorBoard numbers; whether to stop early."""
     args = run.args
-    for epoch in range(run.first_epoch, args.epochs + 1):
-        train_m, val_m, lr, runtime = run_epoch(run, epoch)
-        run.say(
-            f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
-            f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}"
-        )
-        run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
-        improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
-        run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
-        if run.rank == 0:  # the checkpoint first: a kill between the two loses the row, which --resume puts back
-            row = log_row(epoch, lr, train_m, val_m, runtime)
-            save(run, epoch, improved, val_m["reliability"], row)
-            append_log(run.out / "log.csv", row, run.class_map.num_classes)
-            log_epoch(run, epoch, train_m, val_m, lr, runtime)
-        if improved:
-            run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
-        else:
-            run.say(f"No improvement for {run.since_best} epoch(s)")
-            if args.patience and run.since_best >= args.patience:
-                run.say("Early stopping triggered.")
-                break
-    run.say(f"Best validation mIoU: {run.best_miou:.4f}")
-    return run.best_miou
+    run.say(f"Epoch {epoch}/{args.epochs} | train loss {train_m['loss']:.4f} | val loss {val_m['loss']:.4f} | "
+            f"val mIoU {val_m['miou']:.4f} | pixel acc {val_m['pixel_acc']:.4f}")
+    run.say(f"  Per-class IoU: {format_iou(list(run.class_map.names), val_m['iou'])}")
+    improved = val_m["miou"] > run.best_miou  # the same all-reduced numbers on every process: the same decision
+    run.best_miou, run.since_best = (val_m["miou"], 0) if improved else (run.best_miou, run.since_best + 1)
+    if run.rank == 0:  # the checkpoint first: a kill between the two loses the row, which --resume puts back
+        row = log_row(epoch, lr, train_m, val_m, runtime)
+        save(run, epoch, improved, val_m["reliability"], row)
+        append_log(run.out / "log.csv", row, run.class_map.num_classes)
+        log_epoch(run, epoch, train_m, val_m, lr, runtime)
+    if improved:
+        run.say(f"Saved best model: {run.best_miou:.4f} -> {run.out / 'best.pth'}")
+        return False
+    run.say(f"No improvement for {run.since_best} epoch(s)")
+    if args.patience and run.since_best >= args.patience:
+        run.say("Early stopping triggered.")
+        return True
+    return False
 
 
 def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dict | None = None) -> float:
     """The whole run, from scratch, from a checkpoint's model (fine-tuning), or resumed (--resume) from the
-    `last.pth` of an interrupted run; returns the best val mIoU. Under torchrun, process 0 alone prints and writes."""
+    `last.pth` of an interrupted run: each epoch a training pass, then validation; returns the best val mIoU.
+    Under torchrun, process 0 alone prints and writes."""
     if args.resume and resumed is None:
         resumed = load_checkpoint(args.resume)
     run = build_run(args, checkpoint, resumed)
@@ -872,8 +870,22 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
     start_log(run, resumed)
     if resumed is not None:
         run.say(f"Resuming at epoch {run.first_epoch} of {args.epochs}")
+    num_classes = run.class_map.num_classes
     try:
-        return train_epochs(run)
+        for epoch in range(run.first_epoch, args.epochs + 1):
+            criterion = begin_epoch(run, epoch)
+            start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
+            options = StepOptions(run.amp_dtype, args.downsample_gt is not None, args.aux_loss, args.skip_nonfinite,
+                                  show_progress=run.rank == 0, on_step=step_logger(run, epoch))
+            train_m = train_one_epoch(run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
+                                      num_classes, f"Epoch {epoch}/{args.epochs}", options)
+            check_steps(run, epoch, train_m)
+            val_m = evaluate(run.model, run.val_loader, criterion, run.device, num_classes, run.amp_dtype,
+                             show_progress=run.rank == 0)
+            if end_epoch(run, epoch, train_m, val_m, lr, time.time() - start):
+                break
+        run.say(f"Best validation mIoU: {run.best_miou:.4f}")
+        return run.best_miou
     finally:
         if run.writer is not None:
             run.writer.close()

@@ -141,6 +141,17 @@ def test_each_flags_help_names_every_value_the_recipe_table_holds_for_it():
                 assert (f"{v:g}" if isinstance(v, float) else v) in helps[setting], (setting, v)
 
 
+def test_the_run_says_what_the_recipe_gave_it_and_what_the_flags_changed():
+    args = train_deeplab.get_args_parser().parse_args(["--data", "D", "--no-pretrained", "--lr", "0.002"])
+    line = train_deeplab.resolve_defaults(args)
+    assert line == ("recipe: optimizer adamw, lr 0.002, weight decay 0.01, loss ce:0.5,lovasz:0.5, head lr x1: "
+                    "train_deeplab.RECIPES for deeplabv3 from scratch, but --lr as given")
+    flags = ["--data", "D", "--arch", "deeplabv2_resnet101", "--no-pretrained"]
+    args = train_deeplab.get_args_parser().parse_args(flags)
+    assert train_deeplab.resolve_defaults(args).startswith("recipe: optimizer sgd, lr 0.00025, weight decay 0.0005, "
+                                                          "loss ce, head lr x10: ")
+
+
 def test_fine_tuning_a_checkpoint_defaults_to_cross_entropy():
     args = train_deeplab.get_args_parser().parse_args(["--data", "D", "--no-pretrained"])
     train_deeplab.resolve_defaults(args, checkpoint={"model": {}})
@@ -514,14 +525,14 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint_whole(tiny_d
 
 
 def test_ctrl_c_is_one_line_with_the_resume_command(tiny_demo, tmp_path, monkeypatch, capsys):
-    real = train_deeplab.run_epoch
+    real = train_deeplab.begin_epoch
 
     def interrupt(run, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
         return real(run, epoch)
 
-    monkeypatch.setattr(train_deeplab, "run_epoch", interrupt)
+    monkeypatch.setattr(train_deeplab, "begin_epoch", interrupt)
     out = tmp_path / "r"
     with pytest.raises(SystemExit) as e:
         train_deeplab.main(train_args(tiny_demo, out, "--epochs", "3"))
@@ -627,7 +638,9 @@ def test_a_cpu_run_trains_in_the_winner_of_the_layout_race_at_its_batch_shape(ti
         return {"contiguous": speeds[0], "channels_last": speeds[1]}
 
     monkeypatch.setattr(models, "race_layouts", race)
-    monkeypatch.setattr(train_deeplab, "train_epochs", lambda run: used.append(memory_format_of(run.model)) or 0.0)
+    real = train_deeplab.train_one_epoch
+    monkeypatch.setattr(train_deeplab, "train_one_epoch",
+                        lambda model, *rest: used.append(memory_format_of(model)) or real(model, *rest))
     train_deeplab.main(train_args(tiny_demo, tmp_path / "r", "--crop", "48", "64"))
     assert raced == [((4, 48, 64), True)] and used == [chosen]
     name = "channels_last" if chosen == torch.channels_last else "contiguous"
