@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_masks, write_folder
+from conftest import CAMVID, random_masks, write_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import exports  # noqa: E402
+import lossy_masks  # noqa: E402
 import lovasz  # noqa: E402
 import pipeline  # noqa: E402
 import selection  # noqa: E402
@@ -52,3 +54,21 @@ def test_kcenter_takes_the_frame_farthest_from_every_labelled_and_chosen_one_fir
     # from the labelled (0, 0): 0, 2, 10, 10.1, 5 -> (10, 1.5); then (10, 0) is 1.5 from it, (0, 5) still 5 ->
     # (0, 5); then (2, 0) at 2 beats (10, 0) at 1.5
     assert selection.kcenter(pool, torch.tensor([[0.0, 0.0]]), 3) == [3, 4, 1]
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is not in ../shared/data/camvid")
+def test_the_exports_benchmark_reads_back_every_exact_format_equal_to_camvids_masks(tmp_path, capsys):
+    exports.main(exports.get_args_parser().parse_args(
+        ["--camvid", str(CAMVID), "--frames", "2", "--work", str(tmp_path), "--formats", "coco", "cvat-xml",
+         "labelme-json", "label-studio"]))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4 and all("| equal, every class" in row for row in rows)
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="CamVid is not in ../shared/data/camvid")
+def test_the_lossy_masks_benchmark_loses_most_pixels_to_exact_matching_and_few_at_the_default(capsys):
+    lossy_masks.main(lossy_masks.get_args_parser().parse_args(["--camvid", str(CAMVID), "--masks", "2"]))
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "%" in line}
+    right = {tolerance: float(cells[0].strip(" %")) for tolerance, cells in rows.items()}
+    assert right["0"] < 60 < 90 < right["24 (the default)"]
