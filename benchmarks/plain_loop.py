@@ -13,6 +13,7 @@ bootstrap over the images, which measures the images' noise; the spread over see
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def main(args: argparse.Namespace) -> None:
     size, rows = tuple(args.size), []
     for seed in args.seeds:
         work = args.work / f"{size[0]}x{size[1]}-seed{seed}"
+        shutil.rmtree(work, ignore_errors=True)  # this script's own runs of before
         plain_s = plain_loop(args.camvid, work / "plain.pth", args.plain_epochs, seed, size)
         ours_s = recipe(args.camvid, work / "recipe", seed, size, args.recipe_flags)
         rows.append((seed, plain_s, ours_s, compared(work / "plain.pth", work / "recipe" / "last.pth",
