@@ -547,9 +547,9 @@ def coverage_order(pool: torch.Tensor, labelled: torch.Tensor | None = None, wei
     lowers it by almost nothing, and so does an outlier, which covers only itself: the order goes from the most
     typical uncovered frames outwards (TypiClust, Hacohen et al. 2022, makes the same case at small budgets).
     Lazy greedy: a frame's gain only falls as frames are chosen, so a stale gain is an upper bound, and a frame
-    whose fresh gain passes every other frame's bound is the best. Pools over
-    COVERAGE_TARGETS frames are covered as measured on a sample of that many (seeded). `weights` [N]: how much
-    each pool frame's distance counts (default: alike)."""
+    whose fresh gain passes every other frame's bound is the best. Pools over COVERAGE_TARGETS frames are covered
+    as measured on a sample of that many (seeded). `weights` [N]: how much each pool frame's distance counts
+    (default: alike)."""
     n = len(pool)
     kept = torch.arange(n) if n <= COVERAGE_TARGETS else torch.randperm(
         n, generator=torch.Generator().manual_seed(seed))[:COVERAGE_TARGETS]
@@ -573,8 +573,10 @@ def coverage_order(pool: torch.Tensor, labelled: torch.Tensor | None = None, wei
         i, first = int(checked[best]), math.isinf(near[checked[best]])
         order.append(Pick(i, float(gains[best] / weight.sum()), float(near[i]), None if first else int(near_frame[i])))
         bound[i], cover = -math.inf, torch.minimum(cover, distances[i])
-        to_pick = distances[:, i] if n <= COVERAGE_TARGETS else (squared - 2 * pool @ pool[i] + squared[i]).clamp_min(
-            0).sqrt()
+        if n <= COVERAGE_TARGETS:  # every pool frame is a target: its distance to the pick is already there
+            to_pick = distances[:, i]
+        else:
+            to_pick = (squared - 2 * pool @ pool[i] + squared[i]).clamp_min(0).sqrt()
         near, near_frame = torch.minimum(near, to_pick), torch.where(to_pick < near, i, near_frame)
     return order
 

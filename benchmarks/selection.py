@@ -25,6 +25,7 @@ import csv
 import json
 import math
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from common import CAMVID, ROOT
 from evaluate import InferenceOptions, coverage_order, embedded, labelling_score, predicted_images
 from models import load_checkpoint, model_with_classes
 
-ARMS = ("random", "score", "kcenter", "select", "weighted", "thumbnails")
+ARMS = ("random", "score", "kcenter", "select", "weighted", "thumbnails", "apart")
 TEST_SHARE = 0.25  # the last quarter of each sequence is the test frames
 GAP = 2  # frames before each test block that nobody labels or picks
 TRAIN = ["--num-classes", "11", "--no-pretrained", "--size", "120", "160", "--scale", "0.5", "2.0", "--crop", "120",
@@ -130,6 +131,36 @@ def kcenter(pool: torch.Tensor, labelled: torch.Tensor, n: int) -> list[int]:
     return order
 
 
+def sequence_place(name: str) -> tuple[str, int] | None:
+    """A frame's sequence (its name up to the last number) and its number there; None for a name without one."""
+    found = re.fullmatch(r"(.*?)(\d+)", Path(name).stem)
+    return (found[1], int(found[2])) if found else None
+
+
+def apart(order: list[str], labelled: list[str]) -> list[str]:
+    """`order` with every frame next to a labelled or earlier frame in its sequence (nothing between them)
+    moved after all the others, each part in its own order."""
+    places: dict[str, list[tuple[int, str]]] = {}
+    for name in {*order, *labelled}:
+        place = sequence_place(name)
+        if place is not None:
+            places.setdefault(place[0], []).append((place[1], name))
+    beside: dict[str, set[str]] = {}
+    for frames in places.values():
+        names = [name for _, name in sorted(frames)]
+        for a, b in zip(names, names[1:]):
+            beside.setdefault(a, set()).add(b)
+            beside.setdefault(b, set()).add(a)
+    taken, first, later = set(labelled), [], []
+    for name in order:
+        if beside.get(name, set()) & taken:
+            later.append(name)
+        else:
+            first.append(name)
+            taken.add(name)
+    return first + later
+
+
 def cli_picks(work: Path, name: str, pool_dir: Path, n: int, flags: list[str]) -> list[str]:
     """The first n rows of ranking.csv of `evaluate.py --predict POOL --select n FLAGS`, run as a user runs it."""
     out = work / name
@@ -169,6 +200,8 @@ def orders(camvid: Path, work: Path, checkpoint: Path, start: list[str], pool: l
     own = [pool[p.index] for p in coverage_order(features, known)[:n]]
     print(f"seed {seed}: evaluate.py --select and coverage_order here pick {len(set(own) & set(picks['select']))} "
           f"of {n} alike")
+    coverage = [pool[p.index] for p in coverage_order(features, known)]
+    picks["apart"] = apart(coverage, start)[:n]
     picks["thumbnails"] = cli_picks(work, "thumbnails", pool_dir / "images", n, ["--labelled", str(work / "data"),
                                                                                  "--workers", "2"])
     return picks
