@@ -14,13 +14,14 @@ import glob
 import html
 import json
 import math
+import re
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -531,12 +532,14 @@ def thumbnails(files: list[Path], workers: int = 0) -> torch.Tensor:
 class Pick:
     """One frame of the coverage order: its index in the pool, how much nearer it brings the pool to the frames
     chosen (the drop in the summed distance, per pool frame), and the nearest frame already labelled or picked
-    before it (a pool index, or -1 - i for labelled frame i; None for the very first) at `distance`."""
+    before it (a pool index, or -1 - i for labelled frame i; None for the very first) at `distance`; `beside`: the
+    labelled or picked frame next to it in its sequence that moved it to the end (apart), numbered the same way."""
 
     index: int
     gain: float
     distance: float
     nearest: int | None
+    beside: int | None = None
 
 
 def coverage_order(pool: torch.Tensor, labelled: torch.Tensor | None = None, weights: torch.Tensor | None = None,
@@ -581,22 +584,59 @@ def coverage_order(pool: torch.Tensor, labelled: torch.Tensor | None = None, wei
     return order
 
 
+def sequence_place(name: str) -> tuple[str, int] | None:
+    """A frame's sequence and its place in it, read from its file name: the name up to its last number, and that
+    number ("0001TP_006690.png" -> ("0001TP_", 6690), "IMG_0042.jpg" -> ("IMG_", 42)); None for a name that does not
+    end in a number."""
+    found = re.fullmatch(r"(.*?)(\d+)", Path(name).stem)
+    return (found[1], int(found[2])) if found else None
+
+
+def apart(order: list[Pick], files: list[Path], labelled: list[Path]) -> list[Pick]:
+    """`order` (of the pool `files`) with every frame next to a labelled frame or an earlier pick in its sequence
+    (sequence_place; nothing of the pool or the labelled frames between them) moved after all the others, each part
+    in its own order, with `beside` that frame. Coverage of an embedding alone picks neighbouring frames of a video
+    (a second frame a second later, which teaches little the first does not); by file name, so frames of several
+    folders named alike count as one sequence."""
+    frames, sequences = [*files, *labelled], {}
+    for k, frame in enumerate(frames):  # k: a pool index, or len(files) + i for labelled frame i
+        place = sequence_place(frame.name)
+        if place is not None:
+            sequences.setdefault(place[0], []).append((place[1], k))
+    next_to: dict[int, list[int]] = {}
+    for members in sequences.values():
+        members.sort()
+        for (_, a), (_, b) in zip(members, members[1:]):
+            next_to.setdefault(a, []).append(b)
+            next_to.setdefault(b, []).append(a)
+    taken, first, later = set(range(len(files), len(frames))), [], []
+    for pick in order:
+        near = [k for k in next_to.get(pick.index, []) if k in taken]
+        if near:
+            later.append(replace(pick, beside=near[0] if near[0] < len(files) else len(files) - 1 - near[0]))
+        else:
+            first.append(pick)
+            taken.add(pick.index)
+    return first + later
+
+
 def write_ranking(path: Path, files: list[Path], order: list[Pick], scores: dict[int, tuple[float, list[float]]],
                   names: list[str], labelled: list[Path]) -> Path:
-    """ranking.csv: every image in the order picked (coverage_order), with why: the coverage it adds (gain), the
-    nearest frame already labelled or picked before it and its distance, the score (the share of its pixels
+    """ranking.csv: every image in the order picked (coverage_order, then apart), with why: the coverage it adds
+    (gain), the nearest frame labelled or picked before it in the coverage order and its distance, the labelled or
+    picked frame beside it in its sequence (for the frames moved to the end), the score (the share of its pixels
     estimated wrong) and the predicted share of each class (both blank without a model)."""
+    frame = lambda k: "" if k is None else str(labelled[-1 - k] if k < 0 else files[k])  # noqa: E731
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["rank", "image", "gain", "distance", "nearest", "score", *names])
+        writer.writerow(["rank", "image", "gain", "distance", "nearest", "beside", "score", *names])
         for rank, pick in enumerate(order, 1):
-            near = "" if pick.nearest is None else labelled[-1 - pick.nearest] if pick.nearest < 0 else files[
-                pick.nearest]
             score, shares = scores.get(pick.index, ("", []))
             writer.writerow([rank, str(files[pick.index]), f"{pick.gain:.6f}",
-                             "" if pick.nearest is None else f"{pick.distance:.6f}", str(near),
-                             score if score == "" else f"{score:.6f}", *(f"{v:.6f}" for v in shares)])
+                             "" if pick.nearest is None else f"{pick.distance:.6f}", frame(pick.nearest),
+                             frame(pick.beside), score if score == "" else f"{score:.6f}",
+                             *(f"{v:.6f}" for v in shares)])
     return path
 
 
@@ -745,7 +785,7 @@ def predict_images(
             write(i, original, probs)
     pool = torch.stack([embeddings[i] for i in range(len(files))]) if embed else thumbnails(files, workers)
     known = (embedded(frames, labelled) if embed else thumbnails(labelled, workers)) if labelled else None
-    order = coverage_order(pool, known)
+    order = apart(coverage_order(pool, known), files, labelled)
     chosen = [pick.index for pick in order[:select]] if select is not None else list(range(len(files)))
     if select is not None:
         for k, original, probs, _ in frames([files[i] for i in chosen]):
@@ -754,6 +794,7 @@ def predict_images(
     ranking = write_ranking(out / RANKING, files, order, scores, class_map.names, labelled)
     print(f"wrote the predictions of {len(chosen)} images to {out}" + "".join(f", {p}" for p in imports)
           + f"; {ranking} orders all {len(files)} by what {len(labelled)} labelled frames leave uncovered, "
+          f"{sum(p.beside is not None for p in order)} beside a labelled or earlier frame of their sequence last, "
           f"scored by {scorer.what}")
     return {"predicted": [str(files[i]) for i in chosen], "out": str(out), "ranking": str(ranking),
             "pre_labels": imports}
@@ -796,14 +837,15 @@ def select_images(paths: list[str], out: Path, select: int, recursive: bool = Fa
     found, labelled = find_images(paths, recursive), labelled or []
     files = [image for image, _ in found]
     known = thumbnails(labelled, workers) if labelled else None
-    order = coverage_order(thumbnails(files, workers), known)
+    order = apart(coverage_order(thumbnails(files, workers), known), files, labelled)
     for pick in order[:select]:
         image, relative = found[pick.index]
         link_or_copy(image, out / "selected" / relative)
     ranking = write_ranking(out / RANKING, files, order, {}, [], labelled)
     print(f"linked the {min(select, len(files))} images that best cover the {len(files)} into {out / 'selected'}; "
           f"{ranking} orders them all by what {len(labelled)} labelled images leave uncovered (by thumbnails: "
-          "give --checkpoint to see them as a model does)")
+          f"give --checkpoint to see them as a model does), {sum(p.beside is not None for p in order)} beside a "
+          "labelled or earlier image of their sequence last")
     return {"selected": [str(files[p.index]) for p in order[:select]], "out": str(out), "ranking": str(ranking)}
 
 
@@ -1883,8 +1925,9 @@ def add_output_args(group: argparse._ArgumentGroup) -> None:
                        help=f"--predict: also write the predictions for the tools to import, in OUT/FORMAT/: any of "
                        f"{','.join(PRE_LABEL_WRITERS)} (comma-separated), or all")
     group.add_argument("--select", type=POSITIVE_INT, default=None, metavar="N",
-                       help="--predict: write the files of the N images that best cover what is not labelled yet "
-                       "(the first N of ranking.csv) only; without a model, link them into OUT/selected/")
+                       help="--predict: write the files of the N images that best cover what is not labelled yet, "
+                       "no two next to each other in a sequence (the first N of ranking.csv) only; without a model, "
+                       "link them into OUT/selected/")
     group.add_argument("--labelled", type=Path, default=None, metavar="DIR",
                        help="--predict: the images already labelled, which count as covered: a dataset (its "
                        "training split) or a folder of images (default: the checkpoint's training split)")

@@ -12,12 +12,14 @@ From CamVid's train frames (three driving sequences, about a frame a second) at 
 Round 1 validates on CamVid's val (its best.pth and the reliability counts behind the score come from there). Each
 arm's picks join the 46 and train the same way: every frame 6 times an epoch for 4 epochs, at 120x160 from scratch
 (the recipe's defaults), scored on the test frames after the last epoch. Arms: random; score (the error estimated
-by the validation split's counts, highest first: `--select` until this benchmark); kcenter (greedy k-center over the
-model's pooled features, the start frames as centres); select (`evaluate.py --predict --select`: coverage of what the
-model sees, run as a user runs it); weighted (the same coverage, each pool frame weighted by its estimated error);
-thumbnails (the same coverage of 24x32 thumbnails, no model: `--select` without a checkpoint).
+by the validation split's counts, highest first: `--select` before this benchmark); kcenter (greedy k-center over
+the model's pooled features, the start frames as centres); coverage (greedy facility location over the same features,
+the start frames covered); weighted (the same coverage, each pool frame weighted by its estimated error); thumbnails
+(the same coverage of 24x32 thumbnails, no model); select (`evaluate.py --predict --select`, run as a user runs it:
+the coverage order with every frame next to a labelled or earlier pick of its sequence moved last).
 
-Every run is kept under --work; run again, the finished ones are read back, so a killed benchmark goes on.
+Every run is kept under --work; run again, the finished ones are read back (where an arm's picks are still the
+same), so a killed benchmark goes on.
 """
 
 import argparse
@@ -25,7 +27,7 @@ import csv
 import json
 import math
 import random
-import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,10 +38,10 @@ from pathlib import Path
 import torch
 from common import CAMVID, ROOT
 
-from evaluate import InferenceOptions, coverage_order, embedded, labelling_score, predicted_images
+from evaluate import InferenceOptions, apart, coverage_order, embedded, labelling_score, predicted_images, thumbnails
 from models import load_checkpoint, model_with_classes
 
-ARMS = ("random", "score", "kcenter", "select", "weighted", "thumbnails", "apart")
+ARMS = ("random", "score", "kcenter", "coverage", "weighted", "thumbnails", "select")
 TEST_SHARE = 0.25  # the last quarter of each sequence is the test frames
 GAP = 2  # frames before each test block that nobody labels or picks
 TRAIN = ["--num-classes", "11", "--no-pretrained", "--size", "120", "160", "--scale", "0.5", "2.0", "--crop", "120",
@@ -93,9 +95,7 @@ def link_split(camvid: Path, folder: Path, names: list[str], repeats: int = 1, s
 def train(data: Path, out: Path, seed: int, epochs: int) -> dict:
     """train_deeplab.py on `data` with the benchmark's flags; the last epoch's row of its log.csv."""
     if not (out / "log.csv").exists() or len((out / "log.csv").read_text().splitlines()) <= epochs:
-        if out.exists():  # a run killed half-way starts again
-            for f in out.iterdir():
-                f.unlink()
+        shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again
         command = [sys.executable, str(ROOT / "train_deeplab.py"), "--data", str(data), *TRAIN, "--epochs",
                    str(epochs), "--seed", str(seed), "--out", str(out)]
         out.mkdir(parents=True, exist_ok=True)
@@ -131,36 +131,6 @@ def kcenter(pool: torch.Tensor, labelled: torch.Tensor, n: int) -> list[int]:
     return order
 
 
-def sequence_place(name: str) -> tuple[str, int] | None:
-    """A frame's sequence (its name up to the last number) and its number there; None for a name without one."""
-    found = re.fullmatch(r"(.*?)(\d+)", Path(name).stem)
-    return (found[1], int(found[2])) if found else None
-
-
-def apart(order: list[str], labelled: list[str]) -> list[str]:
-    """`order` with every frame next to a labelled or earlier frame in its sequence (nothing between them)
-    moved after all the others, each part in its own order."""
-    places: dict[str, list[tuple[int, str]]] = {}
-    for name in {*order, *labelled}:
-        place = sequence_place(name)
-        if place is not None:
-            places.setdefault(place[0], []).append((place[1], name))
-    beside: dict[str, set[str]] = {}
-    for frames in places.values():
-        names = [name for _, name in sorted(frames)]
-        for a, b in zip(names, names[1:]):
-            beside.setdefault(a, set()).add(b)
-            beside.setdefault(b, set()).add(a)
-    taken, first, later = set(labelled), [], []
-    for name in order:
-        if beside.get(name, set()) & taken:
-            later.append(name)
-        else:
-            first.append(name)
-            taken.add(name)
-    return first + later
-
-
 def cli_picks(work: Path, name: str, pool_dir: Path, n: int, flags: list[str]) -> list[str]:
     """The first n rows of ranking.csv of `evaluate.py --predict POOL --select n FLAGS`, run as a user runs it."""
     out = work / name
@@ -194,16 +164,21 @@ def orders(camvid: Path, work: Path, checkpoint: Path, start: list[str], pool: l
         "kcenter": kcenter(features, known, n),
         "weighted": [pick.index for pick in coverage_order(features, known, weights=scores)[:n]],
     }
+    labelled = [camvid / "train" / "images" / name for name in start]
+    by_index = {
+        "random": random.Random(f"{seed} random").sample(range(len(pool)), n),
+        "score": scores.argsort(descending=True).tolist()[:n],
+        "kcenter": kcenter(features, known, n),
+        "coverage": [pick.index for pick in coverage_order(features, known)[:n]],
+        "weighted": [pick.index for pick in coverage_order(features, known, weights=scores)[:n]],
+        "thumbnails": [pick.index for pick in coverage_order(thumbnails(files, 2), thumbnails(labelled, 2))[:n]],
+    }
     picks = {arm: [pool[i] for i in order] for arm, order in by_index.items()}
     same = ["--batch-size", "8", "--workers", "2", "--channels-last", "off"]  # as above, so the numbers are the same
     picks["select"] = cli_picks(work, "select", pool_dir / "images", n, ["--checkpoint", str(checkpoint), *same])
-    own = [pool[p.index] for p in coverage_order(features, known)[:n]]
-    print(f"seed {seed}: evaluate.py --select and coverage_order here pick {len(set(own) & set(picks['select']))} "
-          f"of {n} alike")
-    coverage = [pool[p.index] for p in coverage_order(features, known)]
-    picks["apart"] = apart(coverage, start)[:n]
-    picks["thumbnails"] = cli_picks(work, "thumbnails", pool_dir / "images", n, ["--labelled", str(work / "data"),
-                                                                                 "--workers", "2"])
+    own = [pool[p.index] for p in apart(coverage_order(features, known), files, labelled)[:n]]
+    alike = len(set(own) & set(picks["select"]))
+    print(f"seed {seed}: evaluate.py --select and apart(coverage_order) here pick {alike} of {n} alike")
     return picks
 
 
@@ -255,15 +230,17 @@ def run_seed(args: argparse.Namespace, seed: int, results: dict, save: Callable[
     for budget in args.budgets:
         for arm in args.arms:
             key = f"{seed} {arm} {budget}"
-            if key in results:
-                continue
             chosen = picks[arm][:budget]
-            data = work / f"{arm}-{budget}"
+            if key in results and results[key]["picked"] == chosen:
+                continue
+            data, run = work / f"{arm}-{budget}", work / f"run-{arm}-{budget}"
+            for old in (data, run):  # a run killed half-way, or one of other picks, starts again
+                shutil.rmtree(old, ignore_errors=True)
             link_split(args.camvid, data / "train", start + chosen, REPEATS)
             if not (data / "val").exists():
                 (data / "val").symlink_to((args.work / "test").resolve())
             t0 = time.time()
-            result = train(data, work / f"run-{arm}-{budget}", seed, EPOCHS)
+            result = train(data, run, seed, EPOCHS)
             results[key] = {**result, "neighbours": neighbours(chosen, pool), "picked": chosen,
                             "wall": round(time.time() - t0, 1)}
             save()

@@ -721,7 +721,7 @@ def test_ranking_lists_every_image_with_its_score_and_select_writes_only_the_fir
                                    scorer=LabellingScore(counts, 4), select=1, pre_label=("coco",))
     with open(tmp_path / "out" / "ranking.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0])[:6] == ["rank", "image", "gain", "distance", "nearest", "score"]
+    assert list(rows[0])[:7] == ["rank", "image", "gain", "distance", "nearest", "beside", "score"]
     assert [r["rank"] for r in rows] == ["1", "2", "3"]
     names = [Path(r["image"]).relative_to(tmp_path / "pool").with_suffix("").as_posix() for r in rows]
     car = {image: (mask == 3).mean() for image, mask in expected.items()}
@@ -797,6 +797,39 @@ def test_weights_pull_the_coverage_towards_the_frames_that_weigh_more():
     assert coverage_order(pool, weights=torch.tensor([1.0, 1, 1, 10, 10]))[0].index in (3, 4)
 
 
+def test_frames_next_to_a_labelled_frame_or_an_earlier_pick_of_their_sequence_come_last():
+    from evaluate import Pick, apart, sequence_place
+
+    assert sequence_place("0001TP_006690.png") == ("0001TP_", 6690) and sequence_place("IMG_0042.JPG") == ("IMG_", 42)
+    assert sequence_place("frame.png") is None and sequence_place("7.png") == ("", 7)
+    names = ["a_1", "a_2", "a_3", "a_5", "b_1", "other", "c_10", "c_20"]  # a_4 is labelled; nothing between c_10, c_20
+    files = [Path("pool") / f"{n}.png" for n in names]
+    order = [Pick(i, 1.0 / (i + 1), 0.5, None) for i in range(len(files))]
+    moved = apart(order, files, [Path("done") / "a_4.png"])
+    # by hand: a_1 first; a_2 beside a_1; a_3 and a_5 beside the labelled a_4; b_1, other, c_10 first; c_20 beside c_10
+    assert [names[p.index] for p in moved] == ["a_1", "b_1", "other", "c_10", "a_2", "a_3", "a_5", "c_20"]
+    assert [p.beside for p in moved] == [None, None, None, None, 0, -1, -1, 6]
+    assert [p.gain for p in moved] == [order[p.index].gain for p in moved]  # the rest of each pick kept
+
+
+def test_select_skips_a_frame_next_to_a_labelled_one_for_the_next_best(tmp_path, capsys):
+    pool = tmp_path / "pool"
+    for name, green in (("a_2", 252), ("b_1", 255), ("d_1", 249)):  # a_2 the most typical green
+        solid(pool / f"{name}.png", (0, green, 0))
+    solid(pool / "c_1.png", (0, 0, 255))
+    done = solid(tmp_path / "labelled" / "a_1.png", (255, 0, 0))
+    run_cli("--predict", str(pool), "--select", "2", "--labelled", str(tmp_path / "labelled"), "--out",
+            str(tmp_path / "out"))
+    with open(tmp_path / "out" / "ranking.csv") as f:
+        rows = list(csv.DictReader(f))
+    first = [Path(r["image"]).name for r in rows[:2]]
+    assert first[0] == "c_1.png" and first[1] in ("b_1.png", "d_1.png")  # not a_2, which plain coverage picks first
+    assert sorted(p.name for p in (tmp_path / "out" / "selected").iterdir()) == sorted(first)
+    assert Path(rows[-1]["image"]).name == "a_2.png" and rows[-1]["beside"] == str(done)
+    assert [r["beside"] for r in rows[:-1]] == ["", "", ""]
+    assert "1 beside a labelled or earlier image of their sequence last" in capsys.readouterr().out
+
+
 def solid(path: Path, rgb: tuple[int, int, int], size: tuple[int, int] = (30, 40)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((*size, 3), rgb, np.uint8)).save(path)
@@ -814,8 +847,8 @@ def test_select_without_a_model_links_the_images_that_cover_the_pool_best(tmp_pa
     assert len(picked) == 2 and picked[0].startswith("red") and picked[1].startswith("sub/blue")
     with open(tmp_path / "out" / "ranking.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["rank", "image", "gain", "distance", "nearest", "score"] and len(rows) == 7
-    assert rows[0]["distance"] == rows[0]["nearest"] == rows[0]["score"] == ""
+    assert list(rows[0]) == ["rank", "image", "gain", "distance", "nearest", "beside", "score"] and len(rows) == 7
+    assert rows[0]["distance"] == rows[0]["nearest"] == rows[0]["beside"] == rows[0]["score"] == ""
     assert rows[1]["nearest"] == rows[0]["image"] in map(str, reds) and rows[1]["image"] in map(str, blues)
     red, blue = (255 - int(Path(rows[0]["image"]).stem[3:]), 0, 0), (0, 0, 255 - int(Path(rows[1]["image"]).stem[4:]))
     rms = math.sqrt(sum((a - b) ** 2 for a, b in zip(red, blue)) / 3) / 255  # the thumbnails' distance, by hand
@@ -850,7 +883,7 @@ def test_a_checkpoint_counts_its_training_frames_as_labelled_and_a_copy_of_one_c
     pool.mkdir()
     shutil.copy(trained[0], pool / "copy.png")
     for i, image in enumerate(sorted((tiny_demo / "val" / "Color_Images").iterdir())):
-        shutil.copy(image, pool / f"new{i}.png")
+        shutil.copy(image, pool / f"new{'abcd'[i]}.png")  # no numbers: no sequence, so apart moves none
     run_cli("--checkpoint", str(checkpoint), "--predict", str(pool), "--select", "1", "--out", str(tmp_path / "out"))
     assert f"labelled already: {len(trained)} frames, split train of {tiny_demo}" in capsys.readouterr().out
     with open(tmp_path / "out" / "ranking.csv") as f:
