@@ -1,7 +1,7 @@
 """Which frames to label next: what `evaluate.py --predict POOL --select N` picks, trained on, against random picks
 and every other way of picking tried, over seeds (BENCHMARKS.md, "Which frames to label next").
 
-    python benchmarks/selection.py                                       # the table: 5 seeds, about 3 hours on 2 cores
+    python benchmarks/selection.py                                       # the table: 5 seeds, about 4 hours on 2 cores
     python benchmarks/selection.py --seeds 0 --budgets 46 --arms random select       # a part of it
 
 From CamVid's train frames (three driving sequences, about a frame a second) at ../shared/data/camvid, per seed:

@@ -980,7 +980,8 @@ def test_benchmark_train_runtimes_races_both_layouts_and_caches_what_a_run_then_
             "--size", "32", "48", "--batch-size", "2", "--runs", "1")
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| deeplabv3_mobilenet"))
     contiguous, channels_last, ratio, auto = (c.strip() for c in row.strip("|").split("|")[1:])
-    assert float(ratio) == pytest.approx(float(channels_last) / float(contiguous), abs=0.01)
+    c, cl, half = float(contiguous), float(channels_last), 0.005  # each printed to 2 decimals
+    assert (cl - half) / (c + half) - half <= float(ratio) <= (cl + half) / (c - half) + half
     assert auto == ("channels_last" if float(channels_last) > float(contiguous) else "contiguous")
     model = build_model("deeplabv3_mobilenet_v3_large", 3)
     faster, why = layout_choice("auto", "deeplabv3_mobilenet_v3_large", torch.device("cpu"), model, (2, 32, 48), True)
