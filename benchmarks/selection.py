@@ -152,31 +152,25 @@ def orders(camvid: Path, work: Path, checkpoint: Path, start: list[str], pool: l
     state = load_checkpoint(checkpoint)
     model = model_with_classes(state, checkpoint, "cpu", "off")
     scorer, size = labelling_score(state, 11), model.size
-    seen = {i: (scorer(probs)[0], e) for i, _, probs, e in predicted_images(model, files, size, InferenceOptions(), 8,
-                                                                              2, embed=True)}
+    frames = lambda paths, embed: predicted_images(model, paths, size, InferenceOptions(), 8, 2, embed)  # noqa: E731
+    seen = {i: (scorer(probs)[0], e) for i, _, probs, e in frames(files, True)}
     scores = torch.tensor([seen[i][0] for i in range(len(files))])
     features = torch.stack([seen[i][1] for i in range(len(files))])
-    frames = lambda paths, embed: predicted_images(model, paths, size, InferenceOptions(), 8, 2, embed)  # noqa: E731
-    known = embedded(frames, [camvid / "train" / "images" / name for name in start])
-    by_index = {
-        "random": random.Random(f"{seed} random").sample(range(len(pool)), n),
-        "score": scores.argsort(descending=True).tolist()[:n],
-        "kcenter": kcenter(features, known, n),
-        "weighted": [pick.index for pick in coverage_order(features, known, weights=scores)[:n]],
-    }
     labelled = [camvid / "train" / "images" / name for name in start]
+    known = embedded(frames, labelled)
+    coverage = coverage_order(features, known)
     by_index = {
         "random": random.Random(f"{seed} random").sample(range(len(pool)), n),
         "score": scores.argsort(descending=True).tolist()[:n],
         "kcenter": kcenter(features, known, n),
-        "coverage": [pick.index for pick in coverage_order(features, known)[:n]],
+        "coverage": [pick.index for pick in coverage[:n]],
         "weighted": [pick.index for pick in coverage_order(features, known, weights=scores)[:n]],
         "thumbnails": [pick.index for pick in coverage_order(thumbnails(files, 2), thumbnails(labelled, 2))[:n]],
     }
     picks = {arm: [pool[i] for i in order] for arm, order in by_index.items()}
     same = ["--batch-size", "8", "--workers", "2", "--channels-last", "off"]  # as above, so the numbers are the same
     picks["select"] = cli_picks(work, "select", pool_dir / "images", n, ["--checkpoint", str(checkpoint), *same])
-    own = [pool[p.index] for p in apart(coverage_order(features, known), files, labelled)[:n]]
+    own = [pool[p.index] for p in apart(coverage, files, labelled)[:n]]
     alike = len(set(own) & set(picks["select"]))
     print(f"seed {seed}: evaluate.py --select and apart(coverage_order) here pick {alike} of {n} alike")
     return picks
