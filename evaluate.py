@@ -1711,7 +1711,8 @@ def compare_command(args: argparse.Namespace, dataset: SegmentationDataset, resu
                                                 batch_size=args.batch_size, workers=args.workers,
                                                 bootstrap=args.bootstrap, seed=args.seed)
     comparison = compare_verdict(confusions, their_confusions, args.bootstrap, args.seed)
-    comparison.update(a=str(args.checkpoint), b=str(args.compare_checkpoint), miou_b=theirs["miou"])
+    comparison.update(a=str(args.checkpoint), b=str(args.compare_checkpoint), miou_b=theirs["miou"],
+                      iou_b=theirs["iou"])
     print(f"A = {args.checkpoint} (mIoU {result['miou']:.4f})")
     print(f"B = {args.compare_checkpoint} (mIoU {theirs['miou']:.4f})")
     print(f"{comparison['verdict']} (B ahead in {comparison['share_above_zero']:.1%} of resamples)")

@@ -1,5 +1,5 @@
 """DeepLabV3+ against DeepLabV3 on MobileNetV3, from scratch, at the same budget: on the demo data and on CamVid
-(README "Training", BENCHMARKS.md "DeepLabV3+ against DeepLabV3").
+(README "Cost table", BENCHMARKS.md "DeepLabV3+ against DeepLabV3").
 
     python benchmarks/archs.py [--data demo camvid] [--seed 0]
 

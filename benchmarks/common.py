@@ -38,4 +38,5 @@ def machine() -> str:
     from models import cpu_name
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
-    return f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    threads = torch.get_num_threads()
+    return f"{device}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"

@@ -1,5 +1,5 @@
 """How many labelled pixels of JPEG colour masks keep their class, by the tolerance within which a value matches a
-class colour (dataset.LOSSY_TOLERANCE; BENCHMARKS.md, "Masks").
+class colour (dataset.LOSSY_TOLERANCE; BENCHMARKS.md, "Exports of annotation tools, lossy masks").
 
     python benchmarks/lossy_masks.py [--camvid ../shared/data/camvid] [--masks 20]
 

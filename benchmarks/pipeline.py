@@ -57,11 +57,11 @@ def big_frames(camvid: Path, work: Path, n: int = 16) -> Path:
     return work
 
 
-def pipeline_row(data: Path, samples: int, augment: bool, cache: bool) -> tuple[float, float]:
+def pipeline_row(data: Path, classes: ClassOptions, samples: int, augment: bool, cache: bool) -> tuple[float, float]:
     """Samples/s of this repository's pipeline (read, decode, map ids, scale, crop, flip, jitter, normalise) and of
     the reference on the same files, in turns."""
     cfg = TransformConfig(scale=(0.5, 2.0), crop=(512, 1024), augment=augment, train=True)
-    ours = build_dataset(data, "folder", "train", cfg, ClassOptions(num_classes=11), cache=cache)
+    ours = build_dataset(data, "folder", "train", cfg, classes, cache=cache)
     reference, at = reference_pipeline(cfg), {"ours": 0, "reference": 0}
 
     def step(which: str) -> None:
@@ -89,7 +89,7 @@ def decode_row(path: Path, rounds: int) -> tuple[float, float]:
 
 
 def main(args: argparse.Namespace) -> None:
-    data = big_frames(args.camvid, args.work)
+    data, classes = big_frames(args.camvid, args.work), ClassOptions(table=args.camvid / "classes.csv")  # 11 ignored
     torch.set_num_threads(1)  # one DataLoader worker's view: a sample at a time, one thread
     print(f"one process, one thread, {args.samples} samples of 2048x1024 CamVid frames each; {machine()}")
     print("| pipeline | samples/s | reference samples/s | ratio |\n|---|---|---|---|")
@@ -97,10 +97,10 @@ def main(args: argparse.Namespace) -> None:
             "the same with --augment (colour jitter)": (True, False),
             "--cache (decoded once into uint8 memory-mapped files)": (False, True)}
     for name, (augment, cache) in rows.items():
-        ours, reference = pipeline_row(data, args.samples, augment, cache)
+        ours, reference = pipeline_row(data, classes, args.samples, augment, cache)
         print(f"| {name} | {ours:.2f} | {reference:.2f} | {ours / reference:.2f} |")
     spng, dataset.pyspng = dataset.pyspng, None  # as where pyspng is not installed: Pillow decodes everything
-    ours, reference = pipeline_row(data, args.samples, False, False)
+    ours, reference = pipeline_row(data, classes, args.samples, False, False)
     print(f"| PNGs decoded by Pillow (no pyspng) | {ours:.2f} | {reference:.2f} | {ours / reference:.2f} |")
     dataset.pyspng = spng
     print("\n| file (one decode, median of 20 in turns) | Pillow ms | pyspng ms |\n|---|---|---|")

@@ -1,7 +1,7 @@
 """The recipe against a plain training loop in the style of torchvision's references/segmentation, on CamVid from
 scratch (README "Results on real data", BENCHMARKS.md "CamVid from scratch").
 
-    python benchmarks/plain_loop.py                          # seeds 0 1 2 at 180x240: about 50 minutes on 2 cores
+    python benchmarks/plain_loop.py                          # seeds 0 1 2 at 180x240: 82 minutes on 2 cores
     python benchmarks/plain_loop.py --seeds 0 --size 360 480 --plain-epochs 12
 
 For each seed, one run at a time: the plain loop (torchvision's model untouched, PIL decoding, v2 transforms, SGD lr
@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t, 1 to 10 degrees of freedom
 NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
 
 
@@ -113,7 +114,7 @@ def compared(plain: Path, ours: Path, json_path: Path) -> dict:
                    stdout=subprocess.DEVNULL)
     result = json.loads(json_path.read_text())
     return {"plain": result["miou"], "ours": result["comparison"]["miou_b"], "diff": result["comparison"]["diff"],
-            "ci": result["comparison"]["ci"]}
+            "ci": result["comparison"]["ci"], "plain_iou": result["iou"], "ours_iou": result["comparison"]["iou_b"]}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -132,11 +133,14 @@ def main(args: argparse.Namespace) -> None:
         print(f"| {seed} | {r['plain']:.4f}, {plain_s:.0f} s | {r['ours']:.4f}, {ours_s:.0f} s | {r['diff']:+.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
     diffs = [r["diff"] for *_, r in rows]
-    if len(diffs) > 1:
-        half = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}.get(len(diffs), 2.0) * statistics.stdev(diffs)
-        half /= len(diffs) ** 0.5
+    if len(diffs) > 1:  # past 10 degrees of freedom the t of 10 (2.228): a little wide
+        half = T95[min(len(diffs) - 2, len(T95) - 1)] * statistics.stdev(diffs) / len(diffs) ** 0.5
         print(f"mean difference {statistics.mean(diffs):+.3f}, over the seeds 95% t interval "
               f"[{statistics.mean(diffs) - half:+.3f}, {statistics.mean(diffs) + half:+.3f}]")
+    print("\n| class | plain loop: IoU over the seeds | the recipe |\n|---|---|---|")
+    for c, name in enumerate(NAMES):
+        plain, ours = ([r[key][c] for *_, r in rows] for key in ("plain_iou", "ours_iou"))
+        print(f"| {name} | {min(plain):.2f}-{max(plain):.2f} | {min(ours):.2f}-{max(ours):.2f} |")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

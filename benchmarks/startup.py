@@ -1,5 +1,5 @@
 """A run's start-up on CamVid: from process start to its first training batch, and the share of it the check of
-every mask of both splits takes (BENCHMARKS.md, "Masks").
+every mask of both splits takes (BENCHMARKS.md, "Exports of annotation tools, lossy masks").
 
     python benchmarks/startup.py [--camvid ../shared/data/camvid] [--runs 3]
 """

@@ -16,7 +16,7 @@ import lovasz  # noqa: E402
 import pipeline  # noqa: E402
 import selection  # noqa: E402
 
-from dataset import TransformConfig  # noqa: E402
+from dataset import ClassOptions, TransformConfig  # noqa: E402
 
 
 def test_the_lovasz_benchmark_times_every_loss_and_the_loop_agrees_with_the_library(capsys):
@@ -31,7 +31,7 @@ def test_the_lovasz_benchmark_times_every_loss_and_the_loop_agrees_with_the_libr
 
 def test_the_pipeline_benchmark_runs_both_pipelines_on_the_same_files(tmp_path):
     root = write_folder(tmp_path / "data", "train", random_masks([0, 1, 2], 2, shape=(24, 32)))
-    ours, reference = pipeline.pipeline_row(root, 2, augment=True, cache=False)
+    ours, reference = pipeline.pipeline_row(root, ClassOptions(num_classes=3), 2, augment=True, cache=False)
     assert ours > 0 and reference > 0
     cfg = TransformConfig(scale=(0.5, 2.0), crop=(16, 24), augment=True)
     files = root / "train" / "images" / "0.png", root / "train" / "masks" / "0.png"

@@ -368,8 +368,10 @@ def test_an_export_that_disagrees_is_removed_and_bad_paths_are_one_line(checkpoi
 def test_comparing_a_checkpoint_with_itself_finds_no_difference(checkpoint, tmp_path, capsys):
     run_cli("--checkpoint", str(checkpoint), "--compare-checkpoint", str(checkpoint), "--bootstrap", "100",
             "--json", str(tmp_path / "m.json"))
-    comparison = json.loads((tmp_path / "m.json").read_text())["comparison"]
+    result = json.loads((tmp_path / "m.json").read_text())
+    comparison = result["comparison"]
     assert comparison["diff"] == 0 and comparison["ci"] == [0, 0]
+    assert comparison["iou_b"] == result["iou"] and comparison["miou_b"] == result["miou"]  # B's classes kept too
     assert "no significant difference" in capsys.readouterr().out
 
 
