@@ -1,7 +1,7 @@
 """The recipe against a plain training loop in the style of torchvision's references/segmentation, on CamVid from
 scratch (README "Results on real data", BENCHMARKS.md "CamVid from scratch").
 
-    python benchmarks/plain_loop.py                          # seeds 0 1 2 at 180x240: 82 minutes on 2 cores
+    python benchmarks/plain_loop.py                          # seeds 0 1 2 at 180x240: 83 minutes on 2 cores
     python benchmarks/plain_loop.py --seeds 0 --size 360 480 --plain-epochs 12
 
 For each seed, one run at a time: the plain loop (torchvision's model untouched, PIL decoding, v2 transforms, SGD lr
