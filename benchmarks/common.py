@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the repository on the import path, and timing things in turns.
+"""What the benchmark scripts share: the repository on the import path, timing things in turns, and the t
+interval over seeds.
 
 Each script in benchmarks/ runs from the repository root (`python benchmarks/NAME.py`) and prints the table it backs
 in BENCHMARKS.md; nothing in the library imports them.
@@ -40,3 +41,13 @@ def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     threads = torch.get_num_threads()
     return f"{device}, {threads} thread{'s' * (threads != 1)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student's t, 1 to 10 df
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """The mean of values (two or more) and the half-width of its 95% t interval; past 10 degrees of freedom the t
+    of 10, a little wide rather than too narrow."""
+    t = T975[min(len(values) - 2, len(T975) - 1)]
+    return statistics.mean(values), t * statistics.stdev(values) / len(values) ** 0.5

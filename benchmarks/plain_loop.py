@@ -14,7 +14,6 @@ bootstrap over the images, which measures the images' noise; the spread over see
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -22,12 +21,11 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2 as T
-from common import CAMVID, ROOT, machine
+from common import CAMVID, ROOT, machine, t_interval
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t, 1 to 10 degrees of freedom
 NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist"]
 
 
@@ -133,10 +131,9 @@ def main(args: argparse.Namespace) -> None:
         print(f"| {seed} | {r['plain']:.4f}, {plain_s:.0f} s | {r['ours']:.4f}, {ours_s:.0f} s | {r['diff']:+.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
     diffs = [r["diff"] for *_, r in rows]
-    if len(diffs) > 1:  # past 10 degrees of freedom the t of 10 (2.228): a little wide
-        half = T95[min(len(diffs) - 2, len(T95) - 1)] * statistics.stdev(diffs) / len(diffs) ** 0.5
-        print(f"mean difference {statistics.mean(diffs):+.3f}, over the seeds 95% t interval "
-              f"[{statistics.mean(diffs) - half:+.3f}, {statistics.mean(diffs) + half:+.3f}]")
+    if len(diffs) > 1:
+        mean, half = t_interval(diffs)
+        print(f"mean difference {mean:+.3f}, over the seeds 95% t interval [{mean - half:+.3f}, {mean + half:+.3f}]")
     print("\n| class | plain loop: IoU over the seeds | the recipe |\n|---|---|---|")
     for c, name in enumerate(NAMES):
         plain, ours = ([r[key][c] for *_, r in rows] for key in ("plain_iou", "ours_iou"))

@@ -25,7 +25,6 @@ same), so a killed benchmark goes on.
 import argparse
 import csv
 import json
-import math
 import random
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import CAMVID, ROOT
+from common import CAMVID, ROOT, t_interval
 
 from evaluate import InferenceOptions, apart, coverage_order, embedded, labelling_score, predicted_images, thumbnails
 from models import load_checkpoint, model_with_classes
@@ -178,15 +177,11 @@ def orders(camvid: Path, work: Path, checkpoint: Path, start: list[str], pool: l
 
 # ---- the table: each arm against random at the same seed -----------------------------------------------------------
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 def interval(values: list[float]) -> str:
     """The mean and its 95% t interval over the seeds."""
-    mean = statistics.mean(values)
     if len(values) < 2:
-        return f"{mean:+.4f}"
-    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+        return f"{values[0]:+.4f}"
+    mean, half = t_interval(values)
     return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
 
 

@@ -10,6 +10,7 @@ from conftest import CAMVID, random_masks, write_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import common  # noqa: E402
 import exports  # noqa: E402
 import lossy_masks  # noqa: E402
 import lovasz  # noqa: E402
@@ -72,3 +73,13 @@ def test_the_lossy_masks_benchmark_loses_most_pixels_to_exact_matching_and_few_a
             if line.startswith("| ") and "%" in line}
     right = {tolerance: float(cells[0].strip(" %")) for tolerance, cells in rows.items()}
     assert right["0"] < 60 < 90 < right["24 (the default)"]
+
+
+def test_the_t_interval_over_seeds_uses_students_t_and_never_a_narrower_one():
+    # five values 1..5: mean 3, sd sqrt(2.5); Student's t for 4 degrees of freedom at 97.5% is 2.776 (any table)
+    mean, half = common.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3 and half == pytest.approx(2.776 * 2.5**0.5 / 5**0.5)
+    # 21 values: t(20) is 2.086; the table stops at 10 degrees of freedom (2.228), wider, never the normal 1.96
+    values = [float(i % 2) for i in range(21)]
+    sd = (sum((v - sum(values) / 21) ** 2 for v in values) / 20) ** 0.5
+    assert common.t_interval(values)[1] == pytest.approx(2.228 * sd / 21**0.5)
