@@ -805,7 +805,9 @@ def list_pairs(tree: DatasetTree, split: str) -> list[tuple[Path, Path]]:
 @dataclass(frozen=True)
 class TransformConfig:
     """size: resize to (H, W) first (None keeps each image's size); scale: random scale range;
-    crop: random crop (H, W), padding masks with IGNORE_INDEX; train: enables the random parts."""
+    crop: random crop (H, W), padding masks with IGNORE_INDEX; train: enables the random parts;
+    low_res_epochs: progressive resizing, epochs 1..N at half the size and half the crop (`at_epoch`);
+    resolution: the share of size and crop in force (1.0, or 0.5 in a low-resolution epoch)."""
 
     size: tuple[int, int] | None = None
     scale: tuple[float, float] | None = None
@@ -813,6 +815,17 @@ class TransformConfig:
     hflip: bool = True
     augment: bool = False
     train: bool = True
+    low_res_epochs: int = 0
+    resolution: float = 1.0
+
+    def at_epoch(self, epoch: int) -> "TransformConfig":
+        """The transform of a training epoch (counted from 1): at half resolution up to `low_res_epochs`, a quarter
+        of the pixels per step, so the cheap epochs come first (fast.ai's progressive resizing)."""
+        return replace(self, resolution=0.5) if self.train and 1 <= epoch <= self.low_res_epochs else self
+
+
+def scaled(hw: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, round(hw[0] * factor)), max(1, round(hw[1] * factor))
 
 
 def rotate_hue(image: torch.Tensor, factor: float) -> torch.Tensor:
@@ -864,13 +877,14 @@ def transform_pair(
     source region under the crop is resized: at scale 2 that is a quarter of the image, not four times it.
     """
     h0, w0 = image.shape[-2:]
-    hb, wb = cfg.size or (h0, w0)
+    hb, wb = scaled(cfg.size or (h0, w0), cfg.resolution)
+    crop = scaled(cfg.crop, cfg.resolution) if cfg.crop is not None else None
     g = generator
     s = float(torch.empty(1).uniform_(*cfg.scale, generator=g)) if cfg.train and cfg.scale else 1.0
     hs, ws = max(1, round(hb * s)), max(1, round(wb * s))  # size of the whole image after resizing
     mask = mask[None]
-    if cfg.train and cfg.crop is not None:
-        out_h, out_w = min(cfg.crop[0], hs), min(cfg.crop[1], ws)
+    if cfg.train and crop is not None:
+        out_h, out_w = min(crop[0], hs), min(crop[1], ws)
         win_h, win_w = max(1, round(out_h * h0 / hs)), max(1, round(out_w * w0 / ws))  # the crop, in source pixels
         top = int(torch.randint(0, h0 - win_h + 1, (1,), generator=g))
         left = int(torch.randint(0, w0 - win_w + 1, (1,), generator=g))
@@ -879,7 +893,7 @@ def transform_pair(
             mask[..., top : top + win_h, left : left + win_w],
         )
         image, mask = _resize_pair(image, mask, (out_h, out_w))
-        pad_h, pad_w = cfg.crop[0] - out_h, cfg.crop[1] - out_w
+        pad_h, pad_w = crop[0] - out_h, crop[1] - out_w
         if pad_h or pad_w:  # pad right/bottom; padded pixels are ignored by the loss and the metrics
             image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
             mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE_INDEX)
@@ -1093,12 +1107,14 @@ class SegmentationDataset(Dataset):
         """key: an index, or (epoch, index) from an EpochSampler: then the sample's random transforms are seeded
         by (seed, epoch, index), the same in any DataLoader worker, on any rank and after a resume."""
         generator = None
+        transform = self.transform
         if isinstance(key, tuple):
             epoch, key = key
             generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + key) % 2**63)
+            transform = transform.at_epoch(epoch)
         if self.cache is not None:
             image, mask = self.cache[key]
-            return transform_pair(image, torch.from_numpy(mask), self.transform, generator)
+            return transform_pair(image, torch.from_numpy(mask), transform, generator)
         image_path, mask_path = self.pairs[key]
         mask, unknown = read_classes(mask_path, self.class_map)
         if unknown and not self.reported_unknown:
@@ -1109,7 +1125,7 @@ class SegmentationDataset(Dataset):
                 "they are ignored (255). `python dataset.py --check` counts them over the dataset.",
                 file=sys.stderr,
             )
-        return transform_pair(read_image(image_path), torch.from_numpy(mask), self.transform, generator)
+        return transform_pair(read_image(image_path), torch.from_numpy(mask), transform, generator)
 
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1682,6 +1698,9 @@ def add_transform_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=POSITIVE, nargs=2, action=Ascending, default=None, metavar=("MIN", "MAX"),
                         help="random scale range")
     parser.add_argument("--augment", action="store_true", help="colour jitter")
+    parser.add_argument("--low-res-epochs", type=COUNT, default=0, metavar="N",
+                        help="progressive resizing: train epochs 1..N at half --size and --crop (a quarter of the "
+                             "pixels), the rest and validation at full (default 0)")
 
 
 def hw_pair(values: list[int] | None, flag: str = "--size") -> tuple[int, int] | None:
@@ -1706,7 +1725,8 @@ def transform_from_args(args: argparse.Namespace, train: bool) -> TransformConfi
     scale = tuple(args.scale) if args.scale else None
     size = within_pixel_limit(hw_pair(args.size), "--size")
     crop = within_pixel_limit(hw_pair(args.crop, "--crop"), "--crop")
-    return TransformConfig(size, scale, crop, augment=args.augment, train=train)
+    return TransformConfig(size, scale, crop, augment=args.augment, train=train,
+                           low_res_epochs=args.low_res_epochs)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1,11 +1,13 @@
-"""What the benchmark scripts share: the repository on the import path, timing things in turns, and the t
-interval over seeds.
+"""What the benchmark scripts share: the repository on the import path, timing things in turns, the t interval
+over seeds, and README's CamVid command with the paired comparison of two of its models.
 
 Each script in benchmarks/ runs from the repository root (`python benchmarks/NAME.py`) and prints the table it backs
 in BENCHMARKS.md; nothing in the library imports them.
 """
 
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,3 +53,28 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     of 10, a little wide rather than too narrow."""
     t = T975[min(len(values) - 2, len(T975) - 1)]
     return statistics.mean(values), t * statistics.stdev(values) / len(values) ** 0.5
+
+
+# ---- README's CamVid command, and two final models compared on the same images ---------------------------------
+
+
+def recipe(root: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple[int, int], flags: list[str]) -> float:
+    """README's CamVid command at `size` and `crop`, from scratch, with `flags` after it (a later flag wins); the
+    wall time."""
+    command = [sys.executable, str(ROOT / "train_deeplab.py"), "--data", str(root), "--num-classes", "11",
+               "--no-pretrained", "--size", *map(str, size), "--scale", "0.5", "2.0", "--crop", *map(str, crop),
+               "--patience", "0", "--seed", str(seed), "--out", str(out), *flags]
+    start = time.time()
+    subprocess.run(command, check=True, cwd=ROOT)
+    return time.time() - start
+
+
+def compared(a: Path, b: Path, json_path: Path) -> dict:
+    """evaluate.py --checkpoint A --compare-checkpoint B on CamVid's val, each at its own training size: both mIoUs
+    and per-class IoUs, and B - A with its 95% interval (paired bootstrap over the images)."""
+    subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(a), "--compare-checkpoint",
+                    str(b), "--bootstrap", "1000", "--json", str(json_path)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    result = json.loads(json_path.read_text())
+    return {"a": result["miou"], "b": result["comparison"]["miou_b"], "diff": result["comparison"]["diff"],
+            "ci": result["comparison"]["ci"], "iou_a": result["iou"], "iou_b": result["comparison"]["iou_b"]}

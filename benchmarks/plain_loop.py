@@ -1,27 +1,26 @@
 """The recipe against a plain training loop in the style of torchvision's references/segmentation, on CamVid from
-scratch (README "Results on real data", BENCHMARKS.md "CamVid from scratch").
+scratch (README "Results on real data", BENCHMARKS.md "CamVid from scratch" and "CamVid at full resolution").
 
     python benchmarks/plain_loop.py                          # seeds 0 1 2 at 180x240: 83 minutes on 2 cores
-    python benchmarks/plain_loop.py --seeds 0 --size 360 480 --plain-epochs 12
+    python benchmarks/plain_loop.py --seeds 0 1 --size 360 480 --crop 240 320 --plain-epochs 17 \
+        --recipe-flags --epochs 22 --low-res-epochs 10       # full resolution, about the same wall time each
 
 For each seed, one run at a time: the plain loop (torchvision's model untouched, PIL decoding, v2 transforms, SGD lr
 0.02, momentum 0.9, weight decay 1e-4, poly 0.9 per iteration, cross-entropy ignoring 255; resize to --size, random
-scale 0.5-2.0 of it, a crop of --size, a flip; batch 8), then README's command at the same size. Both final models
-(the last epoch, no selection on val) are scored on CamVid's val by `evaluate.py --compare-checkpoint`: the paired
-bootstrap over the images, which measures the images' noise; the spread over seeds is the seeds'.
+scale 0.5-2.0 of it, a crop of --crop, a flip; batch 8), then README's command with the same size, crop and batch.
+Both final models (the last epoch, no selection on val) are scored on CamVid's val at --size by `evaluate.py
+--compare-checkpoint`: the paired bootstrap over the images, which measures the images' noise; the spread over seeds
+is the seeds'.
 """
 
 import argparse
-import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision.transforms.v2 as T
-from common import CAMVID, ROOT, machine, t_interval
+from common import CAMVID, ROOT, compared, machine, recipe, t_interval
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
@@ -47,13 +46,13 @@ class CamVid(torch.utils.data.Dataset):
         return image, torch.where(mask[0] >= 11, 255, mask[0])  # 11 = unlabelled
 
 
-def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, int]) -> float:
+def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, int], crop: tuple[int, int]) -> float:
     """Train, print each epoch's val mIoU, save a checkpoint that evaluate.py loads; the wall time."""
     torch.manual_seed(seed)
     to_float = T.Compose([T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     train_tf = T.Compose([T.Resize(list(size)), T.RandomResize(min(size) // 2, min(size) * 2),
-                          T.RandomHorizontalFlip(), T.RandomCrop(list(size), pad_if_needed=True,
+                          T.RandomHorizontalFlip(), T.RandomCrop(list(crop), pad_if_needed=True,
                                                                  fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
                           to_float])
     train = torch.utils.data.DataLoader(CamVid(root, "train", train_tf), 8, shuffle=True, num_workers=2,
@@ -90,45 +89,23 @@ def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, i
     return seconds
 
 
-# ---- the recipe, and the two compared ---------------------------------------------------------------------------
 
-
-def recipe(root: Path, out: Path, seed: int, size: tuple[int, int], flags: list[str]) -> float:
-    """README's command at `size`, from scratch; the wall time."""
-    h, w = map(str, size)
-    command = [sys.executable, str(ROOT / "train_deeplab.py"), "--data", str(root), "--num-classes", "11",
-               "--no-pretrained", "--size", h, w, "--scale", "0.5", "2.0", "--crop", h, w, "--patience", "0",
-               "--seed", str(seed), "--out", str(out), *flags]
-    start = time.time()
-    subprocess.run(command, check=True, cwd=ROOT)
-    return time.time() - start
-
-
-def compared(plain: Path, ours: Path, json_path: Path) -> dict:
-    """evaluate.py --checkpoint PLAIN --compare-checkpoint OURS on CamVid's val: both mIoUs and the paired
-    difference with its 95% interval."""
-    subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(plain), "--compare-checkpoint",
-                    str(ours), "--bootstrap", "1000", "--json", str(json_path)], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-    result = json.loads(json_path.read_text())
-    return {"plain": result["miou"], "ours": result["comparison"]["miou_b"], "diff": result["comparison"]["diff"],
-            "ci": result["comparison"]["ci"], "plain_iou": result["iou"], "ours_iou": result["comparison"]["iou_b"]}
 
 
 def main(args: argparse.Namespace) -> None:
-    size, rows = tuple(args.size), []
+    size, crop, rows = tuple(args.size), tuple(args.crop or args.size), []
     for seed in args.seeds:
         work = args.work / f"{size[0]}x{size[1]}-seed{seed}"
         shutil.rmtree(work, ignore_errors=True)  # this script's own runs of before
-        plain_s = plain_loop(args.camvid, work / "plain.pth", args.plain_epochs, seed, size)
-        ours_s = recipe(args.camvid, work / "recipe", seed, size, args.recipe_flags)
+        plain_s = plain_loop(args.camvid, work / "plain.pth", args.plain_epochs, seed, size, crop)
+        ours_s = recipe(args.camvid, work / "recipe", seed, size, crop, args.recipe_flags)
         rows.append((seed, plain_s, ours_s, compared(work / "plain.pth", work / "recipe" / "last.pth",
                                                       work / "compared.json")))
-    print(f"\nCamVid val, final models at {size[0]}x{size[1]}; plain loop {args.plain_epochs} epochs, the recipe "
-          f"{' '.join(args.recipe_flags) or 'as README runs it'}; {machine()}")
+    print(f"\nCamVid val, final models at {size[0]}x{size[1]} (crops of {crop[0]}x{crop[1]}); plain loop "
+          f"{args.plain_epochs} epochs, the recipe {' '.join(args.recipe_flags) or 'as README runs it'}; {machine()}")
     print("| seed | plain loop: mIoU, wall | the recipe: mIoU, wall | recipe - plain, 95% CI |\n|---|---|---|---|")
     for seed, plain_s, ours_s, r in rows:
-        print(f"| {seed} | {r['plain']:.4f}, {plain_s:.0f} s | {r['ours']:.4f}, {ours_s:.0f} s | {r['diff']:+.3f} "
+        print(f"| {seed} | {r['a']:.4f}, {plain_s:.0f} s | {r['b']:.4f}, {ours_s:.0f} s | {r['diff']:+.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
     diffs = [r["diff"] for *_, r in rows]
     if len(diffs) > 1:
@@ -136,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"mean difference {mean:+.3f}, over the seeds 95% t interval [{mean - half:+.3f}, {mean + half:+.3f}]")
     print("\n| class | plain loop: IoU over the seeds | the recipe |\n|---|---|---|")
     for c, name in enumerate(NAMES):
-        plain, ours = ([r[key][c] for *_, r in rows] for key in ("plain_iou", "ours_iou"))
+        plain, ours = ([r[key][c] for *_, r in rows] for key in ("iou_a", "iou_b"))
         print(f"| {name} | {min(plain):.2f}-{max(plain):.2f} | {min(ours):.2f}-{max(ours):.2f} |")
 
 
@@ -146,6 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "plain-loop-benchmark")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--size", type=int, nargs=2, default=[180, 240], metavar=("H", "W"))
+    parser.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="the training crop of both (default: --size)")
     parser.add_argument("--plain-epochs", type=int, default=20)
     parser.add_argument("--recipe-flags", nargs=argparse.REMAINDER, default=[],
                         help="more flags for train_deeplab.py (last on the line)")

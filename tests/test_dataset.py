@@ -166,6 +166,24 @@ def test_val_transform_resizes_only_and_normalize_applies_imagenet_statistics():
         assert torch.allclose(normalised[0, c], torch.tensor((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
 
 
+def test_low_res_epochs_train_at_half_size_and_crop_then_at_full(tmp_path):
+    # progressive resizing: the dataset reads the epoch from the sampler's (epoch, index) keys, so DataLoader
+    # workers that live across epochs switch too; validation (train=False) never changes
+    columns = np.tile(np.arange(40, dtype=np.uint8), (20, 1))  # value = source column
+    root = write_folder(tmp_path, "train", [columns, columns])
+    write_folder(tmp_path, "val", [columns])
+    cfg = TransformConfig(size=(20, 40), crop=(8, 16), hflip=False, low_res_epochs=2)
+    classes = ClassOptions(num_classes=40)
+    train = build_dataset(root, "auto", "train", cfg, classes)
+    assert [tuple(train[(epoch, 0)][1].shape) for epoch in (1, 2, 3)] == [(4, 8), (4, 8), (8, 16)]
+    assert tuple(train[0][1].shape) == (8, 16)  # a plain index (no epoch): full resolution
+    whole = build_dataset(root, "auto", "train", TransformConfig(size=(20, 40), hflip=False, low_res_epochs=1), classes)
+    half = whole[(1, 0)][1]  # the whole image at half size: each output column is one of its two source columns
+    assert half.shape == (10, 20) and all(half[0, i] in (2 * i, 2 * i + 1) for i in range(20))
+    val = build_dataset(root, "auto", "val", TransformConfig(size=(20, 40), train=False, low_res_epochs=5), classes)
+    assert tuple(val[(1, 0)][1].shape) == (20, 40)
+
+
 def test_crop_at_a_large_scale_matches_resizing_first_then_cropping():
     # the crop is cut from the source and resized on its own; a label map of vertical stripes shows whether the
     # region and the scale are right: at scale 2 each 1-pixel source column becomes 2 output columns

@@ -94,6 +94,21 @@ def test_same_seed_gives_identical_metrics_on_cpu(tiny_demo, tmp_path):
     assert x == y
 
 
+def test_low_res_epochs_train_on_half_size_crops_then_on_full_size_ones(tiny_demo, tmp_path, monkeypatch, capsys):
+    seen = []  # the batch shapes of each training epoch
+    original = train_deeplab.train_one_epoch
+
+    def recording(net, criterion, optimizer, scheduler, scaler, loader, *rest):
+        seen.append({tuple(image.shape[-2:]) for image, _ in loader})  # what this epoch's batches are made of
+        return original(net, criterion, optimizer, scheduler, scaler, loader, *rest)
+
+    monkeypatch.setattr(train_deeplab, "train_one_epoch", recording)
+    train_deeplab.train(train_args(tiny_demo, tmp_path / "r", "--epochs", "3", "--crop", "48", "64",
+                                   "--low-res-epochs", "2"))
+    assert seen == [{(24, 32)}, {(24, 32)}, {(48, 64)}]
+    assert "Epoch 3: training at full resolution from now on (epochs 1-2 at half)" in capsys.readouterr().out
+
+
 LV = "ce:0.5,lovasz:0.5"
 
 
