@@ -806,7 +806,7 @@ def begin_epoch(run: Run, epoch: int) -> nn.Module:
     args = run.args
     if epoch in run.loss_changes:
         run.say(f"Epoch {epoch}: loss is now {run.loss_changes[epoch]}")
-    if epoch == args.low_res_epochs + 1 > 1:
+    if args.low_res_epochs and epoch == args.low_res_epochs + 1:
         run.say(f"Epoch {epoch}: training at full resolution from now on (epochs 1-{args.low_res_epochs} at half)")
     if args.freeze_at_epoch and epoch >= args.freeze_at_epoch and not backbone_frozen(run.model):
         freeze_backbone(run.model)

@@ -21,7 +21,7 @@ import torch
 from common import CAMVID, ROOT, compared, machine, recipe, t_interval
 
 from dataset import TransformConfig, build_dataset, collate
-from evaluate import compare_verdict, evaluate, iou_from_confusion
+from evaluate import compare_verdict, device_of, evaluate
 from models import load_model
 
 RECIPE_FLAGS = ["--epochs", "22", "--low-res-epochs", "10"]  # README's full-resolution command
@@ -33,15 +33,15 @@ def with_tta(checkpoint: Path, camvid: Path, tta: str) -> dict:
     model = load_model(checkpoint)
     data = build_dataset(camvid, "auto", "val", TransformConfig(size=model.size, train=False), model.class_map)
     loader = torch.utils.data.DataLoader(data, batch_size=4, num_workers=2, collate_fn=collate)
-    confusions, seconds = [], []
+    results, seconds = [], []
     for mode in ("none", tta):
         start = time.time()
-        confusions.append(evaluate(model, loader, None, torch.device("cpu"), 11, tta=mode)["confusions"])
+        results.append(evaluate(model, loader, None, device_of(model), model.class_map.num_classes, tta=mode))
         seconds.append(time.time() - start)
-    verdict = compare_verdict(*confusions, resamples=1000, seed=0)
-    (iou_a, miou_a), (iou_b, miou_b) = (iou_from_confusion(c.sum(0)) for c in confusions)
-    return {"a": float(miou_a), "b": float(miou_b), "diff": verdict["diff"], "ci": verdict["ci"],
-            "iou_a": iou_a.tolist(), "iou_b": iou_b.tolist(), "seconds": seconds}
+    plain, augmented = results
+    verdict = compare_verdict(plain["confusions"], augmented["confusions"], resamples=1000, seed=0)
+    return {"a": plain["miou"], "b": augmented["miou"], "diff": verdict["diff"], "ci": verdict["ci"],
+            "iou_a": plain["iou"], "iou_b": augmented["iou"], "seconds": seconds}
 
 
 def main(args: argparse.Namespace) -> None:

@@ -89,7 +89,7 @@ def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, i
     return seconds
 
 
-
+# ---- the two side by side: README's command (benchmarks/common.py) against the plain loop, seed by seed ---------
 
 
 def main(args: argparse.Namespace) -> None:
