@@ -4,11 +4,13 @@ real data", BENCHMARKS.md "CamVid at full resolution").
     python benchmarks/levers.py --tta flip                         # scoring with flips: no training
     python benchmarks/levers.py -- --epochs 17 --low-res-epochs 0   # no progressive resizing, about the same time
     python benchmarks/levers.py --hold-out 0006R0 -- --augment      # scored on a driving sequence never trained on
+    python benchmarks/levers.py --hold-out 0006R0 --plain-epochs 17  # benchmarks/plain_loop.py's loop in its place
 
 For each seed, the recipe's run (RECIPE_FLAGS at --size and --crop: the folder that `benchmarks/plain_loop.py
 --size 360 480 --crop 240 320 --recipe-flags ...` leaves under --work, trained here with the same flags when it is
-missing), then either the same model scored with test-time augmentation (--tta) or the same command with the
-lever's flags after it (a later flag wins), trained into a folder of its own. The final models (last epoch) are
+missing), then either the same model scored with test-time augmentation (--tta), or the same command with the
+lever's flags after it (a later flag wins), trained into a folder of its own, or the plain loop of
+benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The final models (last epoch) are
 compared on CamVid's val, paired bootstrap over the images; over two seeds or more, the mean difference and its t
 interval.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from common import CAMVID, ROOT, compared, machine, recipe, t_interval
+from plain_loop import plain_loop
 
 from dataset import TransformConfig, build_dataset, collate
 from evaluate import compare_verdict, device_of, evaluate
@@ -68,38 +71,58 @@ def held_out_split(camvid: Path, sequence: str, work: Path) -> Path:
     return root
 
 
+def trained(data: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple[int, int], flags: list[str]) -> float:
+    """The recipe with `flags` after RECIPE_FLAGS, trained into `out` unless it is there already; the wall, 0 if
+    it was there."""
+    return 0.0 if (out / "last.pth").exists() else recipe(data, out, seed, size, crop, [*RECIPE_FLAGS, *flags])
+
+
+def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dict:
+    """Arms A and B at one seed, compared: the recipe and its TTA; the plain loop and the recipe (with the flags
+    after --, if any); or the recipe and the recipe with the flags."""
+    size, crop, flags = tuple(args.size), tuple(args.crop), args.lever_flags
+    base = runs / "recipe"
+    lever = runs / ("lever" + "".join(flags).replace("-", "_")) if flags else base
+    if args.tta:
+        trained(data, base, seed, size, crop, [])
+        return with_tta(base / "last.pth", data, args.tta)
+    if args.plain_epochs:
+        trained(data, lever, seed, size, crop, flags)
+        plain = runs / f"plain{args.plain_epochs}" / "last.pth"
+        wall = 0.0 if plain.exists() else plain_loop(data, plain, args.plain_epochs, seed, size, crop)
+        return {**compared(plain, lever / "last.pth", lever / f"compared-plain{args.plain_epochs}.json"),
+                "wall_a": wall}
+    trained(data, base, seed, size, crop, [])
+    wall = trained(data, lever, seed, size, crop, flags)
+    return {**compared(base / "last.pth", lever / "last.pth", lever / "compared.json"), "wall_b": wall}
+
+
 def main(args: argparse.Namespace) -> None:
     size, crop = tuple(args.size), tuple(args.crop)
     data = held_out_split(args.camvid, args.hold_out, args.work) if args.hold_out else args.camvid
     runs = f"{size[0]}x{size[1]}" + (f"-held-out-{args.hold_out}" if args.hold_out else "")
     args.lever_flags = [flag for flag in args.lever_flags if flag != "--"]
-    lever = f"--tta {args.tta}" if args.tta else " ".join(args.lever_flags)
-    if not lever:
-        raise SystemExit("error: give --tta or the lever's flags after --")
-    rows = []
-    for seed in args.seeds:
-        base = args.work / f"{runs}-seed{seed}" / "recipe"
-        if not (base / "last.pth").exists():
-            recipe(data, base, seed, size, crop, RECIPE_FLAGS)
-        if args.tta:
-            rows.append((seed, with_tta(base / "last.pth", data, args.tta)))
-            continue
-        out = args.work / f"{runs}-seed{seed}" / ("lever" + "".join(args.lever_flags).replace("-", "_"))
-        wall = recipe(data, out, seed, size, crop, [*RECIPE_FLAGS, *args.lever_flags])
-        result = compared(base / "last.pth", out / "last.pth", out / "compared.json")
-        rows.append((seed, {**result, "wall": wall}))
+    if not (args.tta or args.plain_epochs or args.lever_flags):
+        raise SystemExit("error: give --tta, --plain-epochs or the lever's flags after --")
+    flags = f"{' '.join(RECIPE_FLAGS)}, crops of {crop[0]}x{crop[1]}"
+    if args.plain_epochs:
+        arms = (f"the plain loop, {args.plain_epochs} epochs", f"the recipe ({flags})" +
+                (f" with {' '.join(args.lever_flags)}" if args.lever_flags else ""))
+    else:
+        arms = (f"the recipe ({flags})", f"--tta {args.tta}" if args.tta else " ".join(args.lever_flags))
+    rows = [(seed, one_seed(args, data, args.work / f"{runs}-seed{seed}", seed)) for seed in args.seeds]
     scored = f"sequence {args.hold_out} held out of training" if args.hold_out else "val"
-    print(f"\nCamVid {scored} at {size[0]}x{size[1]}: the recipe ({' '.join(RECIPE_FLAGS)}, crops of "
-          f"{crop[0]}x{crop[1]}) against {lever}; {machine()}")
-    print("| seed | the recipe | with the lever | lever - recipe, 95% CI |\n|---|---|---|---|")
+    print(f"\nCamVid {scored} at {size[0]}x{size[1]}: A = {arms[0]}, B = {arms[1]}; {machine()}")
+    print("| seed | A | B | B - A, 95% CI |\n|---|---|---|---|")
     for seed, r in rows:
-        cost = (f" ({r['seconds'][1]:.0f} s against {r['seconds'][0]:.0f} s to score)" if "seconds" in r
-                else f" ({r['wall']:.0f} s)")
-        print(f"| {seed} | {r['a']:.4f} | {r['b']:.4f}{cost} | {r['diff']:+.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+        a, b = (f"{r[arm]:.4f}" + (f", {r[f'wall_{arm}']:.0f} s" if r.get(f"wall_{arm}") else "") for arm in "ab")
+        if "seconds" in r:
+            b += f" ({r['seconds'][1]:.0f} s against {r['seconds'][0]:.0f} s to score)"
+        print(f"| {seed} | {a} | {b} | {r['diff']:+.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
     if len(rows) > 1:
         mean, half = t_interval([r["diff"] for _, r in rows])
         print(f"mean difference {mean:+.3f}, over the seeds 95% t interval [{mean - half:+.3f}, {mean + half:+.3f}]")
-    (args.work / f"levers-{runs}.json").write_text(json.dumps({"lever": lever, "rows": rows}, indent=1) + "\n")
+    (args.work / f"levers-{runs}.json").write_text(json.dumps({"arms": arms, "rows": rows}, indent=1) + "\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -112,6 +135,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hold-out", default=None, metavar="SEQ",
                         help="train on CamVid's frames of the other sequences, score on this one's (e.g. 0006R0)")
     parser.add_argument("--tta", default=None, choices=("flip", "ms"), help="score the recipe's models with this TTA")
+    parser.add_argument("--plain-epochs", type=int, default=0, metavar="N",
+                        help="benchmarks/plain_loop.py's loop for N epochs against the recipe")
     parser.add_argument("lever_flags", nargs=argparse.REMAINDER, help="-- then flags for train_deeplab.py")
     return parser
 
