@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
 import exports  # noqa: E402
+import levers  # noqa: E402
 import lossy_masks  # noqa: E402
 import lovasz  # noqa: E402
 import pipeline  # noqa: E402
@@ -48,6 +49,26 @@ def test_the_selection_benchmark_holds_out_the_last_quarter_of_each_sequence_and
     assert sorted(start + pool) == names[:13] + names[20:24] and len(start) == 4 and not set(start) & set(pool)
     assert selection.neighbours(["A_000.png", "A_001.png", "A_003.png", "B_000.png"], names) == 1
     assert selection.neighbours(["A_001.png", "A_003.png"], [n for n in names if n != "A_002.png"]) == 1
+
+
+def test_the_held_out_split_scores_every_frame_of_the_sequence_and_trains_on_all_the_others(tmp_path):
+    camvid = tmp_path / "camvid"
+    splits = {"train": ["0001TP_006690.png", "0006R0_f00930.png", "0016E5_00390.png"],
+              "val": ["0006R0_f01050.png", "0016E5_07959.png"]}
+    for split, names in splits.items():
+        for kind in ("images", "masks"):
+            (camvid / split / kind).mkdir(parents=True)
+            for name in names:
+                (camvid / split / kind / name).write_bytes(f"{kind} {name}".encode())
+    for _ in range(2):  # a second call (a rerun of the benchmark) finds the links there and keeps them
+        root = levers.held_out_split(camvid, "0006R0", tmp_path / "work")
+    for split, names in (("val", ["0006R0_f00930.png", "0006R0_f01050.png"]),
+                         ("train", ["0001TP_006690.png", "0016E5_00390.png", "0016E5_07959.png"])):
+        for kind in ("images", "masks"):
+            assert sorted(path.name for path in (root / split / kind).iterdir()) == names
+            assert all((root / split / kind / name).read_bytes() == f"{kind} {name}".encode() for name in names)
+    with pytest.raises(SystemExit, match="--hold-out Seq05VD: no CamVid frame"):
+        levers.held_out_split(camvid, "Seq05VD", tmp_path / "work")
 
 
 def test_kcenter_takes_the_frame_farthest_from_every_labelled_and_chosen_one_first():
