@@ -12,7 +12,7 @@ missing), then either the same model scored with test-time augmentation (--tta),
 lever's flags after it (a later flag wins), trained into a folder of its own, or the plain loop of
 benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The final models (last epoch) are
 compared on CamVid's val, paired bootstrap over the images; over two seeds or more, the mean difference and its t
-interval.
+interval. Walls: a recipe arm's, the sum of its log.csv's Runtime; the plain loop's, its own, when trained here.
 
 CamVid's val frames all come from 0016E5, a driving sequence that also gives 204 of the 367 training frames, while
 its test split is from sequences and light the training frames hardly show. `--hold-out SEQ` re-splits the 468
@@ -22,6 +22,7 @@ train split, and 101 scored).
 """
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -72,9 +73,12 @@ def held_out_split(camvid: Path, sequence: str, work: Path) -> Path:
 
 
 def trained(data: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple[int, int], flags: list[str]) -> float:
-    """The recipe with `flags` after RECIPE_FLAGS, trained into `out` unless it is there already; the wall, 0 if
-    it was there."""
-    return 0.0 if (out / "last.pth").exists() else recipe(data, out, seed, size, crop, [*RECIPE_FLAGS, *flags])
+    """The recipe with `flags` after RECIPE_FLAGS, trained into `out` unless it is there already; its wall, the sum
+    of log.csv's Runtime (every epoch with its validation), so that a run trained earlier reports it too."""
+    if not (out / "last.pth").exists():
+        recipe(data, out, seed, size, crop, [*RECIPE_FLAGS, *flags])
+    with open(out / "log.csv") as f:
+        return sum(float(row["Runtime"]) for row in csv.DictReader(f))
 
 
 def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dict:
@@ -87,14 +91,14 @@ def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dic
         trained(data, base, seed, size, crop, [])
         return with_tta(base / "last.pth", data, args.tta)
     if args.plain_epochs:
-        trained(data, lever, seed, size, crop, flags)
+        wall = trained(data, lever, seed, size, crop, flags)
         plain = runs / f"plain{args.plain_epochs}" / "last.pth"
-        wall = 0.0 if plain.exists() else plain_loop(data, plain, args.plain_epochs, seed, size, crop)
+        plain_wall = 0.0 if plain.exists() else plain_loop(data, plain, args.plain_epochs, seed, size, crop)
         return {**compared(plain, lever / "last.pth", lever / f"compared-plain{args.plain_epochs}.json"),
-                "wall_a": wall}
-    trained(data, base, seed, size, crop, [])
-    wall = trained(data, lever, seed, size, crop, flags)
-    return {**compared(base / "last.pth", lever / "last.pth", lever / "compared.json"), "wall_b": wall}
+                "wall_a": plain_wall, "wall_b": wall}
+    base_wall, wall = trained(data, base, seed, size, crop, []), trained(data, lever, seed, size, crop, flags)
+    return {**compared(base / "last.pth", lever / "last.pth", lever / "compared.json"), "wall_a": base_wall,
+            "wall_b": wall}
 
 
 def main(args: argparse.Namespace) -> None:
