@@ -2,17 +2,19 @@
 real data", BENCHMARKS.md "CamVid at full resolution").
 
     python benchmarks/levers.py --tta flip                         # scoring with flips: no training
+    python benchmarks/levers.py --hold-out 0006R0 --tta ms -- --epochs 36 --low-res-epochs 16  # that lever's models
     python benchmarks/levers.py -- --epochs 17 --low-res-epochs 0   # no progressive resizing, about the same time
     python benchmarks/levers.py --hold-out 0006R0 -- --augment      # scored on a driving sequence never trained on
     python benchmarks/levers.py --hold-out 0006R0 --plain-epochs 17  # benchmarks/plain_loop.py's loop in its place
 
 For each seed, the recipe's run (RECIPE_FLAGS at --size and --crop: the folder that `benchmarks/plain_loop.py
 --size 360 480 --crop 240 320 --recipe-flags ...` leaves under --work, trained here with the same flags when it is
-missing), then either the same model scored with test-time augmentation (--tta), or the same command with the
-lever's flags after it (a later flag wins), trained into a folder of its own, or the plain loop of
-benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The final models (last epoch) are
-compared on CamVid's val, paired bootstrap over the images; over two seeds or more, the mean difference and its t
-interval. Walls: a recipe arm's, the sum of its log.csv's Runtime; the plain loop's, its own, when trained here.
+missing), then either that model scored with test-time augmentation (--tta; given flags, the model of the
+recipe with them), or the same command with the lever's flags after it (a later flag wins), trained into a folder
+of its own, or the plain loop of benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The
+final models (last epoch) are compared on CamVid's val, paired bootstrap over the images; over two seeds or more,
+the mean difference and its t interval. Walls: a recipe arm's, the sum of its log.csv's Runtime; the plain loop's,
+its own, when trained here.
 
 CamVid's val frames all come from 0016E5, a driving sequence that also gives 204 of the 367 training frames, while
 its test split is from sequences and light the training frames hardly show. `--hold-out SEQ` re-splits the 468
@@ -82,14 +84,14 @@ def trained(data: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple
 
 
 def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dict:
-    """Arms A and B at one seed, compared: the recipe and its TTA; the plain loop and the recipe (with the flags
-    after --, if any); or the recipe and the recipe with the flags."""
+    """Arms A and B at one seed, compared: the recipe (with the flags after --, if any) and the same model with
+    TTA; the plain loop and the recipe (with the flags, if any); or the recipe and the recipe with the flags."""
     size, crop, flags = tuple(args.size), tuple(args.crop), args.lever_flags
     base = runs / "recipe"
     lever = runs / ("lever" + "".join(flags).replace("-", "_")) if flags else base
     if args.tta:
-        trained(data, base, seed, size, crop, [])
-        return with_tta(base / "last.pth", data, args.tta)
+        trained(data, lever, seed, size, crop, flags)
+        return with_tta(lever / "last.pth", data, args.tta)
     if args.plain_epochs:
         wall = trained(data, lever, seed, size, crop, flags)
         plain = runs / f"plain{args.plain_epochs}" / "last.pth"
@@ -112,8 +114,11 @@ def main(args: argparse.Namespace) -> None:
     if args.plain_epochs:
         arms = (f"the plain loop, {args.plain_epochs} epochs", f"the recipe ({flags})" +
                 (f" with {' '.join(args.lever_flags)}" if args.lever_flags else ""))
+    elif args.tta:
+        arms = (f"the recipe ({flags})" + (f" with {' '.join(args.lever_flags)}" if args.lever_flags else ""),
+                f"the same models scored with --tta {args.tta}")
     else:
-        arms = (f"the recipe ({flags})", f"--tta {args.tta}" if args.tta else " ".join(args.lever_flags))
+        arms = (f"the recipe ({flags})", " ".join(args.lever_flags))
     rows = [(seed, one_seed(args, data, args.work / f"{runs}-seed{seed}", seed)) for seed in args.seeds]
     scored = f"sequence {args.hold_out} held out of training" if args.hold_out else "val"
     print(f"\nCamVid {scored} at {size[0]}x{size[1]}: A = {arms[0]}, B = {arms[1]}; {machine()}")
