@@ -110,15 +110,14 @@ def main(args: argparse.Namespace) -> None:
     args.lever_flags = [flag for flag in args.lever_flags if flag != "--"]
     if not (args.tta or args.plain_epochs or args.lever_flags):
         raise SystemExit("error: give --tta, --plain-epochs or the lever's flags after --")
-    flags = f"{' '.join(RECIPE_FLAGS)}, crops of {crop[0]}x{crop[1]}"
+    base = f"the recipe ({' '.join(RECIPE_FLAGS)}, crops of {crop[0]}x{crop[1]})"
+    lever = base + (f" with {' '.join(args.lever_flags)}" if args.lever_flags else "")
     if args.plain_epochs:
-        arms = (f"the plain loop, {args.plain_epochs} epochs", f"the recipe ({flags})" +
-                (f" with {' '.join(args.lever_flags)}" if args.lever_flags else ""))
+        arms = (f"the plain loop, {args.plain_epochs} epochs", lever)
     elif args.tta:
-        arms = (f"the recipe ({flags})" + (f" with {' '.join(args.lever_flags)}" if args.lever_flags else ""),
-                f"the same models scored with --tta {args.tta}")
+        arms = (lever, f"the same models scored with --tta {args.tta}")
     else:
-        arms = (f"the recipe ({flags})", " ".join(args.lever_flags))
+        arms = (base, " ".join(args.lever_flags))
     rows = [(seed, one_seed(args, data, args.work / f"{runs}-seed{seed}", seed)) for seed in args.seeds]
     scored = f"sequence {args.hold_out} held out of training" if args.hold_out else "val"
     print(f"\nCamVid {scored} at {size[0]}x{size[1]}: A = {arms[0]}, B = {arms[1]}; {machine()}")
