@@ -14,7 +14,8 @@ recipe with them), or the same command with the lever's flags after it (a later 
 of its own, or the plain loop of benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The
 final models (last epoch) are compared on CamVid's val, paired bootstrap over the images; over two seeds or more,
 the mean difference and its t interval. Walls: a recipe arm's, the sum of its log.csv's Runtime; the plain loop's,
-its own, when trained here.
+its own, when trained here. The table also goes to a JSON file under --work named by the split, the mode and the
+flags (levers-360x480-held-out-0006R0-plain28-lever__epochs36.json), one per command.
 
 CamVid's val frames all come from 0016E5, a driving sequence that also gives 204 of the 367 training frames, while
 its test split is from sequences and light the training frames hardly show. `--hold-out SEQ` re-splits the 468
@@ -83,12 +84,17 @@ def trained(data: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple
         return sum(float(row["Runtime"]) for row in csv.DictReader(f))
 
 
+def lever_name(flags: list[str]) -> str:
+    """The folder of the recipe's run with `flags`: `--epochs 36` -> lever__epochs36."""
+    return "lever" + "".join(flags).replace("-", "_")
+
+
 def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dict:
     """Arms A and B at one seed, compared: the recipe (with the flags after --, if any) and the same model with
     TTA; the plain loop and the recipe (with the flags, if any); or the recipe and the recipe with the flags."""
     size, crop, flags = tuple(args.size), tuple(args.crop), args.lever_flags
     base = runs / "recipe"
-    lever = runs / ("lever" + "".join(flags).replace("-", "_")) if flags else base
+    lever = runs / lever_name(flags) if flags else base
     if args.tta:
         trained(data, lever, seed, size, crop, flags)
         return with_tta(lever / "last.pth", data, args.tta)
@@ -130,7 +136,9 @@ def main(args: argparse.Namespace) -> None:
     if len(rows) > 1:
         mean, half = t_interval([r["diff"] for _, r in rows])
         print(f"mean difference {mean:+.3f}, over the seeds 95% t interval [{mean - half:+.3f}, {mean + half:+.3f}]")
-    (args.work / f"levers-{runs}.json").write_text(json.dumps({"arms": arms, "rows": rows}, indent=1) + "\n")
+    mode = f"tta-{args.tta}" if args.tta else f"plain{args.plain_epochs}" if args.plain_epochs else ""
+    name = "-".join(part for part in ("levers", runs, mode, lever_name(args.lever_flags)) if part not in ("", "lever"))
+    (args.work / f"{name}.json").write_text(json.dumps({"arms": arms, "rows": rows}, indent=1) + "\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
