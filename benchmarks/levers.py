@@ -84,17 +84,16 @@ def trained(data: Path, out: Path, seed: int, size: tuple[int, int], crop: tuple
         return sum(float(row["Runtime"]) for row in csv.DictReader(f))
 
 
-def lever_name(flags: list[str]) -> str:
-    """The folder of the recipe's run with `flags`: `--epochs 36` -> lever__epochs36."""
-    return "lever" + "".join(flags).replace("-", "_")
+def run_folder(flags: list[str]) -> str:
+    """The folder of the recipe's run with `flags` (`--epochs 36` -> lever__epochs36), or with none, the recipe's."""
+    return "lever" + "".join(flags).replace("-", "_") if flags else "recipe"
 
 
 def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dict:
     """Arms A and B at one seed, compared: the recipe (with the flags after --, if any) and the same model with
     TTA; the plain loop and the recipe (with the flags, if any); or the recipe and the recipe with the flags."""
     size, crop, flags = tuple(args.size), tuple(args.crop), args.lever_flags
-    base = runs / "recipe"
-    lever = runs / lever_name(flags) if flags else base
+    base, lever = runs / run_folder([]), runs / run_folder(flags)
     if args.tta:
         trained(data, lever, seed, size, crop, flags)
         return with_tta(lever / "last.pth", data, args.tta)
@@ -137,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
         mean, half = t_interval([r["diff"] for _, r in rows])
         print(f"mean difference {mean:+.3f}, over the seeds 95% t interval [{mean - half:+.3f}, {mean + half:+.3f}]")
     mode = f"tta-{args.tta}" if args.tta else f"plain{args.plain_epochs}" if args.plain_epochs else ""
-    name = "-".join(part for part in ("levers", runs, mode, lever_name(args.lever_flags)) if part not in ("", "lever"))
+    name = "-".join(part for part in ("levers", runs, mode, run_folder(args.lever_flags)) if part)
     (args.work / f"{name}.json").write_text(json.dumps({"arms": arms, "rows": rows}, indent=1) + "\n")
 
 
