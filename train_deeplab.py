@@ -31,6 +31,7 @@ from annotations import link_or_copy, pixel_limit_for_workers, set_pixel_limit
 from dataset import (
     CLASS_WEIGHT_RULE,
     COUNT,
+    ENET_WEIGHT_RULE,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -47,6 +48,7 @@ from dataset import (
     check_trainable,
     class_weights,
     collate,
+    enet_class_weights,
     hw_pair,
     image_size,
     normalize,
@@ -358,13 +360,14 @@ def step_size(args: argparse.Namespace, train_set: SegmentationDataset) -> tuple
 def load_class_weights(
     args: argparse.Namespace, names: tuple[str, ...], pixels: np.ndarray, say: Callable
 ) -> torch.Tensor | None:
-    """--class-weights: none, auto (median frequency balancing of the training split's `pixels` per class), or a
-    file of numbers."""
+    """--class-weights: none, auto (median frequency balancing of the training split's `pixels` per class), enet
+    (ENet's 1 / ln(1.02 + frequency) of them), or a file of numbers."""
     if args.class_weights in (None, "none"):
         return None
-    if args.class_weights == "auto":
-        weights = class_weights(pixels)
-        say(f"class weights (auto: {CLASS_WEIGHT_RULE}):")
+    if args.class_weights in ("auto", "enet"):
+        rule, weights = ((CLASS_WEIGHT_RULE, class_weights(pixels)) if args.class_weights == "auto"
+                         else (ENET_WEIGHT_RULE, enet_class_weights(pixels)))
+        say(f"class weights ({args.class_weights}: {rule}):")
     else:
         path = Path(args.class_weights)
         try:
@@ -912,7 +915,8 @@ def add_model_args(group: argparse._ArgumentGroup) -> None:
 
 def add_optimisation_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--loss", default=None, help=f"loss spec, e.g. ce, ce:0.7,dice:0.3 ({recipe_help('loss')})")
-    group.add_argument("--class-weights", default="none", help="CE class weights: none, auto or a file of numbers")
+    group.add_argument("--class-weights", default="none",
+                       help="CE class weights: none, auto (median frequency balancing), enet (ENet's) or a file")
     group.add_argument("--downsample-gt", type=POSITIVE_INT, default=None, metavar="N",
                        help="loss at 1/N resolution (N: output stride)")
     group.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help=recipe_help("optimizer"))

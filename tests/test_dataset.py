@@ -1,4 +1,5 @@
 import colorsys
+import math
 import re
 import shutil
 from pathlib import Path
@@ -34,6 +35,7 @@ from dataset import (
     class_map_of,
     class_weights,
     collate,
+    enet_class_weights,
     make_demo,
     normalize,
     numbered_table,
@@ -128,6 +130,14 @@ def test_stats_counts_are_exact_and_weights_follow_median_frequency(tmp_path, ca
     dataset.main(dataset.get_args_parser().parse_args(["--data", str(root), "--stats"]))
     out = capsys.readouterr().out
     assert "Trees" in out and " 3 " in out and "ignored pixels: 2" in out
+
+
+def test_enet_weights_are_one_over_log_of_share_and_zero_for_absent_classes():
+    counts = np.array([70, 20, 10, 0])  # shares 0.7, 0.2, 0.1 of the labelled pixels
+    weights = enet_class_weights(counts)
+    # 1 / ln(1.72), 1 / ln(1.22), 1 / ln(1.12), by hand
+    assert weights.tolist() == pytest.approx([1.843915, 5.028895, 8.823891, 0.0], abs=1e-6)
+    assert enet_class_weights(np.array([1, 10**9])).max() < 1 / math.log(1.02)  # bounded, as ENet meant
 
 
 def test_random_crop_pads_masks_with_ignore_index():

@@ -2,6 +2,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -130,6 +131,9 @@ def test_auto_class_weights_follow_median_frequency_on_a_hand_made_mask(tmp_path
     assert weights[8].item() == pytest.approx(median / 0.1)
     assert weights[1].item() == 0
     assert "median frequency" in capsys.readouterr().out
+    enet = train_deeplab.load_class_weights(argparse.Namespace(class_weights="enet"), names, pixels, print)
+    assert enet[0].item() == pytest.approx(1 / math.log(1.62)) and enet[8].item() == pytest.approx(1 / math.log(1.12))
+    assert enet[1].item() == 0 and "ENet" in capsys.readouterr().out
 
     (tmp_path / "w.txt").write_text("1, 2 3\n4 5 6 7 8 9 10\n")
     from_file = train_deeplab.load_class_weights(
