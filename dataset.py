@@ -1315,7 +1315,7 @@ def class_weights(counts: np.ndarray, clip: tuple[float, float] = (0.1, 10.0)) -
 
 
 def enet_class_weights(counts: np.ndarray, c: float = 1.02) -> np.ndarray:
-    """ENet's class weighting (Paszke et al. 2016, trained so to 51.3 mIoU on CamVid): w_c = 1 / ln(c + f_c), f_c
+    """ENet's class weighting (Paszke et al. 2016, behind its 51.3 mIoU on CamVid): w_c = 1 / ln(c + f_c), f_c
     the class's share of the labelled pixels. Bounded by 1 / ln(c), it spreads the weights far less than median
     frequency balancing does (10x between CamVid's pole and road, against 35x); absent classes get weight 0."""
     freq = counts / max(counts.sum(), 1)
