@@ -1299,10 +1299,6 @@ def check_trainable(stats: SplitStats, class_map: ClassMap, where: str, pairs: l
     return warnings
 
 
-CLASS_WEIGHT_RULE = "median frequency balancing, median(freq) / freq, clipped to [0.1, 10]; absent classes 0"
-ENET_WEIGHT_RULE = "ENet's weighting, 1 / ln(1.02 + freq), at most 50.5; absent classes 0"
-
-
 def class_weights(counts: np.ndarray, clip: tuple[float, float] = (0.1, 10.0)) -> np.ndarray:
     """Median frequency balancing (Eigen & Fergus 2015): w_c = median(f) / f_c over the classes present,
     clipped to `clip` so a rare class cannot dominate the loss; absent classes get weight 0."""
@@ -1322,16 +1318,22 @@ def enet_class_weights(counts: np.ndarray, c: float = 1.02) -> np.ndarray:
     return np.where(counts > 0, 1 / np.log(c + freq), 0.0)
 
 
+WEIGHT_RULES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {  # --class-weights NAME: weights, rule
+    "auto": (class_weights, "median frequency balancing, median(freq) / freq, clipped to [0.1, 10]; absent classes 0"),
+    "enet": (enet_class_weights, "ENet's weighting, 1 / ln(1.02 + freq), at most 50.5; absent classes 0"),
+}
+
+
 def print_stats(dataset: SegmentationDataset) -> None:
     stats = split_statistics(dataset.pairs, dataset.class_map)
-    weights, enet = class_weights(stats.pixels), enet_class_weights(stats.pixels)
+    columns = [weigh(stats.pixels) for weigh, _ in WEIGHT_RULES.values()]
     total = max(int(stats.pixels.sum()), 1)
-    print(f"{'index':>5}  {'class':<20} {'pixels':>14} {'frequency':>10} {'auto':>8} {'enet':>8}")
+    print(f"{'index':>5}  {'class':<20} {'pixels':>14} {'frequency':>10}" + "".join(f" {n:>8}" for n in WEIGHT_RULES))
     for i, name in enumerate(dataset.class_map.names):
-        print(f"{i:>5}  {name:<20} {stats.pixels[i]:>14d} {stats.pixels[i] / total:>10.6f} {weights[i]:>8.4f} "
-              f"{enet[i]:>8.4f}")
+        print(f"{i:>5}  {name:<20} {stats.pixels[i]:>14d} {stats.pixels[i] / total:>10.6f}"
+              + "".join(f" {weights[i]:>8.4f}" for weights in columns))
     print(f"ignored pixels: {stats.ignored} ({stats.unknown} with values outside the class table)")
-    print(f"weights (--class-weights): auto, {CLASS_WEIGHT_RULE}; enet, {ENET_WEIGHT_RULE}")
+    print("weights (--class-weights): " + "; ".join(f"{n}, {rule}" for n, (_, rule) in WEIGHT_RULES.items()))
 
 
 # ---- the dataset doctor: python dataset.py --data ROOT --check -----------------------------------------------------

@@ -29,12 +29,11 @@ from tqdm import tqdm
 
 from annotations import link_or_copy, pixel_limit_for_workers, set_pixel_limit
 from dataset import (
-    CLASS_WEIGHT_RULE,
     COUNT,
-    ENET_WEIGHT_RULE,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
+    WEIGHT_RULES,
     ArgumentParser,
     ClassMap,
     ClassOptions,
@@ -46,9 +45,7 @@ from dataset import (
     add_transform_args,
     cannot_write,
     check_trainable,
-    class_weights,
     collate,
-    enet_class_weights,
     hw_pair,
     image_size,
     normalize,
@@ -364,9 +361,9 @@ def load_class_weights(
     (ENet's 1 / ln(1.02 + frequency) of them), or a file of numbers."""
     if args.class_weights in (None, "none"):
         return None
-    if args.class_weights in ("auto", "enet"):
-        rule, weights = ((CLASS_WEIGHT_RULE, class_weights(pixels)) if args.class_weights == "auto"
-                         else (ENET_WEIGHT_RULE, enet_class_weights(pixels)))
+    if args.class_weights in WEIGHT_RULES:
+        weigh, rule = WEIGHT_RULES[args.class_weights]
+        weights = weigh(pixels)
         say(f"class weights ({args.class_weights}: {rule}):")
     else:
         path = Path(args.class_weights)
