@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -88,6 +89,7 @@ from models import (
     output_stride_of,
     param_groups,
     set_train_mode,
+    unwrap,
 )
 
 RUNS = Path("runs")  # where runs go without --out, and where fine-tuning looks for the newest one
@@ -414,6 +416,15 @@ def build_network(
     return model, net
 
 
+def weight_average(model: nn.Module, epochs: float, iters_per_epoch: int) -> AveragedModel:
+    """An exponential moving average of the model's weights and BatchNorm statistics (--ema), updated after every
+    step, whose time constant is `epochs` epochs: decay = 1 - 1 / (epochs * iters_per_epoch), so a step's weights
+    count for 1/e as much that many epochs later. Validation, checkpoints and exports get the average, which
+    smooths the last epochs' noise (Polyak averaging; timm's and YOLO's model EMA)."""
+    decay = 1 - 1 / max(epochs * iters_per_epoch, 1)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def aux_note(model: nn.Module) -> str:
     """The aux head's parameters, reported apart: only training uses them."""
     return f" (+ aux head {aux_params(model)}, training only)" if aux_params(model) else ""
@@ -442,13 +453,14 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     make_loss: Callable[[str], nn.Module]
-    model: nn.Module  # the module itself, whose state_dict is saved
+    model: nn.Module  # the module itself, which the optimiser trains
     net: nn.Module  # what runs the steps: the model, or its DDP / torch.compile wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     loss_changes: dict[int, str]
+    averaged: AveragedModel | None = None  # --ema: the weights' moving average, validated and saved as "model"
     writer: object | None = None  # TensorBoard's SummaryWriter (--tensorboard, process 0)
     best_miou: float = -math.inf
     since_best: int = 0
@@ -461,6 +473,11 @@ class Run:
     @property
     def class_map(self) -> ClassMap:
         return self.train_set.class_map
+
+    @property
+    def scored(self) -> nn.Module:
+        """The model that is validated and saved as the checkpoint's "model": the moving average under --ema."""
+        return self.model if self.averaged is None else self.averaged.module
 
 
 def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict | None) -> Run:
@@ -489,12 +506,14 @@ def build_run(args: argparse.Namespace, checkpoint: dict | None, resumed: dict |
     shape = (min(args.batch_size, len(train_set)), *step_size(args, train_set))
     model, net = build_network(args, checkpoint, resumed, class_map.num_classes, device, world, say, shape)
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), power_changes)
+    averaged = weight_average(model, args.ema, len(train_loader)) if args.ema else None
     amp_dtype = amp_dtype_for(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     writer = open_tensorboard(out) if args.tensorboard and rank == 0 else None
     return Run(writer=writer, args=args, rank=rank, world=world, device=device, out=out, train_set=train_set,
                train_loader=train_loader, val_loader=val_loader, make_loss=make_loss, model=model, net=net,
-               optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loss_changes=loss_changes)
+               optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype, loss_changes=loss_changes,
+               averaged=averaged)
 
 
 # ---- the run folder: log.csv, run.json and checkpoints ---------------------------------------------------------------
@@ -620,9 +639,10 @@ def rng_state(device: torch.device) -> dict:
 def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor, row: list[str]) -> None:
     """last.pth every epoch, best.pth when val mIoU improved: state dicts, `args`, `epoch`, the class map, the
     epoch's log.csv row, and its validation reliability counts (evaluate.reliability_counts), from which
-    `evaluate.py --predict` estimates how often each image's pixels are wrong."""
+    `evaluate.py --predict` estimates how often each image's pixels are wrong. Under --ema "model" is the average,
+    what every reader of checkpoints gets, and the trained weights, which --resume goes on from, are kept apart."""
     state = {
-        "model": run.model.state_dict(),
+        "model": run.scored.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -637,6 +657,8 @@ def save(run: Run, epoch: int, improved: bool, val_reliability: torch.Tensor, ro
         "val_reliability": val_reliability,
         "log_row": row,
     }
+    if run.averaged is not None:
+        state["training_model"], state["ema_updates"] = run.model.state_dict(), int(run.averaged.n_averaged)
     write_checkpoints(state, run.out, improved)
 
 
@@ -648,6 +670,10 @@ def restore(run: Run, resumed: dict) -> None:
     run.best_miou, run.since_best, run.first_epoch = (
         resumed["best_miou"], resumed["epochs_since_best"], resumed["epoch"] + 1
     )
+    if run.averaged is not None:  # the checkpoint's "model" is the average; the trained weights go on training
+        run.averaged.module.load_state_dict(resumed["model"])
+        run.averaged.n_averaged.fill_(resumed["ema_updates"])
+        run.model.load_state_dict(resumed["training_model"])
     torch.set_rng_state(resumed["rng"]["torch"])
     if run.device.type == "cuda" and resumed["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
@@ -678,7 +704,7 @@ def validation_pictures(run: Run) -> list[tuple[str, np.ndarray]]:
     for i in range(min(TENSORBOARD_IMAGES, len(dataset))):
         image, target = dataset[i]
         image = image.permute(1, 2, 0).numpy()
-        pred = predict(run.model, image, size=None, options=options)
+        pred = predict(run.scored, image, size=None, options=options)
         row = [image, colourize(target.numpy(), palette), colourize(pred, palette)]
         pictures.append((dataset.pairs[i][0].stem, np.concatenate(row, axis=1)))
     return pictures
@@ -724,6 +750,7 @@ class StepOptions:
     aux_weight: float = 0.0  # adds this multiple of the aux head's loss
     skip_nonfinite: bool = False  # check every step on the host and skip those whose loss is NaN or inf
     show_progress: bool = True
+    averaged: AveragedModel | None = None  # --ema: updated from the model after every step
     # on_step(step, loss) every `log_every` steps (TensorBoard): reading the loss waits for the device, so not always
     on_step: Callable[[int, torch.Tensor], None] | None = None
     log_every: int = 20
@@ -781,6 +808,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if options.averaged is not None:
+            options.averaged.update_parameters(unwrap(model))
         loss_sum += loss.detach() * image.shape[0]
         images += image.shape[0]
         cm.update(logits.detach().argmax(1), target)
@@ -828,7 +857,7 @@ def check_steps(run: Run, epoch: int, train_m: dict) -> None:
     if train_m["skipped"]:
         run.say(f"Epoch {epoch}: skipped {train_m['skipped']} step(s) with a non-finite loss")
     if run.world > 1:  # every process evaluates with process 0's BatchNorm statistics, the ones it saves
-        for buffer in run.model.buffers():
+        for buffer in run.scored.buffers():
             dist.broadcast(buffer, 0)
 
 
@@ -879,11 +908,11 @@ def train(args: argparse.Namespace, checkpoint: dict | None = None, resumed: dic
             criterion = begin_epoch(run, epoch)
             start, lr = time.time(), run.optimizer.param_groups[0]["lr"]
             options = StepOptions(run.amp_dtype, args.downsample_gt is not None, args.aux_loss, args.skip_nonfinite,
-                                  show_progress=run.rank == 0, on_step=step_logger(run, epoch))
+                                  show_progress=run.rank == 0, averaged=run.averaged, on_step=step_logger(run, epoch))
             train_m = train_one_epoch(run.net, criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader,
                                       num_classes, f"Epoch {epoch}/{args.epochs}", options)
             check_steps(run, epoch, train_m)
-            val_m = evaluate(run.model, run.val_loader, criterion, run.device, num_classes, run.amp_dtype,
+            val_m = evaluate(run.scored, run.val_loader, criterion, run.device, num_classes, run.amp_dtype,
                              show_progress=run.rank == 0)
             if end_epoch(run, epoch, train_m, val_m, lr, time.time() - start):
                 break
@@ -936,6 +965,8 @@ def add_schedule_args(group: argparse._ArgumentGroup) -> None:
                        help="loss SPEC from epoch E on (repeatable)")
     group.add_argument("--freeze-at-epoch", type=POSITIVE_INT, default=None,
                        help="freeze the backbone from this epoch on")
+    group.add_argument("--ema", type=NON_NEGATIVE, default=0.0, metavar="EPOCHS",
+                       help="validate and save a moving average of the weights, time constant EPOCHS (0: off)")
     group.add_argument("--patience", type=COUNT, default=5,
                        help="early stopping after this many epochs without gain (0: off)")
 

@@ -680,3 +680,53 @@ def test_sizes_and_scales_past_the_pixel_limit_and_running_out_of_memory_are_one
     with pytest.raises(SystemExit) as e:
         train_deeplab.main(train_args(tiny_demo, tmp_path / "s"))
     assert str(e.value.code) == "error: out of memory on the CPU; try a smaller --batch-size, --size or --crop"
+
+
+# ---- --ema: the weights' moving average --------------------------------------------------------------------------
+
+
+def test_ema_follows_weights_and_batchnorm_statistics_with_its_time_constant_in_epochs():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1))
+    averaged = train_deeplab.weight_average(model, epochs=0.5, iters_per_epoch=4)  # decay 1 - 1/2
+    tensors = [*model.parameters(), model[1].running_mean, model[1].running_var]
+    with torch.no_grad():
+        for t in tensors:
+            t.zero_()
+        averaged.update_parameters(model)  # the first update copies
+        for t in tensors:
+            t.fill_(1.0)
+        for n in range(1, 4):
+            averaged.update_parameters(model)
+            expected = 1 - 0.5 ** n  # a run of ones after a zero, each weighed by (1 - decay) decay^age
+            for t in (*averaged.module.parameters(), averaged.module[1].running_mean, averaged.module[1].running_var):
+                assert torch.allclose(t, torch.full_like(t, expected))
+
+
+def test_ema_run_validates_the_average_saves_it_as_the_model_and_resumes_to_the_uninterrupted_run(
+        tiny_demo, tmp_path, monkeypatch):
+    flags = ("--epochs", "2", "--ema", "1", "--patience", "0")
+    whole = tmp_path / "whole"
+    train_deeplab.train(train_args(tiny_demo, whole, *flags))
+    last = torch.load(whole / "last.pth", weights_only=True)
+    assert last["ema_updates"] == 2 * 2  # 8 images in batches of 4, two epochs
+    assert any(not torch.equal(last["model"][k], last["training_model"][k]) for k in last["model"])
+    model = models.load_model(whole / "last.pth")
+    data = dataset.build_dataset(tiny_demo, "auto", "val", dataset.TransformConfig(train=False), model.class_map)
+    scored, _ = evaluate.evaluate_dataset(model, data, bootstrap=10)
+    assert scored["miou"] == pytest.approx(float(read_log(whole / "log.csv")[-1]["val_mIoU"]), abs=1e-4)
+
+    def append(log, row, num_classes, real=train_deeplab.append_log):  # killed after epoch 1's checkpoints
+        if row[0] == "1":
+            raise Killed
+        real(log, row, num_classes)
+
+    monkeypatch.setattr(train_deeplab, "append_log", append)
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        train_deeplab.train(train_args(tiny_demo, cut, *flags))
+    monkeypatch.undo()
+    train_deeplab.main(train_deeplab.get_args_parser().parse_args(["--resume", str(cut / "last.pth")]))
+    assert metrics_of(cut / "log.csv") == metrics_of(whole / "log.csv")
+    resumed = torch.load(cut / "last.pth", weights_only=True)
+    for key in ("model", "training_model"):
+        assert all(torch.equal(last[key][k], resumed[key][k]) for k in last[key])
