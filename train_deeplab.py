@@ -188,6 +188,9 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
             f"--downsample-gt {args.downsample_gt} does not match the stride of the logits of {args.arch} at output "
             f"stride {args.output_stride} ({stride}): the loss is computed at the logits' own resolution"
         )
+    if args.ema and (args.freeze_backbone or args.freeze_at_epoch):  # batchnorm_for_average would recompute them
+        raise ModelError("--ema gives the average BatchNorm statistics of its own, which a frozen backbone keeps as "
+                         "they are: drop --ema, or --freeze-backbone / --freeze-at-epoch")
     if args.aux_loss and args.arch == "deeplabv2_resnet101":
         raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch (DeepLabV2 has no aux head)")
     return (f"recipe: optimizer {args.optimizer}, lr {args.lr:g}, weight decay {args.weight_decay:g}, loss "
@@ -426,10 +429,10 @@ def weight_average(model: nn.Module, epochs: float, iters_per_epoch: int) -> Ave
 
 
 def batchnorm_for_average(averaged: AveragedModel, loader: DataLoader, device: torch.device) -> None:
-    """The average's BatchNorm statistics recomputed over one pass of the training batches (SWA's update_bn): the
-    trained model's statistics do not fit averaged weights (a CamVid run's average at epoch 16 scored 0.04 mIoU with
-    them, or with their own average, and 0.26 with statistics of its own). The random state is put back after the
-    pass's dropout, so that training goes on exactly as it would without --ema."""
+    """The average's BatchNorm statistics recomputed over one pass of the training batches (SWA's update_bn,
+    Izmailov et al. 2018): the trained model's statistics, or their own average, do not fit averaged weights, which
+    score far below the weights they average without statistics of their own. The random state is put back after
+    the pass's dropout, so that training goes on exactly as it would without --ema."""
     memory_format = memory_format_of(averaged.module)
     images = (normalize(image.to(device)).contiguous(memory_format=memory_format) for image, _ in loader)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -216,6 +216,8 @@ def test_existing_run_is_never_overwritten(two_epoch_run, tiny_demo):
         (["--loss", "ce:0.5,dyce:0.5"], "--loss"),
         (["--batch-size", "1"], "--batch-size"),
         (["--poly-power-at", "2:-1"], "--poly-power-at '2:-1': expected a number 0 or more"),
+        (["--ema", "2", "--freeze-backbone"], "drop --ema, or --freeze-backbone"),
+        (["--ema", "2", "--freeze-at-epoch", "2"], "drop --ema, or --freeze-backbone"),
     ],
 )
 def test_bad_flags_fail_in_one_line(tiny_demo, tmp_path, extra, needle):
