@@ -94,6 +94,7 @@ from models import (
     measured_layout,
     memory_format_of,
     model_from_checkpoint,
+    model_input,
     model_with_classes,
 )
 
@@ -280,11 +281,10 @@ def evaluate(
     model.eval()
     loss_sum, confusions = torch.zeros((), device=device), []
     reliability = torch.zeros(num_classes, RELIABILITY_BINS, 2, dtype=torch.int64, device=device)
-    memory_format = memory_format_of(model)  # the data follows the model
     for raw, target in tqdm(
         loader, desc="val", leave=False, dynamic_ncols=True, disable=None if show_progress else True
     ):
-        image = normalize(raw.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        image = model_input(raw, model, device)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = predict_logits(model, image, tta, window, stride)
@@ -736,7 +736,7 @@ def predicted_images(
     features = BackboneFeatures(model) if embed else None
     try:
         for inputs, originals, indices in tqdm(loader, desc="predicting", unit="batch", disable=None):
-            x = normalize(inputs.to(device)).contiguous(memory_format=memory_format_of(model))
+            x = model_input(inputs, model, device)
             logits = options.logits(model, x)
             embeddings = features.take() if features else [None] * len(indices)
             for logit, original, index, embedding in zip(logits, originals, indices, embeddings):
@@ -884,7 +884,7 @@ def predict(
     model.eval()
     for batch in same_size_batches([size or tuple(t.shape[-2:]) for t in tensors], batch_size):
         x = torch.stack([resize_image(tensors[i], size) if size else tensors[i] for i in batch])
-        logits = options.logits(model, normalize(x.to(device)).contiguous(memory_format=memory_format_of(model)))
+        logits = options.logits(model, model_input(x, model, device))
         for i, logit in zip(batch, logits):
             logit = to_size(logit, tuple(tensors[i].shape[-2:]))
             outputs[i] = (logit.softmax(0) if probs else logit.argmax(0).to(torch.uint8)).cpu().numpy()

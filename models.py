@@ -34,7 +34,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from annotations import cache_root
-from dataset import ClassMap, cityscapes_table, class_map_of, hw_pair, numbered_table, offroad_table
+from dataset import ClassMap, cityscapes_table, class_map_of, hw_pair, normalize, numbered_table, offroad_table
 
 ARCHS = (
     "deeplabv3_mobilenet_v3_large",
@@ -404,6 +404,11 @@ def memory_format_of(model: nn.Module) -> torch.memory_format:
             channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
             return torch.channels_last if channels_last else torch.contiguous_format
     return torch.contiguous_format
+
+
+def model_input(images: torch.Tensor, model: nn.Module, device: torch.device) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] as `model` takes them: on `device`, normalized, in the memory format of its convs."""
+    return normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format_of(model))
 
 
 # ---- parameter groups: the head's own learning rate ------------------------------------------------------------------

@@ -49,7 +49,6 @@ from dataset import (
     collate,
     hw_pair,
     image_size,
-    normalize,
     number,
     one_line,
     open_data,
@@ -85,7 +84,7 @@ from models import (
     load_init,
     load_weights,
     logit_stride,
-    memory_format_of,
+    model_input,
     output_stride_of,
     param_groups,
     set_train_mode,
@@ -433,8 +432,7 @@ def batchnorm_for_average(averaged: AveragedModel, loader: DataLoader, device: t
     Izmailov et al. 2018): the trained model's statistics, or their own average, do not fit averaged weights, which
     score far below the weights they average without statistics of their own. The random state is put back after
     the pass's dropout, so that training goes on exactly as it would without --ema."""
-    memory_format = memory_format_of(averaged.module)
-    images = (normalize(image.to(device)).contiguous(memory_format=memory_format) for image, _ in loader)
+    images = (model_input(image, averaged.module, device) for image, _ in loader)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         update_bn(images, averaged.module)
 
@@ -801,14 +799,14 @@ def train_one_epoch(
     waiting for the loader. A non-finite loss is recorded on the device (nonfinite_step: the first such step, or -1)
     and its step is still taken, unless options.skip_nonfinite. Under DDP the metrics are summed over the processes."""
     set_train_mode(model)
-    device, memory_format = next(model.parameters()).device, memory_format_of(model)  # the data follows the model
+    device = next(model.parameters()).device
     cm, loss_sum, images = ConfusionMatrix(num_classes), torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad, skipped, waited = torch.full((), -1, device=device), 0, 0.0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if options.show_progress else True)
     start = ready = time.perf_counter()
     for step, (image, target) in enumerate(bar):
         waited += time.perf_counter() - ready
-        image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        image = model_input(image, model, device)
         logits, target, loss = step_loss(model, criterion, image, target.to(device, non_blocking=True), options)
         finite = torch.isfinite(loss.detach())
         first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)

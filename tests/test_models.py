@@ -289,3 +289,14 @@ def test_a_layout_race_leaves_the_model_and_the_random_state_as_they_were():
     assert set(speeds) == {"contiguous", "channels_last"} and all(v > 0 for v in speeds.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state()) and models.memory_format_of(model) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("layout", ["on", "off"])
+def test_model_input_is_normalized_by_imagenet_statistics_in_the_layout_of_the_model(layout):
+    model = models.place(build_model("deeplabv3_mobilenet_v3_large", 3), "a", layout, torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    x = models.model_input(images, model, torch.device("cpu"))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet's, by hand
+    assert x.dtype == torch.float32 and images.dtype == torch.uint8  # the batch itself is left as it was
+    assert torch.allclose(x, (images / 255.0 - mean.view(3, 1, 1)) / std.view(3, 1, 1), atol=1e-5)
+    assert x.is_contiguous(memory_format=torch.channels_last) == (layout == "on")
