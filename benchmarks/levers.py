@@ -14,8 +14,8 @@ recipe with them), or the same command with the lever's flags after it (a later 
 of its own, or the plain loop of benchmarks/plain_loop.py for --plain-epochs at the same size, crop and seed. The
 final models (last epoch) are compared on CamVid's val, paired bootstrap over the images; over two seeds or more,
 the mean difference and its t interval. Walls: a recipe arm's, the sum of its log.csv's Runtime; the plain loop's,
-its own, when trained here. The table also goes to a JSON file under --work named by the split, the mode and the
-flags (levers-360x480-held-out-0006R0-plain28-lever__epochs36.json), one per command.
+its own, as its checkpoint keeps it. The table also goes to a JSON file under --work named by the split, the mode
+and the flags (levers-360x480-held-out-0006R0-plain28-lever__epochs36.json), one per command.
 
 CamVid's val frames all come from 0016E5, a driving sequence that also gives 204 of the 367 training frames, while
 its test split is from sequences and light the training frames hardly show. `--hold-out SEQ` re-splits the 468
@@ -100,7 +100,9 @@ def one_seed(args: argparse.Namespace, data: Path, runs: Path, seed: int) -> dic
     if args.plain_epochs:
         wall = trained(data, lever, seed, size, crop, flags)
         plain = runs / f"plain{args.plain_epochs}" / "last.pth"
-        plain_wall = 0.0 if plain.exists() else plain_loop(data, plain, args.plain_epochs, seed, size, crop)
+        if not plain.exists():
+            plain_loop(data, plain, args.plain_epochs, seed, size, crop)
+        plain_wall = torch.load(plain, map_location="cpu", weights_only=True).get("seconds", 0.0)  # 0: saved before it
         return {**compared(plain, lever / "last.pth", lever / f"compared-plain{args.plain_epochs}.json"),
                 "wall_a": plain_wall, "wall_b": wall}
     base_wall, wall = trained(data, base, seed, size, crop, []), trained(data, lever, seed, size, crop, flags)

@@ -47,7 +47,8 @@ class CamVid(torch.utils.data.Dataset):
 
 
 def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, int], crop: tuple[int, int]) -> float:
-    """Train, print each epoch's val mIoU, save a checkpoint that evaluate.py loads; the wall time."""
+    """Train, print each epoch's val mIoU, save a checkpoint that evaluate.py loads; the wall time (also saved in
+    the checkpoint, as "seconds")."""
     torch.manual_seed(seed)
     to_float = T.Compose([T.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
@@ -84,8 +85,10 @@ def plain_loop(root: Path, out: Path, epochs: int, seed: int, size: tuple[int, i
     seconds = time.time() - start
     args = {"arch": "deeplabv3_mobilenet_v3_large", "size": list(size), "data": str(root), "layout": "folder"}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # torchvision's keys are this repository's, so evaluate.py loads it; "seconds", so that a later comparison that
+    # reuses the run reports its wall too
     torch.save({"model": model.state_dict(), "args": args, "num_classes": 11, "class_names": NAMES,
-                "epoch": epochs}, out)  # torchvision's keys are this repository's: evaluate.py loads it
+                "epoch": epochs, "seconds": seconds}, out)
     return seconds
 
 
