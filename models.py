@@ -76,6 +76,18 @@ def output_stride_of(arch: str, requested: int | None) -> int:
     return stride
 
 
+def atrous_rates_of(arch: str, output_stride: int, requested: tuple[int, ...] | None = None) -> tuple[int, int, int]:
+    """ASPP's three atrous rates: DeepLabV3's (6, 12, 18) at output stride 16 and twice them at 8, but (12, 24, 36)
+    for the MobileNetV3 DeepLabV3 (torchvision's); the three given, on a DeepLabV3 or DeepLabV3+ arch."""
+    if requested is None:
+        return (12, 24, 36) if output_stride == 8 or arch == "deeplabv3_mobilenet_v3_large" else (6, 12, 18)
+    if arch == "deeplabv2_resnet101":
+        raise ModelError("--atrous-rates: DeepLabV2's ASPP has the paper's four rates (6, 12, 18, 24) only")
+    if len(requested) != 3 or min(requested) < 1:
+        raise ModelError(f"--atrous-rates takes three positive rates, got {' '.join(map(str, requested))}")
+    return (requested[0], requested[1], requested[2])
+
+
 def logit_stride(arch: str, output_stride: int) -> int:
     """The stride of the head's logits before upsampling: 4 behind DeepLabV3+'s decoder, else the output stride."""
     return 4 if "plus" in arch else output_stride
@@ -214,13 +226,15 @@ def _download(arch: str, build, *args, **kwargs):
 
 
 def build_model(
-    arch: str, num_classes: int, pretrained_backbone: bool = False, output_stride: int | None = None, aux: bool = False
+    arch: str, num_classes: int, pretrained_backbone: bool = False, output_stride: int | None = None, aux: bool = False,
+    atrous_rates: tuple[int, ...] | None = None,
 ) -> SegmentationModel:
     """A DeepLab model whose forward gives logits [B, num_classes, H, W] at the input resolution; `aux` adds the
-    auxiliary FCN head (DeepLabV3 and DeepLabV3+)."""
+    auxiliary FCN head (DeepLabV3 and DeepLabV3+); `atrous_rates` those of its ASPP (`atrous_rates_of`)."""
     if arch not in ARCHS:
         raise ModelError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     stride = output_stride_of(arch, output_stride)
+    rates = atrous_rates_of(arch, stride, atrous_rates)
     if arch == "deeplabv2_resnet101":
         if aux:
             raise ModelError("--aux-loss needs a DeepLabV3 or DeepLabV3+ arch")
@@ -247,11 +261,10 @@ def build_model(
     plus = "plus" in arch
     wanted = {"out"} | ({"aux"} if aux else set()) | ({"low"} if plus else set())
     backbone = IntermediateLayerGetter(trunk, return_layers={layers[name]: name for name in wanted})
-    rates = (6, 12, 18) if stride == 16 else (12, 24, 36)
     if plus:
         head = DeepLabV3PlusHead(channels["out"], channels["low"], num_classes, rates)
     else:
-        head = DeepLabHead(channels["out"], num_classes, (12, 24, 36) if "mobilenet" in arch else rates)
+        head = DeepLabHead(channels["out"], num_classes, rates)
     model = SegmentationModel(backbone, head, FCNHead(channels["aux"], num_classes) if aux else None)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -505,10 +518,10 @@ def load_weights(model: SegmentationModel, checkpoint: dict, path: Path) -> None
 
 
 def model_from_checkpoint(checkpoint: dict, path: Path) -> SegmentationModel:
-    """The checkpoint's model (arch, output stride, aux head as it was trained), with its weights."""
+    """The checkpoint's model (arch, output stride, atrous rates, aux head as it was trained), with its weights."""
     run = checkpoint["args"]
     model = build_model(run["arch"], checkpoint["num_classes"], output_stride=run.get("output_stride"),
-                        aux=bool(run.get("aux_loss")))
+                        aux=bool(run.get("aux_loss")), atrous_rates=run.get("atrous_rates"))
     load_weights(model, checkpoint, path)
     return model
 

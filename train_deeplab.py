@@ -73,6 +73,7 @@ from models import (
     ARCHS,
     DEFAULT_DEVICE,
     ModelError,
+    atrous_rates_of,
     aux_params,
     backbone_frozen,
     build_model,
@@ -181,6 +182,7 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
     args.loss = args.loss or recipe.loss
     args.head_lr_mult = recipe.head_lr_mult if args.head_lr_mult is None else args.head_lr_mult
     args.output_stride = output_stride_of(args.arch, args.output_stride)
+    args.atrous_rates = list(atrous_rates_of(args.arch, args.output_stride, args.atrous_rates))
     stride = logit_stride(args.arch, args.output_stride)
     if args.downsample_gt is not None and args.downsample_gt != stride:
         raise ModelError(
@@ -393,7 +395,7 @@ def build_network(
     if source is not None and source["num_classes"] != num_classes:
         raise ModelError(f"checkpoint has {source['num_classes']} classes but the data has {num_classes}")
     pretrained = args.pretrained and source is None
-    model = build_model(args.arch, num_classes, pretrained, args.output_stride, aux=args.aux_loss > 0)
+    model = build_model(args.arch, num_classes, pretrained, args.output_stride, args.aux_loss > 0, args.atrous_rates)
     if source is not None:
         load_weights(model, source, args.resume or args.checkpoint)
         say(f"Loaded checkpoint of epoch {source['epoch']} (best val mIoU {source['best_miou']:.4f})")
@@ -944,6 +946,9 @@ def add_model_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--arch", default="deeplabv3_mobilenet_v3_large", choices=ARCHS)
     group.add_argument("--output-stride", type=int, default=None, choices=(8, 16),
                        help="ResNet DeepLabV3/V3+ only (default: 8 for DeepLabV3, 16 for DeepLabV3+)")
+    group.add_argument("--atrous-rates", type=POSITIVE_INT, nargs=3, default=None, metavar="R",
+                       help="ASPP's rates, DeepLabV3/V3+ (default: 6 12 18 at output stride 16, 12 24 36 at 8 and "
+                            "for deeplabv3_mobilenet_v3_large, torchvision's)")
     group.add_argument("--aux-loss", type=NON_NEGATIVE, default=0.0, metavar="WEIGHT",
                        help="train an auxiliary FCN head on intermediate features, its loss x WEIGHT (torchvision 0.5)")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,

@@ -18,7 +18,7 @@ from train_deeplab import RUNS, resume_run, run
 from train_deeplab import get_args_parser as get_train_parser
 
 # flags that, when not given, are taken from the checkpoint's own run; with its data (no --data), also DATA_FLAGS
-INHERITED = ("num_classes", "class_names", "classes", "size", "output_stride")
+INHERITED = ("num_classes", "class_names", "classes", "size", "output_stride", "atrous_rates")
 DATA_FLAGS = ("layout", "mask_encoding", "val_fraction")
 
 

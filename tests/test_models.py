@@ -168,6 +168,43 @@ def test_deeplabv3plus_head_has_the_papers_layers():
     assert [m[0].dilation for m in at_8.classifier.aspp.convs[1:4]] == [(12, 12), (24, 24), (36, 36)]
 
 
+def aspp_dilations(model: torch.nn.Module) -> list[int]:
+    aspp = model.classifier.aspp if hasattr(model.classifier, "aspp") else model.classifier[0]
+    return [branch[0].dilation[0] for branch in aspp.convs[1:4]]
+
+
+@pytest.mark.parametrize("arch, stride, rates, expected", [
+    ("deeplabv3_mobilenet_v3_large", None, None, [12, 24, 36]),  # torchvision's deeplabv3_mobilenet_v3_large
+    ("deeplabv3_mobilenet_v3_large", None, (6, 12, 18), [6, 12, 18]),
+    (PLUS[0], None, None, [6, 12, 18]),  # DeepLabV3's rates at output stride 16
+    ("deeplabv3_resnet50", 16, None, [6, 12, 18]),
+    ("deeplabv3_resnet50", 8, None, [12, 24, 36]),  # twice them at 8
+    (PLUS[1], 8, (3, 5, 7), [3, 5, 7]),
+])
+def test_atrous_rates_follow_the_output_stride_unless_given(arch, stride, rates, expected):
+    assert aspp_dilations(build_model(arch, 3, output_stride=stride, atrous_rates=rates)) == expected
+
+
+def test_a_checkpoint_rebuilds_its_atrous_rates_and_one_without_them_gets_torchvisions(tmp_path):
+    torch.manual_seed(0)
+    arch = "deeplabv3_mobilenet_v3_large"
+    trained = build_model(arch, 3, atrous_rates=(6, 12, 18)).eval()
+    x = torch.randn(1, 960, 10, 10)  # the head's input: rates 6 and 12 reach past the centre on it, 24 and 36 do not
+    checkpoint = {"model": trained.state_dict(), "num_classes": 3, "args": {"arch": arch, "atrous_rates": [6, 12, 18]}}
+    rebuilt = models.model_from_checkpoint(checkpoint, tmp_path / "best.pth").eval()
+    older = models.model_from_checkpoint({**checkpoint, "args": {"arch": arch}}, tmp_path / "old.pth").eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.classifier(x), trained.classifier(x))
+        assert not torch.allclose(older.classifier(x), trained.classifier(x))  # the same weights, another function
+    assert aspp_dilations(older) == [12, 24, 36]
+
+
+def test_atrous_rates_for_deeplabv2_are_one_clear_error():
+    with pytest.raises(ModelError, match="--atrous-rates: DeepLabV2") as e:
+        build_model("deeplabv2_resnet101", 3, atrous_rates=(6, 12, 18))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("arch", PLUS)
 def test_param_groups_cover_every_trainable_parameter_once_the_decoder_and_aux_head_in_the_head(arch):
     model = build_model(arch, 3, aux=True)

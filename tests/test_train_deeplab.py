@@ -431,6 +431,18 @@ def test_downsample_gt_follows_the_stride_of_the_logits():
     assert args.output_stride == 16  # the paper's training stride is the default
 
 
+def test_the_args_keep_the_atrous_rates_the_model_is_built_with():
+    parse = lambda *flags: train_deeplab.get_args_parser().parse_args(["--no-pretrained", *flags])  # noqa: E731
+    cases = [((), [12, 24, 36]), (("--atrous-rates", "6", "12", "18"), [6, 12, 18]),
+             (("--arch", "deeplabv3plus_resnet50"), [6, 12, 18])]
+    for flags, rates in cases:
+        args = parse(*flags)
+        train_deeplab.resolve_defaults(args)
+        assert args.atrous_rates == rates  # a list, as the checkpoint's args keep it
+    with pytest.raises(train_deeplab.ModelError, match="--atrous-rates"):
+        train_deeplab.resolve_defaults(parse("--arch", "deeplabv2_resnet101", "--atrous-rates", "6", "12", "18"))
+
+
 def test_tensorboard_holds_the_logs_numbers_per_step_points_and_validation_pictures(tiny_demo, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

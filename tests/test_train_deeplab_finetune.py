@@ -19,6 +19,7 @@ import evaluate
 import train_deeplab
 import train_deeplab_finetune
 from dataset import TransformConfig, build_dataset, split_statistics
+from models import load_model
 
 FIXED = ["--batch-size", "4", "--workers", "0", "--no-pretrained", "--epochs", "1"]
 
@@ -168,6 +169,19 @@ def test_downsample_gt_must_match_the_output_stride_and_then_trains(base_run, tm
         finetune(base_run / "best.pth", tmp_path / "x", "--downsample-gt", "8")
     finetune(base_run / "best.pth", tmp_path / "y", "--downsample-gt", "16")
     assert (tmp_path / "y" / "best.pth").is_file()
+
+
+def test_the_checkpoints_atrous_rates_come_along_unless_it_has_none(base_run, tmp_path):
+    checkpoint = torch.load(base_run / "best.pth", weights_only=True)
+    for rates, expected in ([6, 12, 18], [6, 12, 18]), (None, [12, 24, 36]):  # None: saved before the flag
+        checkpoint["args"] = {k: v for k, v in checkpoint["args"].items() if k != "atrous_rates"}
+        if rates:
+            checkpoint["args"]["atrous_rates"] = rates
+        torch.save(checkpoint, tmp_path / "base.pth")
+        out = tmp_path / f"tuned{rates}"
+        finetune(tmp_path / "base.pth", out)
+        aspp = load_model(out / "last.pth").classifier[0]
+        assert [branch[0].dilation[0] for branch in aspp.convs[1:4]] == expected
 
 
 def test_compare_writes_the_summary_and_every_plot(base_run, tmp_path, capsys):
