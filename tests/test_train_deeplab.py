@@ -434,7 +434,7 @@ def test_downsample_gt_follows_the_stride_of_the_logits():
 def test_the_args_keep_the_atrous_rates_the_model_is_built_with():
     parse = lambda *flags: train_deeplab.get_args_parser().parse_args(["--no-pretrained", *flags])  # noqa: E731
     cases = [((), [12, 24, 36]), (("--atrous-rates", "6", "12", "18"), [6, 12, 18]),
-             (("--arch", "deeplabv3plus_resnet50"), [6, 12, 18])]
+             (("--arch", "deeplabv3plus_resnet50"), [6, 12, 18]), (("--arch", "deeplabv2_resnet101"), None)]
     for flags, rates in cases:
         args = parse(*flags)
         train_deeplab.resolve_defaults(args)
