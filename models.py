@@ -76,13 +76,18 @@ def output_stride_of(arch: str, requested: int | None) -> int:
     return stride
 
 
-def atrous_rates_of(arch: str, output_stride: int, requested: tuple[int, ...] | None = None) -> tuple[int, int, int]:
+def atrous_rates_of(
+    arch: str, output_stride: int, requested: tuple[int, ...] | None = None
+) -> tuple[int, int, int] | None:
     """ASPP's three atrous rates: DeepLabV3's (6, 12, 18) at output stride 16 and twice them at 8, but (12, 24, 36)
-    for the MobileNetV3 DeepLabV3 (torchvision's); the three given, on a DeepLabV3 or DeepLabV3+ arch."""
+    for the MobileNetV3 DeepLabV3 (torchvision's); the three given, on a DeepLabV3 or DeepLabV3+ arch. None for
+    DeepLabV2, whose ASPP has the paper's four rates and no choice."""
+    if arch == "deeplabv2_resnet101":
+        if requested is not None:
+            raise ModelError("--atrous-rates: DeepLabV2's ASPP has the paper's four rates (6, 12, 18, 24) only")
+        return None
     if requested is None:
         return (12, 24, 36) if output_stride == 8 or arch == "deeplabv3_mobilenet_v3_large" else (6, 12, 18)
-    if arch == "deeplabv2_resnet101":
-        raise ModelError("--atrous-rates: DeepLabV2's ASPP has the paper's four rates (6, 12, 18, 24) only")
     if len(requested) != 3 or min(requested) < 1:
         raise ModelError(f"--atrous-rates takes three positive rates, got {' '.join(map(str, requested))}")
     return (requested[0], requested[1], requested[2])

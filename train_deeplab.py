@@ -182,8 +182,8 @@ def resolve_defaults(args: argparse.Namespace, checkpoint: dict | None = None) -
     args.loss = args.loss or recipe.loss
     args.head_lr_mult = recipe.head_lr_mult if args.head_lr_mult is None else args.head_lr_mult
     args.output_stride = output_stride_of(args.arch, args.output_stride)
-    if family != "deeplabv2" or args.atrous_rates is not None:  # DeepLabV2's ASPP has its four rates, no choice
-        args.atrous_rates = list(atrous_rates_of(args.arch, args.output_stride, args.atrous_rates))
+    rates = atrous_rates_of(args.arch, args.output_stride, args.atrous_rates)
+    args.atrous_rates = list(rates) if rates else None  # a list, as JSON and the checkpoint keep it
     stride = logit_stride(args.arch, args.output_stride)
     if args.downsample_gt is not None and args.downsample_gt != stride:
         raise ModelError(
